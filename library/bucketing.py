@@ -35,9 +35,7 @@ def make_bucket_resolutions(
     return sorted(resos)
 
 
-def adjust_min_max_bucket_reso(
-    resolution: tuple[int, int], min_reso: int, max_reso: int, steps: int
-) -> tuple[int, int]:
+def adjust_min_max_bucket_reso(resolution: tuple[int, int], min_reso: int, max_reso: int, steps: int) -> tuple[int, int]:
     """Round min down and max up to multiples of `steps`; raise ValueError unless they bracket `resolution`."""
     if min_reso % steps:
         min_reso -= min_reso % steps

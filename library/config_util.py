@@ -15,8 +15,9 @@ import difflib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 import toml
 import voluptuous as vol
@@ -208,7 +209,10 @@ def _where_key_belongs(key: str, schema: SchemaLevels) -> str | None:
         places.append("[general]")
     kinds = [k for k, table in schema.datasets.items() if key in table]
     if kinds:
-        places.append("[[datasets]]" + ("" if len(kinds) == len(schema.datasets) else f" of {'/'.join(_TYPE_LABEL[k] for k in kinds)} datasets"))
+        places.append(
+            "[[datasets]]"
+            + ("" if len(kinds) == len(schema.datasets) else f" of {'/'.join(_TYPE_LABEL[k] for k in kinds)} datasets")
+        )
     kinds = [k for k, table in schema.subsets.items() if key in {_key_name(x) for x in table}]
     if kinds:
         places.append(
@@ -376,13 +380,10 @@ class DatasetConfig:
     resize_interpolation: str | None = None
     prior_loss_weight: float = 1.0
     max_token_length: int | None = None
-    debug_dataset: bool = False
 
 
 # Parameters taken from the subset table alone (no inheritance, no command-line fallback).
 SUBSET_ONLY = ("image_dir", "metadata_file", "conditioning_data_dir", "is_reg")
-# Parameters only the command line sets (not allowed in the config file).
-ARGPARSE_ONLY = ("prior_loss_weight", "max_token_length", "debug_dataset")
 
 _SUBSET_DEFAULTS = {f.name: f.default for f in fields(SubsetConfig) if f.name not in ("kind", "caption", "custom_attributes")}
 _CAPTION_DEFAULTS = {f.name: f.default for f in fields(CaptionOptions)}
@@ -424,7 +425,7 @@ def resolve(user_config: dict, args: argparse.Namespace | None = None) -> list[D
     for i, ds in enumerate(user_config["datasets"]):
         name = f"datasets[{i}]"
 
-        def pick(key: str, *tables: dict, default: Any = None) -> Any:
+        def pick(key: str, *tables: dict, default: Any = None, ds: dict = ds) -> Any:
             for table in (*tables, ds, general, cli):
                 if table.get(key) is not None:
                     return table[key]
@@ -454,7 +455,9 @@ def resolve(user_config: dict, args: argparse.Namespace | None = None) -> list[D
 
         dvalues = {key: pick(key, default=default) for key, default in _DATASET_DEFAULTS.items()}
         if dvalues["resolution"] is None:
-            raise ConfigError(f"{name}: resolution is not set: add resolution = 512 (or [width, height]) to [general] or this dataset, or pass --resolution")
+            raise ConfigError(
+                f"{name}: resolution is not set: add resolution = 512 (or [width, height]) to [general] or this dataset, or pass --resolution"
+            )
         dvalues["resolution"] = tuple(dvalues["resolution"])
         if dvalues["batch_size"] < 1:
             raise ConfigError(f"{name}: batch_size must be at least 1, got {dvalues['batch_size']}")
@@ -511,10 +514,18 @@ def user_config_from_args(args: argparse.Namespace) -> tuple[dict, str]:
     in_json = getattr(args, "in_json", None)
     train_dir = getattr(args, "train_data_dir", None)
     if in_json:
-        return {"datasets": [{"subsets": [{"image_dir": train_dir, "metadata_file": in_json} if train_dir else {"metadata_file": in_json}]}]}, "--in_json"
+        return {
+            "datasets": [
+                {"subsets": [{"image_dir": train_dir, "metadata_file": in_json} if train_dir else {"metadata_file": in_json}]}
+            ]
+        }, "--in_json"
     if not train_dir:
-        raise ConfigError("no dataset: pass --dataset_config FILE, or --train_data_dir DIR (with <repeats>_<class tokens> subfolders)")
-    return {"datasets": [{"subsets": dreambooth_subsets_from_folders(train_dir, getattr(args, "reg_data_dir", None))}]}, "--train_data_dir"
+        raise ConfigError(
+            "no dataset: pass --dataset_config FILE, or --train_data_dir DIR (with <repeats>_<class tokens> subfolders)"
+        )
+    return {
+        "datasets": [{"subsets": dreambooth_subsets_from_folders(train_dir, getattr(args, "reg_data_dir", None))}]
+    }, "--train_data_dir"
 
 
 def load_dataset_configs(args: argparse.Namespace, schema: SchemaLevels | None = None) -> list[DatasetConfig]:

@@ -248,8 +248,14 @@ class EpochBatchSampler:
             yield [SampleRequest(d, i, self.epoch, first + n, pos, self.validation) for pos, i in enumerate(images)]
 
 
-def make_data_loader(group: DatasetGroup, num_workers: int = 0, max_train_steps: int = 0, batches_per_step: int = 1,
-                     validation: bool = False, persistent_workers: bool = False) -> torch.utils.data.DataLoader:
+def make_data_loader(
+    group: DatasetGroup,
+    num_workers: int = 0,
+    max_train_steps: int = 0,
+    batches_per_step: int = 1,
+    validation: bool = False,
+    persistent_workers: bool = False,
+) -> torch.utils.data.DataLoader:
     """A DataLoader of whole bucket batches; call `loader.batch_sampler.set_epoch(e)` before each epoch."""
     return torch.utils.data.DataLoader(
         TrainDataset(group, max_train_steps, batches_per_step),

@@ -491,7 +491,9 @@ def raise_on_errors(datasets: list[Dataset]) -> None:
     if errors:
         shown = "\n  ".join(str(p) for p in errors[:50])
         more = f"\n  ... and {len(errors) - 50} more" if len(errors) > 50 else ""
-        raise DatasetError(f"the dataset has {len(errors)} error(s); run tools/check_dataset.py for a full report:\n  {shown}{more}")
+        raise DatasetError(
+            f"the dataset has {len(errors)} error(s); run tools/check_dataset.py for a full report:\n  {shown}{more}"
+        )
 
 
 class DatasetGroup:

@@ -80,6 +80,7 @@ MAXES = [1024, 1536, 2048]
 STEPS = [32, 64]
 GRID = list(itertools.product(RESOLUTIONS, MINS, MAXES, STEPS))
 
+# fmt: off
 IMAGE_SIZES = [
     # square
     (512, 512), (1024, 1024), (300, 300), (2000, 2000),
@@ -92,6 +93,7 @@ IMAGE_SIZES = [
     # huge
     (10000, 10000), (100000, 50), (50, 100000), (16384, 9000),
 ]
+# fmt: on
 
 
 def assert_covers(choice: BucketChoice, width, height):
@@ -128,6 +130,7 @@ def test_bucket_set_matches_reference_formula(res, min_size, max_size, step):
 def test_bucket_set_hand_computed_512():
     # area 262144, step 64, sides 256..1024; height(w) = min(1024, floor(262144/w/64)*64):
     # 256->1024, 320->768, 384->640, 448->576, 512->512, 576->448, 640->384, 704->320, 768->320, 832..1024->256
+    # fmt: off
     expected = [
         (256, 832), (256, 896), (256, 960), (256, 1024),
         (320, 704), (320, 768),
@@ -139,6 +142,7 @@ def test_bucket_set_hand_computed_512():
         (704, 320), (768, 320),
         (832, 256), (896, 256), (960, 256), (1024, 256),
     ]
+    # fmt: on
     assert make_bucket_resolutions((512, 512), 256, 1024, 64) == expected
 
 
@@ -247,11 +251,13 @@ def test_tiny_and_huge_images():
 # 3. bucket_no_upscale
 
 
+# fmt: off
 NO_UPSCALE_SIZES = [
     (64, 64), (100, 70), (500, 300), (512, 512), (640, 480), (1000, 1000), (1024, 1024), (1025, 1024), (1024, 1025),
     (2048, 1024), (1024, 2048), (3072, 3000), (3000, 3072), (1920, 1080), (1080, 1920), (4000, 3000), (6000, 1000),
     (1000, 6000), (12345, 6789), (20000, 600), (600, 20000), (4096, 64),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize("res", [512, 1024, (1024, 768)])

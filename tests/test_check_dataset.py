@@ -34,7 +34,9 @@ def test_json_report_matches_the_dataset(tmp_path):
     write_image(cn_img / "a.png", (512, 512))
     write_image(cn_img / "b.png", (512, 512))
     write_image(cn_cond / "a.png", (512, 512))
-    config = write_toml(tmp_path / "data.toml", f"""
+    config = write_toml(
+        tmp_path / "data.toml",
+        f"""
 [general]
 enable_bucket = true
 caption_extension = ".txt"
@@ -60,7 +62,8 @@ resolution = [512, 512]
   [[datasets.subsets]]
   image_dir = '{cn_img}'
   conditioning_data_dir = '{cn_cond}'
-""")
+""",
+    )
     res = run("--dataset_config", config, "--json")
     assert res.returncode == 1, res.stderr  # the broken image and the missing conditioning image are errors
     rep = json.loads(res.stdout)
@@ -97,8 +100,8 @@ def test_clean_dataset_exits_zero_and_prints_text(tmp_path):
 
 
 def test_truncated_image_is_found_only_by_decoding(tmp_path):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     good = tmp_path / "full.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(str(good))
@@ -115,14 +118,17 @@ def test_truncated_image_is_found_only_by_decoding(tmp_path):
 
 
 def test_bad_config_names_the_key_and_table(tmp_path):
-    config = write_toml(tmp_path / "bad.toml", """
+    config = write_toml(
+        tmp_path / "bad.toml",
+        """
 [general]
 resolution = 512
 [[datasets]]
   [[datasets.subsets]]
   image_dir = "x"
   num_repeat = 3
-""")
+""",
+    )
     res = run("--dataset_config", config, "--json")
     assert res.returncode == 2
     assert "datasets[0].subsets[0]" in res.stderr and "num_repeat" in res.stderr and "num_repeats" in res.stderr

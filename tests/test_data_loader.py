@@ -36,7 +36,9 @@ def all_batches(group, epoch=1, **kw):
 
 def test_centre_crop_matches_a_hand_resize_and_crop(tmp_path):
     path = noise_image(tmp_path / "d" / "wide.png", (900, 500))
-    group = group_for({"general": {"resolution": 512, "enable_bucket": True}, "datasets": [{"subsets": [{"image_dir": str(tmp_path / "d")}]}]})
+    group = group_for(
+        {"general": {"resolution": 512, "enable_bucket": True}, "datasets": [{"subsets": [{"image_dir": str(tmp_path / "d")}]}]}
+    )
     (batch,) = all_batches(group)
     info = group.datasets[0].train[0]
     bw, bh = info.bucket
@@ -56,7 +58,10 @@ def test_centre_crop_matches_a_hand_resize_and_crop(tmp_path):
 
 def test_flip_mirrors_pixels_and_crop_left(tmp_path):
     noise_image(tmp_path / "d" / "a.png", (700, 512))
-    base = {"general": {"resolution": 512, "enable_bucket": True}, "datasets": [{"subsets": [{"image_dir": str(tmp_path / "d"), "num_repeats": 20}]}]}
+    base = {
+        "general": {"resolution": 512, "enable_bucket": True},
+        "datasets": [{"subsets": [{"image_dir": str(tmp_path / "d"), "num_repeats": 20}]}],
+    }
     plain = all_batches(group_for(base))[0]
     base["general"]["flip_aug"] = True
     batches = all_batches(group_for(base))
@@ -74,8 +79,12 @@ def test_flip_mirrors_pixels_and_crop_left(tmp_path):
 
 def test_random_crop_varies_and_stays_inside(tmp_path):
     noise_image(tmp_path / "d" / "a.png", (800, 512))
-    group = group_for({"general": {"resolution": 512, "enable_bucket": True, "random_crop": True},
-                       "datasets": [{"subsets": [{"image_dir": str(tmp_path / "d"), "num_repeats": 10}]}]})
+    group = group_for(
+        {
+            "general": {"resolution": 512, "enable_bucket": True, "random_crop": True},
+            "datasets": [{"subsets": [{"image_dir": str(tmp_path / "d"), "num_repeats": 10}]}],
+        }
+    )
     tops = {b["crop_top_lefts"][0, 0].item() for b in all_batches(group)}
     info = group.datasets[0].train[0]
     assert info.bucket == (640, 384) and info.resized_size == (640, 410)  # slack only in height
@@ -84,7 +93,10 @@ def test_random_crop_varies_and_stays_inside(tmp_path):
 
 def test_color_aug_changes_some_samples_only(tmp_path):
     noise_image(tmp_path / "d" / "a.png", (512, 512))
-    cfg = {"general": {"resolution": 512, "color_aug": True}, "datasets": [{"subsets": [{"image_dir": str(tmp_path / "d"), "num_repeats": 12}]}]}
+    cfg = {
+        "general": {"resolution": 512, "color_aug": True},
+        "datasets": [{"subsets": [{"image_dir": str(tmp_path / "d"), "num_repeats": 12}]}],
+    }
     plain = all_batches(group_for({**cfg, "general": {"resolution": 512}}))[0]["images"][0]
     changed = [not torch.equal(b["images"][0], plain) for b in all_batches(group_for(cfg))]
     assert any(changed) and not all(changed)
@@ -93,9 +105,15 @@ def test_color_aug_changes_some_samples_only(tmp_path):
 def test_alpha_mask_from_png_alpha(tmp_path):
     path = noise_image(tmp_path / "d" / "a.png", (512, 512), mode="RGBA")
     write_image(tmp_path / "e" / "opaque.jpg", (512, 512))
-    group = group_for({"general": {"resolution": 512},
-                       "datasets": [{"subsets": [{"image_dir": str(tmp_path / "d"), "alpha_mask": True}]},
-                                    {"subsets": [{"image_dir": str(tmp_path / "e"), "alpha_mask": True}]}]})
+    group = group_for(
+        {
+            "general": {"resolution": 512},
+            "datasets": [
+                {"subsets": [{"image_dir": str(tmp_path / "d"), "alpha_mask": True}]},
+                {"subsets": [{"image_dir": str(tmp_path / "e"), "alpha_mask": True}]},
+            ],
+        }
+    )
     batches = {os.path.basename(b["image_keys"][0]): b for b in all_batches(group)}
     alpha = np.asarray(Image.open(path))[..., 3].astype(np.float32) / 255
     assert torch.allclose(batches["a.png"]["alpha_masks"][0], torch.from_numpy(alpha))
@@ -115,9 +133,18 @@ def test_conditioning_image_is_cropped_and_flipped_with_its_image(tmp_path):
     os.makedirs(tmp_path / "cond")
     Image.fromarray(src).save(str(tmp_path / "img" / "x.png"))
     Image.fromarray(src).save(str(tmp_path / "cond" / "x.png"))  # identical: the two tensors must line up
-    group = group_for({"general": {"resolution": 512, "enable_bucket": True, "flip_aug": True},
-                       "datasets": [{"subsets": [{"image_dir": str(tmp_path / "img"), "conditioning_data_dir": str(tmp_path / "cond"),
-                                                  "num_repeats": 6}]}]})
+    group = group_for(
+        {
+            "general": {"resolution": 512, "enable_bucket": True, "flip_aug": True},
+            "datasets": [
+                {
+                    "subsets": [
+                        {"image_dir": str(tmp_path / "img"), "conditioning_data_dir": str(tmp_path / "cond"), "num_repeats": 6}
+                    ]
+                }
+            ],
+        }
+    )
     for b in all_batches(group):
         assert b["conditioning_images"].min() >= 0
         assert torch.allclose(b["conditioning_images"][0] * 2 - 1, b["images"][0], atol=1e-6)
@@ -128,11 +155,26 @@ def test_captions_reg_loss_weight_and_multiplier(tmp_path):
     write_caption(p, "sks, red, blue, green")
     write_image(tmp_path / "r" / "b.png", (512, 512))
     parser_args = config_util.argparse.Namespace(prior_loss_weight=0.5)
-    group = group_for({"general": {"resolution": 512, "caption_extension": ".txt", "shuffle_caption": True, "keep_tokens": 1,
-                                   "network_multiplier": 0.75},
-                       "datasets": [{"subsets": [{"image_dir": str(tmp_path / "t"), "num_repeats": 8},
-                                                 {"image_dir": str(tmp_path / "r"), "is_reg": True, "class_tokens": "dog"}]}]},
-                      args=parser_args)
+    group = group_for(
+        {
+            "general": {
+                "resolution": 512,
+                "caption_extension": ".txt",
+                "shuffle_caption": True,
+                "keep_tokens": 1,
+                "network_multiplier": 0.75,
+            },
+            "datasets": [
+                {
+                    "subsets": [
+                        {"image_dir": str(tmp_path / "t"), "num_repeats": 8},
+                        {"image_dir": str(tmp_path / "r"), "is_reg": True, "class_tokens": "dog"},
+                    ]
+                }
+            ],
+        },
+        args=parser_args,
+    )
     batches = all_batches(group)
     train = [b["captions"][0] for b in batches if b["loss_weights"][0] == 1.0]
     reg = [b["captions"][0] for b in batches if b["loss_weights"][0] == 0.5]
@@ -145,9 +187,19 @@ def test_captions_reg_loss_weight_and_multiplier(tmp_path):
 def test_batches_same_with_workers_and_after_resume(tmp_path):
     for i in range(6):
         noise_image(tmp_path / "d" / f"{i}.png", [(512, 512), (640, 448)][i % 2], seed=i)
-    group = group_for({"general": {"resolution": 512, "enable_bucket": True, "batch_size": 2, "flip_aug": True,
-                                   "random_crop": True, "shuffle_caption": True},
-                       "datasets": [{"subsets": [{"image_dir": str(tmp_path / "d"), "num_repeats": 2}]}]})
+    group = group_for(
+        {
+            "general": {
+                "resolution": 512,
+                "enable_bucket": True,
+                "batch_size": 2,
+                "flip_aug": True,
+                "random_crop": True,
+                "shuffle_caption": True,
+            },
+            "datasets": [{"subsets": [{"image_dir": str(tmp_path / "d"), "num_repeats": 2}]}],
+        }
+    )
     ref = all_batches(group, epoch=2)
     with_workers = all_batches(group, epoch=2, num_workers=2)
     assert len(ref) == len(with_workers) == group.num_batches_per_epoch()
@@ -166,9 +218,18 @@ def test_validation_batches_are_fixed(tmp_path):
     for i in range(8):
         p = noise_image(tmp_path / "d" / f"{i}.png", (512, 512), seed=i)
         write_caption(p, "a, b, c, d")
-    group = group_for({"general": {"resolution": 512, "caption_extension": ".txt", "validation_split": 0.25, "flip_aug": True,
-                                   "shuffle_caption": True},
-                       "datasets": [{"subsets": [{"image_dir": str(tmp_path / "d")}]}]})
+    group = group_for(
+        {
+            "general": {
+                "resolution": 512,
+                "caption_extension": ".txt",
+                "validation_split": 0.25,
+                "flip_aug": True,
+                "shuffle_caption": True,
+            },
+            "datasets": [{"subsets": [{"image_dir": str(tmp_path / "d")}]}],
+        }
+    )
     one = all_batches(group, epoch=1, validation=True)
     two = all_batches(group, epoch=2, validation=True)
     assert len(one) == 2
@@ -182,8 +243,12 @@ def test_face_crop_keeps_face_in_view(tmp_path):
     arr[630:830, 130:330] = 255  # the "face": a 200 px white square centred at (230, 730)
     os.makedirs(tmp_path / "f")
     Image.fromarray(arr).save(str(tmp_path / "f" / "me_230_730_200_200.png"))
-    group = group_for({"general": {"resolution": 256, "face_crop_aug_range": [2.0, 4.0]},
-                       "datasets": [{"subsets": [{"image_dir": str(tmp_path / "f"), "num_repeats": 5}]}]})
+    group = group_for(
+        {
+            "general": {"resolution": 256, "face_crop_aug_range": [2.0, 4.0]},
+            "datasets": [{"subsets": [{"image_dir": str(tmp_path / "f"), "num_repeats": 5}]}],
+        }
+    )
     for b in all_batches(group):
         img = b["images"][0]
         assert img.shape == (3, 256, 256)
@@ -209,8 +274,12 @@ def test_sample_request_is_hashable_and_dataset_len(tmp_path):
 def test_token_warmup_uses_the_step(tmp_path, steps, expected_tags):
     p = write_image(tmp_path / "d" / "a.png", (512, 512))
     write_caption(p, "a, b, c, d")
-    group = group_for({"general": {"resolution": 512, "caption_extension": ".txt", "token_warmup_min": 1, "token_warmup_step": 8},
-                       "datasets": [{"subsets": [{"image_dir": str(tmp_path / "d")}]}]})
+    group = group_for(
+        {
+            "general": {"resolution": 512, "caption_extension": ".txt", "token_warmup_min": 1, "token_warmup_step": 8},
+            "datasets": [{"subsets": [{"image_dir": str(tmp_path / "d")}]}],
+        }
+    )
     ds = TrainDataset(group, max_train_steps=100)
     caption = ds[SampleRequest(0, 0, 1, steps, 0)]["caption"]
     # warm-up over 8 steps from 1 to 4 tags: floor(step * 3 / 8) + 1

@@ -34,8 +34,12 @@ def test_dreambooth_captions_class_tokens_and_first_line(tmp_path):
     p0, p1 = make_folder(d, 2)
     write_caption(p0, "first line\nsecond line")
     os.remove(os.path.splitext(p1)[0] + ".txt")
-    (ds,) = build({"general": {"resolution": 512, "caption_extension": "txt"},
-                   "datasets": [{"subsets": [{"image_dir": str(d), "class_tokens": "sks dog"}]}]})
+    (ds,) = build(
+        {
+            "general": {"resolution": 512, "caption_extension": "txt"},
+            "datasets": [{"subsets": [{"image_dir": str(d), "class_tokens": "sks dog"}]}],
+        }
+    )
     by_path = {i.path: i for i in ds.train}
     assert by_path[p0].caption == "first line"
     assert by_path[p1].caption == "sks dog" and not by_path[p1].has_caption
@@ -46,8 +50,12 @@ def test_wildcard_keeps_all_lines(tmp_path):
     d = tmp_path / "w"
     (p,) = make_folder(d, 1)
     write_caption(p, "line a\n\nline b\n")
-    (ds,) = build({"general": {"resolution": 512, "caption_extension": ".txt", "enable_wildcard": True},
-                   "datasets": [{"subsets": [{"image_dir": str(d)}]}]})
+    (ds,) = build(
+        {
+            "general": {"resolution": 512, "caption_extension": ".txt", "enable_wildcard": True},
+            "datasets": [{"subsets": [{"image_dir": str(d)}]}],
+        }
+    )
     assert ds.train[0].caption == "line a\nline b"
 
 
@@ -55,17 +63,31 @@ def test_face_suffix_caption_fallback(tmp_path):
     d = tmp_path / "f"
     p = write_image(d / "person_10_20_30_40.png", (512, 512))
     (d / "person.txt").write_text("a person")
-    (ds,) = build({"general": {"resolution": 512, "caption_extension": ".txt", "face_crop_aug_range": [2.0, 4.0]},
-                   "datasets": [{"subsets": [{"image_dir": str(d)}]}]})
+    (ds,) = build(
+        {
+            "general": {"resolution": 512, "caption_extension": ".txt", "face_crop_aug_range": [2.0, 4.0]},
+            "datasets": [{"subsets": [{"image_dir": str(d)}]}],
+        }
+    )
     assert ds.train[0].caption == "a person" and ds.train[0].face == (10, 20, 30, 40) and ds.train[0].path == p
 
 
 def test_regularisation_balanced_to_training_count(tmp_path):
     make_folder(tmp_path / "train", 5)
     make_folder(tmp_path / "reg", 3, prefix="reg")
-    (ds,) = build({"general": {"resolution": 512, "caption_extension": ".txt"},
-                   "datasets": [{"subsets": [{"image_dir": str(tmp_path / "train"), "num_repeats": 10},
-                                             {"image_dir": str(tmp_path / "reg"), "is_reg": True}]}]})
+    (ds,) = build(
+        {
+            "general": {"resolution": 512, "caption_extension": ".txt"},
+            "datasets": [
+                {
+                    "subsets": [
+                        {"image_dir": str(tmp_path / "train"), "num_repeats": 10},
+                        {"image_dir": str(tmp_path / "reg"), "is_reg": True},
+                    ]
+                }
+            ],
+        }
+    )
     reg = [i for i in ds.train if i.is_reg]
     # 50 training samples; 3 reg images start at 1 repeat each, then +1 round robin until 50: 17, 17, 16
     assert sorted(i.num_repeats for i in reg) == [16, 17, 17]
@@ -74,8 +96,10 @@ def test_regularisation_balanced_to_training_count(tmp_path):
 
 def test_regularisation_surplus_is_left_out():
     train = [datasets.ImageInfo(key=f"t{i}", path="", size=(1, 1), caption="", subset_index=0, num_repeats=2) for i in range(3)]
-    reg = [datasets.ImageInfo(key=f"r{i}", path="", size=(1, 1), caption="", subset_index=1, is_reg=True, num_repeats=4)
-           for i in range(5)]
+    reg = [
+        datasets.ImageInfo(key=f"r{i}", path="", size=(1, 1), caption="", subset_index=1, is_reg=True, num_repeats=4)
+        for i in range(5)
+    ]
     used = balance_regularisation(train, reg)
     # target 6: two reg images of 4 repeats reach 8 >= 6; the other three are unused
     assert [i.key for i in used] == ["r0", "r1"] and sum(i.num_repeats for i in used) == 8
@@ -85,9 +109,18 @@ def test_validation_split_is_deterministic_per_subset_and_never_takes_reg(tmp_pa
     make_folder(tmp_path / "a", 10, prefix="a")
     make_folder(tmp_path / "b", 4, prefix="b")
     make_folder(tmp_path / "reg", 6, prefix="r")
-    config = {"general": {"resolution": 512, "caption_extension": ".txt", "validation_split": 0.25, "validation_seed": 7},
-              "datasets": [{"subsets": [{"image_dir": str(tmp_path / "a")}, {"image_dir": str(tmp_path / "b")},
-                                        {"image_dir": str(tmp_path / "reg"), "is_reg": True}]}]}
+    config = {
+        "general": {"resolution": 512, "caption_extension": ".txt", "validation_split": 0.25, "validation_seed": 7},
+        "datasets": [
+            {
+                "subsets": [
+                    {"image_dir": str(tmp_path / "a")},
+                    {"image_dir": str(tmp_path / "b")},
+                    {"image_dir": str(tmp_path / "reg"), "is_reg": True},
+                ]
+            }
+        ],
+    }
     (ds,) = build(config)
     val = [i.key for i in ds.validation]
     # round(10 * 0.25) = 3 (2.5 rounds half up) from a, round(4 * 0.25) = 1 from b, none from reg
@@ -111,22 +144,29 @@ def test_finetuning_json_and_jsonl_with_split(tmp_path):
     with open(tmp_path / "meta.jsonl", "w") as f:
         for i in range(8):
             f.write(json.dumps({"image_path": str(img_dir / f"img{i:03d}.png"), "caption": f"c{i}"}) + "\n")
-    (ds,) = build({"general": {"resolution": 512, "validation_split": 0.25},
-                   "datasets": [{"subsets": [{"metadata_file": str(tmp_path / "meta.json"), "image_dir": str(img_dir)}]}]})
+    (ds,) = build(
+        {
+            "general": {"resolution": 512, "validation_split": 0.25},
+            "datasets": [{"subsets": [{"metadata_file": str(tmp_path / "meta.json"), "image_dir": str(img_dir)}]}],
+        }
+    )
     assert ds.config.kind == "finetuning"
     assert len(ds.train) == 6 and len(ds.validation) == 2
     info = {i.key: i for i in ds.train + ds.validation}
     assert info["img001"].caption == "caption 1,t1, t2"
     assert info["img000"].size == (640, 480) and info["img001"].size == (512, 512)
-    (ds2,) = build({"general": {"resolution": 512},
-                    "datasets": [{"subsets": [{"metadata_file": str(tmp_path / "meta.jsonl")}]}]})
+    (ds2,) = build({"general": {"resolution": 512}, "datasets": [{"subsets": [{"metadata_file": str(tmp_path / "meta.jsonl")}]}]})
     assert sorted(i.caption for i in ds2.train) == [f"c{i}" for i in range(8)]
 
 
 def test_finetuning_missing_image_is_an_error(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps({"nothere": {"caption": "x"}}))
-    (ds,) = build({"general": {"resolution": 512},
-                   "datasets": [{"subsets": [{"metadata_file": str(tmp_path / "m.json"), "image_dir": str(tmp_path)}]}]})
+    (ds,) = build(
+        {
+            "general": {"resolution": 512},
+            "datasets": [{"subsets": [{"metadata_file": str(tmp_path / "m.json"), "image_dir": str(tmp_path)}]}],
+        }
+    )
     files = {(p.file, p.severity) for p in ds.problems}
     assert ("nothere", "error") in files
     with pytest.raises(datasets.DatasetError, match="nothere"):
@@ -138,8 +178,12 @@ def test_controlnet_pairs_by_stem(tmp_path):
     write_image(tmp_path / "cond" / "img000.jpg", (512, 512))
     write_image(tmp_path / "cond" / "img001.png", (512, 512))
     write_image(tmp_path / "cond" / "stray.png", (512, 512))
-    (ds,) = build({"general": {"resolution": 512, "caption_extension": ".txt"},
-                   "datasets": [{"subsets": [{"image_dir": str(tmp_path / "img"), "conditioning_data_dir": str(tmp_path / "cond")}]}]})
+    (ds,) = build(
+        {
+            "general": {"resolution": 512, "caption_extension": ".txt"},
+            "datasets": [{"subsets": [{"image_dir": str(tmp_path / "img"), "conditioning_data_dir": str(tmp_path / "cond")}]}],
+        }
+    )
     assert ds.config.kind == "controlnet"
     assert {os.path.basename(i.conditioning_path) for i in ds.train} == {"img000.jpg", "img001.png"}
     errors = [p for p in ds.problems if p.severity == "error"]
@@ -150,8 +194,10 @@ def test_controlnet_pairs_by_stem(tmp_path):
 def test_cache_info_reuses_sizes_and_notices_edits(tmp_path, monkeypatch):
     d = tmp_path / "c"
     (p,) = make_folder(d, 1)
-    config = {"general": {"resolution": 512, "caption_extension": ".txt", "cache_info": True},
-              "datasets": [{"subsets": [{"image_dir": str(d)}]}]}
+    config = {
+        "general": {"resolution": 512, "caption_extension": ".txt", "cache_info": True},
+        "datasets": [{"subsets": [{"image_dir": str(d)}]}],
+    }
     build(config)
     cache = json.loads((d / "metadata_cache.json").read_text())
     assert cache[p]["caption"] == "img 0, tag a, tag b" and cache[p]["resolution"] == [512, 512]
@@ -172,8 +218,12 @@ def test_buckets_distinct_counts_and_info(tmp_path):
     d = tmp_path / "b"
     for i, size in enumerate([(512, 512), (512, 512), (768, 512), (512, 768), (1024, 512)]):
         write_image(d / f"{i}.png", size)
-    (ds,) = build({"general": {"resolution": 512, "enable_bucket": True, "caption_extension": ".txt"},
-                   "datasets": [{"subsets": [{"image_dir": str(d), "num_repeats": 3}]}]})
+    (ds,) = build(
+        {
+            "general": {"resolution": 512, "enable_bucket": True, "caption_extension": ".txt"},
+            "datasets": [{"subsets": [{"image_dir": str(d), "num_repeats": 3}]}],
+        }
+    )
     counts = ds.bucket_images()
     assert sum(counts.values()) == 5 and counts[(512, 512)] == 2
     info = ds.bucket_info()
@@ -185,8 +235,7 @@ def test_no_bucket_mode_larger_image_with_random_crop_is_not_resized(tmp_path):
     d = tmp_path / "nb"
     write_image(d / "big.png", (800, 600))
     write_image(d / "small.png", (300, 300))
-    (ds,) = build({"general": {"resolution": 512, "random_crop": True},
-                   "datasets": [{"subsets": [{"image_dir": str(d)}]}]})
+    (ds,) = build({"general": {"resolution": 512, "random_crop": True}, "datasets": [{"subsets": [{"image_dir": str(d)}]}]})
     info = {os.path.basename(i.path): i for i in ds.train}
     assert info["big.png"].bucket == (512, 512) and info["big.png"].resized_size == (800, 600)
     assert info["small.png"].resized_size == (512, 512)
@@ -199,9 +248,15 @@ def test_epoch_order_reproducible_never_mixes_buckets_and_counts_repeats(tmp_pat
         write_image(d1 / f"{i}.png", [(512, 512), (768, 512), (512, 768)][i % 3])
     for i in range(4):
         write_image(d2 / f"{i}.png", (512, 512))
-    dsets = build({"general": {"resolution": 512, "enable_bucket": True, "batch_size": 2},
-                   "datasets": [{"subsets": [{"image_dir": str(d1), "num_repeats": 3}]},
-                                {"resolution": 256, "batch_size": 3, "subsets": [{"image_dir": str(d2)}]}]})
+    dsets = build(
+        {
+            "general": {"resolution": 512, "enable_bucket": True, "batch_size": 2},
+            "datasets": [
+                {"subsets": [{"image_dir": str(d1), "num_repeats": 3}]},
+                {"resolution": 256, "batch_size": 3, "subsets": [{"image_dir": str(d2)}]},
+            ],
+        }
+    )
     group = DatasetGroup(dsets, seed=5)
     e1 = group.epoch_batches(1)
     assert e1 == DatasetGroup(dsets, seed=5).epoch_batches(1)
@@ -221,8 +276,12 @@ def test_unreadable_image_is_an_error_and_missing_folder_too(tmp_path):
     d = tmp_path / "u"
     make_folder(d, 1)
     (d / "broken.jpg").write_bytes(b"\xff\xd8garbage")
-    (ds,) = build({"general": {"resolution": 512, "caption_extension": ".txt"},
-                   "datasets": [{"subsets": [{"image_dir": str(d)}, {"image_dir": str(tmp_path / "missing")}]}]})
+    (ds,) = build(
+        {
+            "general": {"resolution": 512, "caption_extension": ".txt"},
+            "datasets": [{"subsets": [{"image_dir": str(d)}, {"image_dir": str(tmp_path / "missing")}]}],
+        }
+    )
     errors = {os.path.basename(p.file) for p in ds.problems if p.severity == "error"}
     assert errors == {"broken.jpg", "missing"}
     assert len(ds.train) == 1

@@ -78,13 +78,17 @@ def report(datasets: list[Dataset], problems: list[Problem]) -> dict:
 def print_text(rep: dict) -> None:
     for n, ds in enumerate(rep["datasets"]):
         w, h = ds["resolution"]
-        print(f"dataset {n} ({ds['type']}): resolution {w}x{h}, batch size {ds['batch_size']}, "
-              f"{ds['batches_per_epoch']} batches per epoch, {ds['validation_images']} validation images")
+        print(
+            f"dataset {n} ({ds['type']}): resolution {w}x{h}, batch size {ds['batch_size']}, "
+            f"{ds['batches_per_epoch']} batches per epoch, {ds['validation_images']} validation images"
+        )
         for s in ds["subsets"]:
             kind = "regularisation" if s["is_reg"] else "training"
             source = s["image_dir"] or s.get("metadata_file")
-            print(f"  {kind} subset {source}: {s['images']} images x {s['num_repeats']} repeats, "
-                  f"{s['with_caption']}/{s['images']} with captions, {s['validation_images']} held out for validation")
+            print(
+                f"  {kind} subset {source}: {s['images']} images x {s['num_repeats']} repeats, "
+                f"{s['with_caption']}/{s['images']} with captions, {s['validation_images']} held out for validation"
+            )
         print(f"  buckets (distinct training images), mean aspect-ratio error {ds['mean_ar_error']:.4f}:")
         for b in ds["buckets"]:
             print(f"    {b['resolution'][0]:>5}x{b['resolution'][1]:<5} {b['images']}")
@@ -97,7 +101,7 @@ def print_text(rep: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataset_arguments(parser)
+    add_dataset_arguments(parser, training=False)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--no_decode", action="store_true", help="read image headers only (faster; misses truncated files)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads for decoding images")
