@@ -108,9 +108,13 @@ class BucketSelector:
                 resized_h = self.max_area / resized_w
                 # snap one side to the step grid: the one that keeps the aspect ratio better
                 w_rounded = self._round_to_steps(resized_w)
-                ar_w = w_rounded / self._round_to_steps(w_rounded / aspect)
+                h_of_w = self._round_to_steps(w_rounded / aspect)
+                ar_w = w_rounded / h_of_w if h_of_w else math.inf
                 h_rounded = self._round_to_steps(resized_h)
-                ar_h = self._round_to_steps(h_rounded * aspect) / h_rounded
+                w_of_h = self._round_to_steps(h_rounded * aspect)
+                ar_h = w_of_h / h_rounded if h_rounded else math.inf
+                if math.isinf(ar_w) and math.isinf(ar_h):
+                    raise ValueError(f"a {width}x{height} image is too narrow for bucket_reso_steps ({self.steps})")
                 if abs(ar_w - aspect) < abs(ar_h - aspect):
                     resized = (w_rounded, int(w_rounded / aspect + 0.5))
                 else:

@@ -49,7 +49,7 @@ def expand_wildcards(caption: str, rng: random.Random) -> str:
     """Pick one line of a multi-line caption, then one option of each `{a|b|c}`; `{{` and `}}` are literal braces."""
     if "\n" in caption:
         caption = rng.choice(caption.split("\n"))
-    open_mark, close_mark = "\x00{", "\x00}"
+    open_mark, close_mark = "\x01", "\x02"  # stand-ins for escaped braces, free of braces themselves
     caption = caption.replace("{{", open_mark).replace("}}", close_mark)
     caption = _WILDCARD.sub(lambda m: rng.choice(m.group(1).split("|")), caption)
     return caption.replace(open_mark, "{").replace(close_mark, "}")

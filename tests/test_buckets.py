@@ -335,12 +335,6 @@ def test_no_upscale_image_smaller_than_step_raises(size):
         sel.select(*size)
 
 
-@pytest.mark.xfail(
-    reason="bug: bucket_no_upscale on a huge very elongated image whose short side shrinks below the step "
-    "raises ZeroDivisionError instead of the documented ValueError (crashes dataset scanning)",
-    strict=True,
-    raises=ZeroDivisionError,
-)
 def test_no_upscale_huge_elongated_image_raises_value_error():
     # 20000x70 (area 1.4M > 1024^2): shrinking to the area gives ~60.6 px of height, which snaps to 0
     sel = BucketSelector((1024, 1024), True, True, 256, 1024, 64)
@@ -356,12 +350,6 @@ def test_no_upscale_very_wide_image_with_valid_bucket_portrait_twin():
     assert c.resized_size == (64, 16589) and c.bucket == (64, 16576)
 
 
-@pytest.mark.xfail(
-    reason="bug: bucket_no_upscale 25920x100 raises ZeroDivisionError although the height-snapped candidate "
-    "(16589x64 -> bucket 16576x64) is valid; the width-snapped candidate's height rounds to 0 and is divided by",
-    strict=True,
-    raises=ZeroDivisionError,
-)
 def test_no_upscale_very_wide_image_gets_height_snapped_bucket():
     # exact resize: 16486.6 x 63.60. Height snapped: round(63.60)=64 -> 64, width round(64*259.2)=16589.
     # Width snapped: 16486.6 -> 16448, 16448/259.2 = 63.46 -> 63 -> 0: that candidate is unusable, not fatal.
