@@ -15,6 +15,7 @@ import difflib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -238,7 +239,8 @@ def _check_table(table: Any, spec: dict, where: str, schema: SchemaLevels, error
                 elsewhere = _where_key_belongs(key, schema)
                 if elsewhere:
                     msg += f": it is not allowed here; it belongs in {elsewhere}"
-                near = difflib.get_close_matches(key, valid_names, n=1, cutoff=0.5)
+                # a key that belongs elsewhere gets a suggestion here only when it is nearly the same word
+                near = difflib.get_close_matches(key, valid_names, n=1, cutoff=0.85 if elsewhere else 0.5)
                 if near and near[0] != key:
                     msg += f"; did you mean '{near[0]}'?"
                 elif not elsewhere:
@@ -311,10 +313,6 @@ def validate_user_config(config: Any, schema: SchemaLevels, source: str = "datas
         subsets = [
             _check_table(s, schema.subsets[kind], f"{where}.subsets[{j}]", schema, errors) for j, s in enumerate(subsets_raw)
         ]
-        if kind == CONTROLNET:
-            for j, s in enumerate(subsets_raw):
-                if isinstance(s, dict) and s.get("random_crop"):
-                    errors.append(f"{where}.subsets[{j}]: random_crop is not supported for ControlNet datasets")
         datasets.append({"type": kind, **table, "subsets": subsets})
     if errors:
         raise ConfigError(f"{source} has {len(errors)} problem(s):\n  " + "\n  ".join(errors))
@@ -449,6 +447,11 @@ def resolve(user_config: dict, args: argparse.Namespace | None = None) -> list[D
                 values["caption_extension"] = "." + ext
             if values["num_repeats"] < 1:
                 raise ConfigError(f"{name}.subsets[{j}]: num_repeats must be at least 1, got {values['num_repeats']}")
+            if ds["type"] == CONTROLNET and values["random_crop"]:
+                raise ConfigError(
+                    f"{name}.subsets[{j}]: random_crop is not supported for ControlNet datasets (set in the subset, "
+                    "the dataset, [general] or --random_crop)"
+                )
             if values["face_crop_aug_range"] is not None:
                 values["face_crop_aug_range"] = tuple(values["face_crop_aug_range"])
             subsets.append(SubsetConfig(kind=ds["type"], caption=caption, **values))
@@ -492,7 +495,7 @@ def dreambooth_subsets_from_folders(train_data_dir: str | None, reg_data_dir: st
             if not entry.is_dir():
                 continue
             repeats, _, class_tokens = entry.name.partition("_")
-            if not repeats.isdigit() or int(repeats) < 1:
+            if not re.fullmatch(r"[0-9]+", repeats) or int(repeats) < 1:
                 logger.warning(f"{entry.path} is ignored: folder names must look like <repeats>_<class tokens>, e.g. 10_sks dog")
                 continue
             subsets.append({"image_dir": entry.path, "num_repeats": int(repeats), "is_reg": is_reg, "class_tokens": class_tokens})
