@@ -17,7 +17,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 import toml
@@ -380,12 +380,17 @@ class DatasetConfig:
     max_token_length: int | None = None
 
 
+def _default(f) -> Any:
+    """A dataclass field's default; None for fields without one (those are required, checked in resolve())."""
+    return None if f.default is MISSING else f.default
+
+
 # Parameters taken from the subset table alone (no inheritance, no command-line fallback).
 SUBSET_ONLY = ("image_dir", "metadata_file", "conditioning_data_dir", "is_reg")
 
-_SUBSET_DEFAULTS = {f.name: f.default for f in fields(SubsetConfig) if f.name not in ("kind", "caption", "custom_attributes")}
-_CAPTION_DEFAULTS = {f.name: f.default for f in fields(CaptionOptions)}
-_DATASET_DEFAULTS = {f.name: f.default for f in fields(DatasetConfig) if f.name not in ("kind", "name", "subsets")}
+_SUBSET_DEFAULTS = {f.name: _default(f) for f in fields(SubsetConfig) if f.name not in ("kind", "caption", "custom_attributes")}
+_CAPTION_DEFAULTS = {f.name: _default(f) for f in fields(CaptionOptions)}
+_DATASET_DEFAULTS = {f.name: _default(f) for f in fields(DatasetConfig) if f.name not in ("kind", "name", "subsets")}
 
 
 def _argparse_values(args: argparse.Namespace | None) -> dict:
