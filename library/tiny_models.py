@@ -1,0 +1,155 @@
+"""Built-in tiny models: real architectures (diffusers / transformers classes) with a few thousand parameters.
+
+They serve the README's quick demo and dry runs of a real config on CPU (`--pretrained_model_name_or_path
+kiln-tiny-sd`), and the test suite, which saves them in every on-disk format kiln reads. Weights are random but
+deterministic (seeded), the tokenizer is a byte-level CLIP BPE vocabulary without merges: real CLIPTokenizer code,
+one token per character.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+TINY_SD = "kiln-tiny-sd"
+TINY_SD2 = "kiln-tiny-sd2"
+BUILTIN_MODELS = (TINY_SD, TINY_SD2)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """CLIP/GPT-2's reversible byte -> printable character table, in byte-value order of the printable ones first."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
+
+def write_tiny_clip_tokenizer(folder: str, pad_token: str = "<|endoftext|>") -> None:
+    """Write vocab.json / merges.txt / configs of a character-level CLIP tokenizer (514 tokens) into `folder`."""
+    os.makedirs(folder, exist_ok=True)
+    chars = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad_token,
+        "do_lower_case": True,
+    }
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, f)
+
+
+TINY_VOCAB = 514  # 2 x 256 byte tokens + <|startoftext|> + <|endoftext|>
+
+
+def tiny_clip_config(v2: bool = False, hidden_size: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=hidden_size,
+        bos_token_id=TINY_VOCAB - 2,
+        eos_token_id=TINY_VOCAB - 1,
+        pad_token_id=0 if v2 else TINY_VOCAB - 1,
+        hidden_act="gelu" if v2 else "quick_gelu",
+    )
+
+
+def tiny_unet_config(v2: bool = False) -> dict:
+    """A two-level U-Net with SD1 (8 heads, conv proj) or SD2 (64-wide heads, linear proj) conventions."""
+    return {
+        "sample_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": [64, 128] if v2 else [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": 32,
+        "attention_head_dim": [1, 2] if v2 else 8,
+        "use_linear_projection": v2,
+        "norm_num_groups": 32,
+    }
+
+
+def tiny_vae_config() -> dict:
+    """Four levels (8x downscale like the real VAE) with few channels."""
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [32, 32, 64, 64],
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 64,
+        "scaling_factor": 0.18215,
+    }
+
+
+def sd_scheduler_config(v2_v: bool = False) -> dict:
+    """The DDPM schedule every SD 1.x/2.x model uses."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "steps_offset": 1,
+        "prediction_type": "v_prediction" if v2_v else "epsilon",
+    }
+
+
+def build_tiny_sd(v2: bool = False, seed: int = 0) -> dict:
+    """Tiny SD components: {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config(v2))
+    vae = AutoencoderKL(**tiny_vae_config())
+    text_encoder = CLIPTextModel(tiny_clip_config(v2))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_clip_tokenizer(tmp, pad_token="!" if v2 else "<|endoftext|>")
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    scheduler = DDPMScheduler(**sd_scheduler_config())
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def save_diffusers_folder(components: dict, folder: str) -> None:
+    """Save components as a diffusers StableDiffusionPipeline folder (model_index.json and one folder each)."""
+    os.makedirs(folder, exist_ok=True)
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}
+    libraries = {"unet": "diffusers", "vae": "diffusers", "scheduler": "diffusers", "text_encoder": "transformers", "tokenizer": "transformers"}
+    for name, obj in components.items():
+        obj.save_pretrained(os.path.join(folder, name))
+        index[name] = [libraries[name], type(obj).__name__]
+    index.update({"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=1)
