@@ -42,8 +42,9 @@ class SampleRequest:
     image: int
     epoch: int
     batch_number: int  # batches since the start of training (for seeding and token warm-up)
-    position: int  # place in its batch
+    position: int  # place in its batch (in the batch shared by all processes)
     validation: bool = False
+    loss_scale: float = 1.0  # this sample's share of the batch loss: num_processes / samples in the shared batch
 
 
 @dataclass
@@ -126,10 +127,11 @@ def _to_tensor(img: Image.Image, signed: bool) -> torch.Tensor:
 class TrainDataset(torch.utils.data.Dataset):
     """Map-style dataset whose index is a SampleRequest; see the module docstring for the batch layout."""
 
-    def __init__(self, group: DatasetGroup, max_train_steps: int = 0, batches_per_step: int = 1) -> None:
+    def __init__(self, group: DatasetGroup, max_train_steps: int = 0, batches_per_step: int = 1, latent_cache=None) -> None:
         self.group = group
         self.max_train_steps = max_train_steps
         self.batches_per_step = batches_per_step
+        self.latent_cache = latent_cache  # library.latent_cache.LatentCache: serve cached latents instead of pixels
 
     def __len__(self) -> int:
         return sum(len(ds.train) for ds in self.group.datasets)
@@ -145,17 +147,29 @@ class TrainDataset(torch.utils.data.Dataset):
         # validation samples are fixed: no random crop, flip, colour or caption changes
         rng = None if req.validation else self.sample_rng(req)
 
-        img = load_image(info.path, keep_alpha=subset.alpha_mask)
-        img, crop = fit_to_bucket(img, info, subset, rng)
-        if rng is not None and subset.flip_aug and rng.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            crop.flipped = True
+        sample: dict = {}
         alpha = None
-        if subset.alpha_mask:
-            alpha = torch.from_numpy(np.array(img.getchannel("A"), dtype=np.float32) / 255.0)
-            img = img.convert("RGB")
-        if rng is not None and subset.color_aug:
-            img = color_augment(img, rng)
+        if self.latent_cache is not None:
+            (rw, rh), (bw, bh) = info.resized_size, info.bucket
+            crop = Crop(info.size, rw, rh, (rw - bw) // 2, (rh - bh) // 2)
+            crop.flipped = rng is not None and subset.flip_aug and rng.random() < 0.5
+            entry = self.latent_cache.get(info)
+            suffix = "_flipped" if crop.flipped else ""
+            sample["latents_mean"], sample["latents_std"] = entry["mean" + suffix], entry["std" + suffix]
+            if subset.alpha_mask:
+                alpha = torch.flip(entry["alpha_mask"], dims=[1]) if crop.flipped else entry["alpha_mask"]
+        else:
+            img = load_image(info.path, keep_alpha=subset.alpha_mask)
+            img, crop = fit_to_bucket(img, info, subset, rng)
+            if rng is not None and subset.flip_aug and rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                crop.flipped = True
+            if subset.alpha_mask:
+                alpha = torch.from_numpy(np.array(img.getchannel("A"), dtype=np.float32) / 255.0)
+                img = img.convert("RGB")
+            if rng is not None and subset.color_aug:
+                img = color_augment(img, rng)
+            sample["image"] = _to_tensor(img, signed=True)
 
         cond = None
         if info.conditioning_path is not None:
@@ -171,8 +185,7 @@ class TrainDataset(torch.utils.data.Dataset):
         else:
             step = req.batch_number // self.batches_per_step
             caption = process_caption(info.caption, subset.caption, rng, req.epoch, step, self.max_train_steps)
-        return {
-            "image": _to_tensor(img, signed=True),
+        return sample | {
             "caption": caption,
             "loss_weight": ds.config.prior_loss_weight if info.is_reg else 1.0,
             "network_multiplier": ds.config.network_multiplier,
@@ -184,6 +197,9 @@ class TrainDataset(torch.utils.data.Dataset):
             "conditioning_image": cond,
             "flipped": crop.flipped,
             "image_key": info.key,
+            "position": req.position,
+            "batch_number": req.batch_number,
+            "loss_scale": req.loss_scale,
         }
 
 
@@ -206,10 +222,16 @@ def collate(samples: list[dict]) -> dict:
     masks = [s["alpha_mask"] for s in samples]
     conds = [s["conditioning_image"] for s in samples]
     if any(m is not None for m in masks):
-        h, w = samples[0]["image"].shape[1:]
+        h, w = samples[0]["target_size_hw"]
         masks = [m if m is not None else torch.ones(h, w) for m in masks]
-    return {
-        "images": torch.stack([s["image"] for s in samples]),
+    if "image" in samples[0]:
+        pixels = {"images": torch.stack([s["image"] for s in samples])}
+    else:
+        pixels = {
+            "latents_mean": torch.stack([s["latents_mean"] for s in samples]),
+            "latents_std": torch.stack([s["latents_std"] for s in samples]),
+        }
+    return pixels | {
         "captions": [s["caption"] for s in samples],
         "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
         "network_multipliers": torch.tensor([s["network_multiplier"] for s in samples], dtype=torch.float32),
@@ -220,15 +242,26 @@ def collate(samples: list[dict]) -> dict:
         "conditioning_images": torch.stack(conds) if conds[0] is not None else None,
         "flipped": torch.tensor([s["flipped"] for s in samples], dtype=torch.bool),
         "image_keys": [s["image_key"] for s in samples],
+        "positions": torch.tensor([s["position"] for s in samples], dtype=torch.long),
+        "batch_number": samples[0]["batch_number"],
+        "loss_scales": torch.tensor([s["loss_scale"] for s in samples], dtype=torch.float32),
     }
 
 
 class EpochBatchSampler:
-    """Batch sampler over SampleRequests for one epoch at a time; `set_epoch` picks the epoch, `skip_batches` resumes."""
+    """Batch sampler over SampleRequests for one epoch at a time; `set_epoch` picks the epoch, `skip_batches` resumes.
 
-    def __init__(self, group: DatasetGroup, validation: bool = False) -> None:
+    With several processes, every process walks the same batch order; each batch holds batch_size x num_processes
+    images of one bucket and each process takes its contiguous share. loss_scale makes the processes' summed losses
+    equal the mean over the shared batch, so N processes train exactly like one with N times the batch size. A process
+    whose share of a short last batch is empty gets one copy of the first image with loss_scale 0.
+    """
+
+    def __init__(self, group: DatasetGroup, validation: bool = False, num_processes: int = 1, process_index: int = 0) -> None:
         self.group = group
         self.validation = validation
+        self.num_processes = num_processes
+        self.process_index = process_index
         self.epoch = 1
         self.skip = 0
 
@@ -237,15 +270,20 @@ class EpochBatchSampler:
         self.skip = skip_batches
 
     def __len__(self) -> int:
-        return self.group.num_batches_per_epoch(self.validation) - self.skip
+        return self.group.num_batches_per_epoch(self.validation, self.num_processes) - self.skip
 
     def __iter__(self):
-        batches = self.group.epoch_batches(self.epoch, self.validation)
+        batches = self.group.epoch_batches(self.epoch, self.validation, self.num_processes)
         first = (self.epoch - 1) * len(batches)
+        p, n_proc = self.process_index, self.num_processes
         for n, (d, images) in enumerate(batches):
             if n < self.skip:
                 continue
-            yield [SampleRequest(d, i, self.epoch, first + n, pos, self.validation) for pos, i in enumerate(images)]
+            size = len(images)
+            lo, hi = p * size // n_proc, (p + 1) * size // n_proc
+            scale = n_proc / size
+            share = [SampleRequest(d, images[i], self.epoch, first + n, i, self.validation, scale) for i in range(lo, hi)]
+            yield share or [SampleRequest(d, images[0], self.epoch, first + n, 0, self.validation, 0.0)]
 
 
 def make_data_loader(
@@ -255,11 +293,14 @@ def make_data_loader(
     batches_per_step: int = 1,
     validation: bool = False,
     persistent_workers: bool = False,
+    latent_cache=None,
+    num_processes: int = 1,
+    process_index: int = 0,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader of whole bucket batches; call `loader.batch_sampler.set_epoch(e)` before each epoch."""
     return torch.utils.data.DataLoader(
-        TrainDataset(group, max_train_steps, batches_per_step),
-        batch_sampler=EpochBatchSampler(group, validation),
+        TrainDataset(group, max_train_steps, batches_per_step, latent_cache),
+        batch_sampler=EpochBatchSampler(group, validation, num_processes, process_index),
         collate_fn=collate,
         num_workers=num_workers,
         persistent_workers=persistent_workers and num_workers > 0,

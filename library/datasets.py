@@ -392,17 +392,18 @@ class Dataset:
         errors = [abs(i.ar_error) for i in self.train]
         return {"buckets": buckets, "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
 
-    def epoch_batches(self, rng: random.Random, validation: bool = False) -> list[list[int]]:
+    def epoch_batches(self, rng: random.Random, validation: bool = False, batch_multiplier: int = 1) -> list[list[int]]:
         """Batches of indices into `train` (or `validation`) for one epoch, never mixing buckets.
 
         A training image appears num_repeats times (a validation image once); each bucket is shuffled, then cut
-        into batches of batch_size (the last one of a bucket may be smaller).
+        into batches of batch_size x batch_multiplier (the last one of a bucket may be smaller); several processes
+        share each such batch (batch_multiplier = number of processes).
         """
         images = self.validation if validation else self.train
         by_bucket: dict[tuple[int, int], list[int]] = {}
         for idx, info in enumerate(images):
             by_bucket.setdefault(info.bucket, []).extend([idx] * (1 if validation else info.num_repeats))
-        bs = self.config.batch_size
+        bs = self.config.batch_size * batch_multiplier
         batches = []
         for reso in sorted(by_bucket):
             members = by_bucket[reso]
@@ -410,11 +411,11 @@ class Dataset:
             batches.extend(members[i : i + bs] for i in range(0, len(members), bs))
         return batches
 
-    def num_batches(self, validation: bool = False) -> int:
+    def num_batches(self, validation: bool = False, batch_multiplier: int = 1) -> int:
         counts = Counter()
         for info in self.validation if validation else self.train:
             counts[info.bucket] += 1 if validation else info.num_repeats
-        return sum(math.ceil(n / self.config.batch_size) for n in counts.values())
+        return sum(math.ceil(n / (self.config.batch_size * batch_multiplier)) for n in counts.values())
 
 
 def _assign_buckets(ds: Dataset, images: list[ImageInfo]) -> None:
@@ -503,15 +504,15 @@ class DatasetGroup:
         self.datasets = datasets
         self.seed = seed
 
-    def epoch_batches(self, epoch: int, validation: bool = False) -> list[tuple[int, list[int]]]:
+    def epoch_batches(self, epoch: int, validation: bool = False, batch_multiplier: int = 1) -> list[tuple[int, list[int]]]:
         """(dataset index, image indices) for every batch of `epoch` (1-based), in training order.
 
         Validation batches come in a fixed order, the same every epoch."""
         rng = random.Random(self.seed if validation else self.seed + epoch)
-        batches = [(d, b) for d, ds in enumerate(self.datasets) for b in ds.epoch_batches(rng, validation)]
+        batches = [(d, b) for d, ds in enumerate(self.datasets) for b in ds.epoch_batches(rng, validation, batch_multiplier)]
         if not validation:
             rng.shuffle(batches)
         return batches
 
-    def num_batches_per_epoch(self, validation: bool = False) -> int:
-        return sum(ds.num_batches(validation) for ds in self.datasets)
+    def num_batches_per_epoch(self, validation: bool = False, batch_multiplier: int = 1) -> int:
+        return sum(ds.num_batches(validation, batch_multiplier) for ds in self.datasets)

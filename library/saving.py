@@ -1,0 +1,151 @@
+"""Writing files that must never be lost or half-written: adapter weights with metadata, checkpoints, training states.
+
+Every file is written to a temporary name in the same folder and renamed into place, so a crash or a full disk
+leaves the previous file as it was. Checkpoint and state names follow sd-scripts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class SaveError(RuntimeError):
+    """A file could not be written; the previous file of that name is intact."""
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SaveError(f"cannot write {path}: {e}; the previous file (if any) is unchanged") from e
+
+
+def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """sd-webui-additional-networks' hashes of a safetensors file holding `tensors` and only the `ss_*` metadata:
+    (sha256 of everything after the header, first 8 hex digits of sha256 of bytes 0x100000..0x110000)."""
+    data = safetensors_bytes(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_len = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + header_len :]).hexdigest()
+    legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def save_weights(path: str, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None, dtype: torch.dtype | None) -> None:
+    """Save adapter weights (safetensors with metadata and sshs_* hashes, or a torch state dict for .ckpt/.pt)."""
+    tensors = {k: (v.detach().to("cpu", dtype) if dtype is not None and v.is_floating_point() else v.detach().cpu()).contiguous()
+               for k, v in state_dict.items()}
+    if path.endswith(".safetensors"):
+        metadata = dict(metadata or {})
+        metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(tensors, metadata)
+        atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
+    else:
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        atomic_write_bytes(path, buf.getvalue())
+
+
+def load_weights_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file, or a .ckpt/.pt state dict through weights-only loading (never a full unpickle)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} cannot be read without unpickling arbitrary objects ({e}); kiln does not unpickle files. "
+                         "Convert it to .safetensors with a tool you trust.") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Names and pruning (sd-scripts: name.ext, name-000001.ext, name-step00000500.ext, and "-state" folders)
+
+
+def checkpoint_name(output_name: str, epoch: int | None = None, step: int | None = None) -> str:
+    if step is not None:
+        return f"{output_name}-step{step:08d}"
+    if epoch is not None:
+        return f"{output_name}-{epoch:06d}"
+    return output_name
+
+
+def prune_checkpoints(output_dir: str, output_name: str, ext: str, kind: str, keep_from: int, state: bool = False) -> list[str]:
+    """Remove this run's epoch (kind="epoch") or step checkpoints numbered below keep_from; returns removed paths."""
+    pattern = re.escape(output_name) + (r"-step(\d{8})" if kind == "step" else r"-(\d{6})") + ("-state" if state else re.escape(ext)) + "$"
+    removed = []
+    for entry in os.listdir(output_dir):
+        m = re.match(pattern, entry)
+        if m and int(m.group(1)) < keep_from:
+            path = os.path.join(output_dir, entry)
+            shutil.rmtree(path) if state else os.remove(path)
+            removed.append(path)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training state: everything --resume needs, in one folder.
+
+
+def save_state(folder: str, network_state: dict[str, torch.Tensor], optimizer, lr_scheduler, train_state: dict) -> None:
+    """Write a state folder atomically: a complete new folder replaces the old one, or the old one stays."""
+    tmp = folder + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    try:
+        os.makedirs(tmp)
+        save_weights(os.path.join(tmp, "network.safetensors"), network_state, None, None)
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
+        torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   os.path.join(tmp, "rng.pt"))
+        with open(os.path.join(tmp, "train_state.json"), "w") as f:
+            json.dump(train_state, f, indent=1)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveError(f"cannot write state {folder}: {e}; the previous state (if any) is unchanged") from e
+    old = folder + ".old"
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(folder: str) -> dict:
+    """Read a state folder (weights-only loading). Returns network weights, optimizer, scheduler, rng, train_state."""
+    needed = ["network.safetensors", "optimizer.pt", "lr_scheduler.pt", "rng.pt", "train_state.json"]
+    missing = [n for n in needed if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise FileNotFoundError(f"--resume {folder} is not a kiln state folder (missing {', '.join(missing)})")
+    network, _ = load_weights_file(os.path.join(folder, "network.safetensors"))
+    with open(os.path.join(folder, "train_state.json")) as f:
+        train_state = json.load(f)
+    return {
+        "network": network,
+        "optimizer": torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=True),
+        "lr_scheduler": torch.load(os.path.join(folder, "lr_scheduler.pt"), map_location="cpu", weights_only=True),
+        "rng": torch.load(os.path.join(folder, "rng.pt"), map_location="cpu", weights_only=True),
+        "train_state": train_state,
+    }

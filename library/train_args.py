@@ -1,0 +1,208 @@
+"""The training scripts' command line: sd-scripts' flag names and defaults, `--config_file` and `--output_config`."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import os
+import sys
+
+import toml
+
+from library.args import add_dataset_arguments
+
+logger = logging.getLogger(__name__)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="base model: a single file (.safetensors; .ckpt read without unpickling), a diffusers folder, or the built-in "
+        "tiny model kiln-tiny-sd for a dry run on CPU",
+    )
+    g.add_argument("--v2", action="store_true", help="the model is SD 2.x")
+    g.add_argument("--v_parameterization", action="store_true", help="the model predicts v (SD 2.x 768-v models)")
+    g.add_argument("--vae", type=str, default=None, help="replacement VAE: a single file or a diffusers folder")
+    g.add_argument(
+        "--tokenizer_cache_dir",
+        type=str,
+        default=None,
+        help="folder with tokenizers saved per hub id (e.g. openai_clip-vit-large-patch14/) for single-file models offline",
+    )
+    g = parser.add_argument_group("model metadata (modelspec)")
+    for name in ("title", "author", "description", "license", "tags"):
+        g.add_argument(f"--metadata_{name}", type=str, default=None, help=f"modelspec.{name} of the saved file")
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("output and checkpoints")
+    g.add_argument("--output_dir", type=str, default=None, help="folder for the LoRA files, states and samples")
+    g.add_argument("--output_name", type=str, default=None, help="file name without extension (default: last)")
+    g.add_argument("--save_model_as", type=str, default="safetensors", choices=["safetensors", "ckpt", "pt"], help="file format")
+    g.add_argument("--save_precision", type=str, default=None, choices=["float", "fp16", "bf16"], help="dtype of the saved weights")
+    g.add_argument("--no_metadata", action="store_true", help="write only the essential ss_* metadata")
+    g.add_argument("--training_comment", type=str, default=None, help="free text stored as ss_training_comment")
+    g.add_argument("--save_every_n_epochs", type=int, default=None, help="save a checkpoint every N epochs")
+    g.add_argument("--save_every_n_steps", type=int, default=None, help="save a checkpoint every N steps")
+    g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep only the last N epoch checkpoints")
+    g.add_argument("--save_last_n_steps", type=int, default=None, help="keep only step checkpoints of the last N steps")
+    g.add_argument("--save_last_n_epochs_state", type=int, default=None, help="keep only the last N epoch states")
+    g.add_argument("--save_last_n_steps_state", type=int, default=None, help="keep only states of the last N steps")
+    g.add_argument("--save_state", action="store_true", help="save the training state with every checkpoint (for --resume)")
+    g.add_argument("--save_state_on_train_end", action="store_true", help="save the training state at the end")
+    g.add_argument("--resume", type=str, default=None, help="continue from a state folder written by --save_state")
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--max_train_steps", type=int, default=1600, help="number of optimizer steps")
+    g.add_argument("--max_train_epochs", type=int, default=None, help="number of epochs (overrides --max_train_steps)")
+    g.add_argument("--max_data_loader_n_workers", type=int, default=8, help="data-loader worker processes (at most the CPU count)")
+    g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep workers alive between epochs")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
+    g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="compute precision")
+    g.add_argument("--full_fp16", action="store_true", help="keep the trained weights in fp16 too (less memory, less precise)")
+    g.add_argument("--full_bf16", action="store_true", help="keep the trained weights in bf16 too (less memory, less precise)")
+    g.add_argument("--clip_skip", type=int, default=None, help="use the text encoder's N-th layer from the end (2 for many anime models)")
+    g.add_argument("--weighted_captions", action="store_true", help="read (tag:1.2) attention weights in captions")
+    g.add_argument("--sdpa", action="store_true", help="scaled-dot-product attention (kiln always uses it)")
+    g.add_argument("--xformers", action="store_true", help="accepted for sd-scripts command lines; kiln uses PyTorch SDPA instead")
+    g.add_argument("--mem_eff_attn", action="store_true", help="accepted for sd-scripts command lines; kiln uses PyTorch SDPA instead")
+    g.add_argument("--cache_latents", action="store_true", help="encode every image once before training, keep the latents in memory")
+    g.add_argument("--cache_latents_to_disk", action="store_true", help="keep latent caches next to the images (implies --cache_latents)")
+    g.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE call when caching latents")
+    g.add_argument("--skip_cache_check", action="store_true", help="trust existing cache files without checking what made them")
+    g.add_argument("--masked_loss", action="store_true", help="weight the loss by the alpha mask (subsets with alpha_mask)")
+
+    g = parser.add_argument_group("noise and loss")
+    g.add_argument("--noise_offset", type=float, default=None, help="add this much per-channel offset noise (0.05-0.1 typical)")
+    g.add_argument("--noise_offset_random_strength", action="store_true", help="offset strength uniform in [0, noise_offset)")
+    g.add_argument("--adaptive_noise_scale", type=float, default=None, help="add |latent mean| x this to the noise offset")
+    g.add_argument("--multires_noise_iterations", type=int, default=None, help="pyramid noise levels (6-10 typical)")
+    g.add_argument("--multires_noise_discount", type=float, default=0.3, help="weight decay per pyramid level")
+    g.add_argument("--ip_noise_gamma", type=float, default=None, help="input perturbation noise (0.1 typical)")
+    g.add_argument("--ip_noise_gamma_random_strength", action="store_true", help="gamma uniform in [0, ip_noise_gamma)")
+    g.add_argument("--zero_terminal_snr", action="store_true", help="rescale the noise schedule to zero terminal SNR")
+    g.add_argument("--min_timestep", type=int, default=None, help="smallest timestep trained (default 0)")
+    g.add_argument("--max_timestep", type=int, default=None, help="largest timestep trained, exclusive (default 1000)")
+    g.add_argument("--min_snr_gamma", type=float, default=None, help="min-SNR loss weighting gamma (5 recommended)")
+    g.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true", help="v-prediction loss scaled like epsilon loss")
+    g.add_argument("--v_pred_like_loss", type=float, default=None, help="add a v-prediction-like loss with this weight")
+    g.add_argument("--debiased_estimation_loss", action="store_true", help="debiased estimation loss weighting")
+    g.add_argument("--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"], help="loss function")
+    g.add_argument("--huber_schedule", type=str, default="snr", choices=["constant", "exponential", "snr"], help="huber c over timesteps")
+    g.add_argument("--huber_c", type=float, default=0.1, help="huber loss parameter c")
+    g.add_argument("--huber_scale", type=float, default=1.0, help="huber loss scale")
+
+
+def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("network (LoRA)")
+    g.add_argument("--network_module", type=str, default=None, help="adapter module, e.g. networks.lora")
+    g.add_argument("--network_dim", type=int, default=None, help="LoRA rank (default 4)")
+    g.add_argument("--network_alpha", type=float, default=1, help="LoRA alpha: the update is scaled by alpha / rank")
+    g.add_argument("--network_dropout", type=float, default=None, help="dropout on the LoRA down projection's output")
+    g.add_argument("--network_args", type=str, default=None, nargs="*", help="module options key=value, e.g. conv_dim=4")
+    g.add_argument("--network_weights", type=str, default=None, help="start from this LoRA file (kiln's or sd-scripts')")
+    g.add_argument("--dim_from_weights", action="store_true", help="take ranks and alphas from --network_weights")
+    g.add_argument("--network_train_unet_only", action="store_true", help="train the U-Net adapters only")
+    g.add_argument("--network_train_text_encoder_only", action="store_true", help="train the text-encoder adapters only")
+    g.add_argument("--unet_lr", type=float, default=None, help="learning rate of the U-Net adapters (default --learning_rate)")
+    g.add_argument("--text_encoder_lr", type=float, default=None, nargs="*", help="learning rate(s) of the text-encoder adapters")
+    g.add_argument("--scale_weight_norms", type=float, default=None, help="max norm of each adapter's weight delta (1 suggested)")
+
+
+def _add_sample_and_validation_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sample images")
+    g.add_argument("--sample_prompts", type=str, default=None, help="prompt file (.txt, .toml or .json) for preview images")
+    g.add_argument("--sample_every_n_steps", type=int, default=None, help="make sample images every N steps")
+    g.add_argument("--sample_every_n_epochs", type=int, default=None, help="make sample images every N epochs (wins over steps)")
+    g.add_argument("--sample_at_first", action="store_true", help="make sample images before training")
+    g.add_argument("--sample_sampler", type=str, default="ddim", help="sampler: ddim, euler, euler_a, dpmsolver++, ...")
+    g = parser.add_argument_group("validation")
+    g.add_argument("--validate_every_n_steps", type=int, default=None, help="validation loss every N steps")
+    g.add_argument("--validate_every_n_epochs", type=int, default=None, help="validation loss every N epochs (default: every epoch)")
+    g.add_argument("--max_validation_steps", type=int, default=None, help="at most this many validation batches")
+
+
+def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("logging")
+    g.add_argument("--logging_dir", type=str, default=None, help="TensorBoard log folder (a run folder is made inside)")
+    g.add_argument("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"], help="trackers")
+    g.add_argument("--log_prefix", type=str, default=None, help="prefix of the run folder name")
+    g.add_argument("--log_tracker_name", type=str, default=None, help="tracker project name (default network_train)")
+    g.add_argument("--wandb_run_name", type=str, default=None, help="wandb run name")
+    g.add_argument("--wandb_api_key", type=str, default=None, help="wandb API key (prefer the WANDB_API_KEY variable)")
+    g.add_argument("--log_config", action="store_true", help="log the run's arguments (paths and keys removed)")
+    g = parser.add_argument_group("configuration")
+    g.add_argument("--config_file", type=str, default=None, help="read arguments from this TOML file (command line wins)")
+    g.add_argument("--output_config", action="store_true", help="write the non-default arguments to --config_file and exit")
+
+
+def setup_network_parser(description: str) -> argparse.ArgumentParser:
+    """The full parser of a LoRA training script (family scripts add their own flags)."""
+    from library.optimizers import add_optimizer_arguments
+
+    parser = argparse.ArgumentParser(description=description)
+    _add_model_arguments(parser)
+    add_dataset_arguments(parser)
+    _add_output_arguments(parser)
+    _add_training_arguments(parser)
+    add_optimizer_arguments(parser)
+    _add_network_arguments(parser)
+    _add_sample_and_validation_arguments(parser)
+    _add_logging_arguments(parser)
+    parser.set_defaults(learning_rate=1e-4)
+    return parser
+
+
+def _flatten(table: dict) -> dict:
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value))
+        else:
+            out[key] = value
+    return out
+
+
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line on top of `--config_file` (sections flattened). Unknown keys in the file are errors."""
+    args = parser.parse_args(argv)
+    if not args.config_file:
+        return args
+    path = args.config_file if os.path.splitext(args.config_file)[1] else args.config_file + ".toml"
+    if args.output_config:
+        write_config(parser, args, path)
+        sys.exit(0)
+    if not os.path.isfile(path):
+        parser.error(f"--config_file {path} does not exist")
+    try:
+        values = _flatten(toml.load(path))
+    except (toml.TomlDecodeError, UnicodeDecodeError) as e:
+        parser.error(f"--config_file {path} cannot be parsed: {e}")
+    known = {a.dest for a in parser._actions}
+    for key in values:
+        if key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            parser.error(f"--config_file {path}: unknown argument '{key}'" + (f"; did you mean '{near[0]}'?" if near else ""))
+    parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def write_config(parser: argparse.ArgumentParser, args: argparse.Namespace, path: str) -> None:
+    """--output_config: the arguments that differ from the defaults, as TOML; never overwrites a file."""
+    if os.path.exists(path):
+        parser.error(f"--output_config: {path} already exists; choose another --config_file")
+    defaults = vars(parser.parse_args([]))
+    skip = {"config_file", "output_config", "wandb_api_key"}
+    values = {k: v for k, v in vars(args).items() if k not in skip and v != defaults.get(k) and v is not None}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        toml.dump(values, f)
+    os.replace(tmp, path)
+    print(f"wrote {path}")

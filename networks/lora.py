@@ -1,0 +1,408 @@
+"""LoRA / LoCon for SD 1.x/2.x (and SDXL) U-Nets and CLIP text encoders, in kohya's file format.
+
+Each adapted `Linear` or `Conv2d` computes `org(x) + up(down(x)) * multiplier * alpha / rank`; `up` starts at zero.
+Files hold `<name>.lora_down.weight`, `<name>.lora_up.weight` and `<name>.alpha` with names
+`lora_unet_<module path with . -> _>` and `lora_te_text_model_<...>` (SD1/2; SDXL: `lora_te1_`/`lora_te2_` and sgm
+U-Net names, given by the caller as a `unet_name_map`).
+
+network_args (`--network_args k=v`): conv_dim, conv_alpha, dropout, rank_dropout, module_dropout, block_dims,
+block_alphas, conv_block_dims, conv_block_alphas, loraplus_lr_ratio, loraplus_unet_lr_ratio,
+loraplus_text_encoder_lr_ratio. Anything else is an error.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+UNET_TARGETS = ("Transformer2DModel",)
+UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TEXT_ENCODER_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+NUM_SD_BLOCKS = 25  # IN0..IN11, MID, OUT0..OUT11
+
+KNOWN_ARGS = {
+    "conv_dim",
+    "conv_alpha",
+    "dropout",
+    "rank_dropout",
+    "module_dropout",
+    "block_dims",
+    "block_alphas",
+    "conv_block_dims",
+    "conv_block_alphas",
+    "loraplus_lr_ratio",
+    "loraplus_unet_lr_ratio",
+    "loraplus_text_encoder_lr_ratio",
+}
+
+
+class LoRAModule(nn.Module):
+    """The adapter of one Linear/Conv2d. `apply()` routes the wrapped module's forward through it."""
+
+    def __init__(
+        self,
+        name: str,
+        org_module: nn.Module,
+        rank: int,
+        alpha: float | None,
+        multiplier: float = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.lora_name = name
+        self.rank = rank
+        if isinstance(org_module, nn.Conv2d):
+            self.lora_down = nn.Conv2d(org_module.in_channels, rank, org_module.kernel_size, org_module.stride, org_module.padding, bias=False)
+            self.lora_up = nn.Conv2d(rank, org_module.out_channels, 1, 1, bias=False)
+        else:
+            self.lora_down = nn.Linear(org_module.in_features, rank, bias=False)
+            self.lora_up = nn.Linear(rank, org_module.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        alpha = rank if alpha is None or alpha == 0 else float(alpha)
+        self.register_buffer("alpha", torch.tensor(alpha))
+        self.scale = alpha / rank
+        self.multiplier = multiplier
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        self._org = [org_module]  # a list: not a submodule, so not in this module's state dict
+        self._org_forward: Callable | None = None
+
+    @property
+    def org_module(self) -> nn.Module:
+        return self._org[0]
+
+    def apply(self) -> None:
+        if self._org_forward is None:
+            self._org_forward = self.org_module.forward
+            self.org_module.forward = self.forward
+
+    def restore(self) -> None:
+        if self._org_forward is not None:
+            self.org_module.forward = self._org_forward
+            self._org_forward = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._org_forward(x)
+        if self.multiplier == 0 or (self.training and self.module_dropout and torch.rand(()) < self.module_dropout):
+            return out
+        h = self.lora_down(x.to(self.lora_down.weight.dtype))
+        if self.training and self.dropout:
+            h = nn.functional.dropout(h, p=self.dropout)
+        scale = self.scale
+        if self.training and self.rank_dropout:
+            mask = (torch.rand(h.shape[0], self.rank, device=h.device) > self.rank_dropout).to(h.dtype)
+            if h.dim() == 4:  # conv: (B, rank, H, W)
+                mask = mask[:, :, None, None]
+            elif h.dim() == 3:  # tokens: (B, L, rank)
+                mask = mask[:, None, :]
+            h = h * mask
+            scale = scale / (1.0 - self.rank_dropout)
+        return out + (self.lora_up(h) * (self.multiplier * scale)).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """up @ down * alpha / rank, shaped like the wrapped weight (conv: down k x k, up 1 x 1)."""
+        down, up = self.lora_down.weight.float(), self.lora_up.weight.float()
+        if down.dim() == 2:
+            return (up @ down) * self.scale
+        if down.shape[2:] == (1, 1):
+            return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], down.shape[1], 1, 1) * self.scale
+        return torch.einsum("or,rihw->oihw", up.flatten(1), down) * self.scale
+
+
+def sd_block_index(lora_name: str) -> int:
+    """sd-scripts' 25-block index of a U-Net LoRA name (diffusers-style SD1/2 names); -1 when none applies."""
+    m = re.search(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_", lora_name)
+    if m:
+        level, kind, j = int(m.group(2)), m.group(3), int(m.group(4))
+        idx = 3 * level + (2 if kind in ("upsamplers", "downsamplers") else j)
+        return 1 + idx if m.group(1) == "down" else 13 + idx
+    if "mid_block_" in lora_name:
+        return 12
+    return -1
+
+
+def _parse_list(value, name: str, cast=float) -> list:
+    if isinstance(value, str):
+        value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+    values = [cast(v) for v in value]
+    if len(values) != NUM_SD_BLOCKS:
+        raise ValueError(f"network_args {name} needs {NUM_SD_BLOCKS} values (IN0-11, MID, OUT0-11), got {len(values)}")
+    return values
+
+
+def _float_arg(args: dict, key: str) -> float | None:
+    return None if args.get(key) in (None, "None") else float(args[key])
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules of a model; its state dict is the kohya file layout."""
+
+    def __init__(
+        self,
+        text_encoders: list[nn.Module],
+        unet: nn.Module | None,
+        rank: int = 4,
+        alpha: float | None = 1.0,
+        multiplier: float = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+        conv_dim: int | None = None,
+        conv_alpha: float | None = None,
+        block_dims: list[int] | None = None,
+        block_alphas: list[float] | None = None,
+        conv_block_dims: list[int] | None = None,
+        conv_block_alphas: list[float] | None = None,
+        module_dims: dict[str, int] | None = None,
+        module_alphas: dict[str, float] | None = None,
+        te_prefixes: list[str] | None = None,
+        unet_name_map: dict[str, str] | None = None,
+        loraplus_lr_ratio: float | None = None,
+        loraplus_unet_lr_ratio: float | None = None,
+        loraplus_text_encoder_lr_ratio: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.multiplier = multiplier
+        self.loraplus_unet = loraplus_unet_lr_ratio or loraplus_lr_ratio
+        self.loraplus_te = loraplus_text_encoder_lr_ratio or loraplus_lr_ratio
+        common = {"multiplier": multiplier, "dropout": dropout, "rank_dropout": rank_dropout, "module_dropout": module_dropout}
+
+        def dims_for(name: str, is_unet: bool, small_kernel: bool) -> tuple[int | None, float | None]:
+            if module_dims is not None:
+                return module_dims.get(name), (module_alphas or {}).get(name)
+            if is_unet and block_dims is not None:
+                idx = sd_block_index(name)
+                if small_kernel:
+                    return block_dims[idx], block_alphas[idx] if block_alphas else alpha
+                if conv_block_dims is not None:
+                    return conv_block_dims[idx], conv_block_alphas[idx] if conv_block_alphas else conv_alpha
+                return None, None
+            if small_kernel:
+                return rank, alpha
+            return (conv_dim, conv_alpha) if conv_dim else (None, None)
+
+        self.text_encoder_loras: list[LoRAModule] = []
+        self.unet_loras: list[LoRAModule] = []
+        te_prefixes = te_prefixes or (["lora_te"] if len(text_encoders) == 1 else [f"lora_te{i + 1}" for i in range(len(text_encoders))])
+        for prefix, te in zip(te_prefixes, text_encoders):
+            for path, module in _target_modules(te, TEXT_ENCODER_TARGETS):
+                if not path.startswith("text_model."):
+                    path = "text_model." + path  # transformers 5 flattens CLIPTextModel; kohya names keep text_model
+                name = f"{prefix}_{path}".replace(".", "_")
+                dim, a = dims_for(name, False, True)
+                if dim:
+                    self.text_encoder_loras.append(LoRAModule(name, module, dim, a, **common))
+        if unet is not None:
+            targets = UNET_TARGETS + (UNET_CONV_TARGETS if conv_dim or conv_block_dims or module_dims else ())
+            for path, module in _target_modules(unet, targets):
+                mapped = unet_name_map.get(path, path) if unet_name_map else path
+                name = f"lora_unet_{mapped}".replace(".", "_")
+                small = isinstance(module, nn.Linear) or module.kernel_size == (1, 1)
+                dim, a = dims_for(name, True, small)
+                if dim:
+                    self.unet_loras.append(LoRAModule(name, module, dim, a, **common))
+        names = [m.lora_name for m in self.text_encoder_loras + self.unet_loras]
+        if len(set(names)) != len(names):
+            raise RuntimeError("two adapted modules map to the same LoRA name")
+        for m in self.text_encoder_loras + self.unet_loras:
+            self.add_module(m.lora_name, m)
+
+    @property
+    def loras(self) -> list[LoRAModule]:
+        return self.text_encoder_loras + self.unet_loras
+
+    def apply_to(self, train_text_encoder: bool = True, train_unet: bool = True) -> None:
+        """Route the wrapped modules through their adapters; adapters of a part that is not trained are dropped."""
+        if not train_text_encoder:
+            for m in self.text_encoder_loras:
+                delattr(self, m.lora_name)
+            self.text_encoder_loras = []
+        if not train_unet:
+            for m in self.unet_loras:
+                delattr(self, m.lora_name)
+            self.unet_loras = []
+        for m in self.loras:
+            m.apply()
+
+    def restore(self) -> None:
+        for m in self.loras:
+            m.restore()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = multiplier
+        for m in self.loras:
+            m.multiplier = multiplier
+
+    def param_groups(self, text_encoder_lr: float | list[float] | None, unet_lr: float | None, default_lr: float) -> tuple[list[dict], list[str]]:
+        """Optimizer groups (text encoder(s), U-Net; LoRA+ `lora_up` groups with lr x ratio) and their log names.
+
+        A group whose learning rate is 0 is left out (those weights stay as they are)."""
+        groups, names = [], []
+
+        def add(modules: list[LoRAModule], lr: float, ratio: float | None, label: str) -> None:
+            if not modules or lr == 0:
+                return
+            if ratio:
+                groups.append({"params": [p for m in modules for n, p in m.named_parameters() if "lora_up" not in n], "lr": lr})
+                names.append(label)
+                groups.append({"params": [p for m in modules for n, p in m.named_parameters() if "lora_up" in n], "lr": lr * ratio})
+                names.append(label + "_plus")
+            else:
+                groups.append({"params": [p for m in modules for p in m.parameters()], "lr": lr})
+                names.append(label)
+
+        te_lrs = text_encoder_lr if isinstance(text_encoder_lr, list) else [text_encoder_lr]
+        prefixes = sorted({m.lora_name.split("_text_model")[0] for m in self.text_encoder_loras})
+        for i, prefix in enumerate(prefixes):
+            lr = te_lrs[min(i, len(te_lrs) - 1)]
+            lr = default_lr if lr is None else lr
+            label = "textencoder" if len(prefixes) == 1 else f"textencoder{i + 1}"
+            add([m for m in self.text_encoder_loras if m.lora_name.startswith(prefix + "_")], lr, self.loraplus_te, label)
+        add(self.unet_loras, default_lr if unet_lr is None else unet_lr, self.loraplus_unet, "unet")
+        return groups, names
+
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        """Scale down adapters whose delta-weight norm exceeds max_norm; returns (count scaled, mean norm, max norm)."""
+        scaled, norms = 0, []
+        with torch.no_grad():
+            for m in self.loras:
+                norm = m.delta_weight().norm().item()
+                if norm > max_norm:
+                    ratio = math.sqrt(max_norm / norm)
+                    m.lora_down.weight.mul_(ratio)
+                    m.lora_up.weight.mul_(ratio)
+                    scaled += 1
+                    norm = max_norm
+                norms.append(norm)
+        return scaled, sum(norms) / max(len(norms), 1), max(norms, default=0.0)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "weights") -> list[str]:
+        """Load a kohya-format state dict; shape mismatches are errors, keys without a module are returned."""
+        own = self.state_dict()
+        unexpected = [k for k in state_dict if k not in own]
+        for key, value in state_dict.items():
+            if key in own and own[key].shape != value.shape:
+                raise ValueError(
+                    f"{source}: {key} has shape {tuple(value.shape)}, this network needs {tuple(own[key].shape)} "
+                    "(use --dim_from_weights to take the ranks from the file)"
+                )
+        missing = [k for k in own if k not in state_dict and not k.endswith(".alpha")]
+        self.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+        for m in self.loras:  # alpha from the file changes the scale
+            m.scale = m.alpha.item() / m.rank
+        if missing:
+            raise ValueError(f"{source}: no weights for {len(missing)} adapters, e.g. {missing[0]}")
+        return unexpected
+
+
+def _target_modules(root: nn.Module, target_classes: tuple[str, ...]):
+    """(path, module) of every Linear/Conv2d inside a module whose class is one of target_classes."""
+    seen = set()
+    for name, module in root.named_modules():
+        if module.__class__.__name__ not in target_classes:
+            continue
+        for child_name, child in module.named_modules():
+            if isinstance(child, (nn.Linear, nn.Conv2d)) and id(child) not in seen:
+                seen.add(id(child))
+                yield f"{name}.{child_name}" if name else child_name, child
+
+
+def parse_network_args(pairs: list[str] | None) -> dict[str, str]:
+    """`--network_args k=v ...` -> dict; unknown keys are an error naming the valid ones."""
+    args = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"--network_args entries look like key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        args[key.strip()] = value.strip()
+    unknown = sorted(set(args) - KNOWN_ARGS)
+    if unknown:
+        raise ValueError(f"unknown --network_args for networks.lora: {', '.join(unknown)}; valid: {', '.join(sorted(KNOWN_ARGS))}")
+    return args
+
+
+def create_network(
+    multiplier: float,
+    network_dim: int | None,
+    network_alpha: float | None,
+    text_encoders: list[nn.Module],
+    unet: nn.Module,
+    neuron_dropout: float | None = None,
+    unet_name_map: dict[str, str] | None = None,
+    te_prefixes: list[str] | None = None,
+    **kwargs: str,
+) -> LoRANetwork:
+    """sd-scripts' entry point: build a network from --network_dim/--network_alpha and --network_args."""
+    args = parse_network_args([f"{k}={v}" for k, v in kwargs.items()])
+    block_dims = _parse_list(args["block_dims"], "block_dims", int) if "block_dims" in args else None
+    conv_block_dims = _parse_list(args["conv_block_dims"], "conv_block_dims", int) if "conv_block_dims" in args else None
+    return LoRANetwork(
+        text_encoders,
+        unet,
+        rank=network_dim or 4,
+        alpha=network_alpha,
+        multiplier=multiplier,
+        dropout=_float_arg(args, "dropout") if "dropout" in args else neuron_dropout,
+        rank_dropout=_float_arg(args, "rank_dropout"),
+        module_dropout=_float_arg(args, "module_dropout"),
+        conv_dim=int(args["conv_dim"]) if "conv_dim" in args else None,
+        conv_alpha=float(args.get("conv_alpha", 1.0)) if "conv_dim" in args else None,
+        block_dims=block_dims,
+        block_alphas=_parse_list(args["block_alphas"], "block_alphas") if "block_alphas" in args else None,
+        conv_block_dims=conv_block_dims,
+        conv_block_alphas=_parse_list(args["conv_block_alphas"], "conv_block_alphas") if "conv_block_alphas" in args else None,
+        te_prefixes=te_prefixes,
+        unet_name_map=unet_name_map,
+        loraplus_lr_ratio=_float_arg(args, "loraplus_lr_ratio"),
+        loraplus_unet_lr_ratio=_float_arg(args, "loraplus_unet_lr_ratio"),
+        loraplus_text_encoder_lr_ratio=_float_arg(args, "loraplus_text_encoder_lr_ratio"),
+    )
+
+
+def dims_from_weights(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:
+    """Per-module rank and alpha of a LoRA file (alpha defaults to the rank when the file has none)."""
+    dims, alphas = {}, {}
+    for key, value in state_dict.items():
+        if key.endswith(".lora_down.weight"):
+            name = key[: -len(".lora_down.weight")]
+            dims[name] = value.shape[0]
+            alpha = state_dict.get(name + ".alpha")
+            alphas[name] = float(alpha) if alpha is not None else float(value.shape[0])
+    return dims, alphas
+
+
+def create_network_from_weights(
+    multiplier: float,
+    state_dict: dict[str, torch.Tensor],
+    text_encoders: list[nn.Module],
+    unet: nn.Module,
+    unet_name_map: dict[str, str] | None = None,
+    te_prefixes: list[str] | None = None,
+    **kwargs: str,
+) -> LoRANetwork:
+    """A network shaped like the file (`--dim_from_weights`); loads nothing yet."""
+    args = parse_network_args([f"{k}={v}" for k, v in kwargs.items()])
+    dims, alphas = dims_from_weights(state_dict)
+    return LoRANetwork(
+        text_encoders,
+        unet,
+        multiplier=multiplier,
+        module_dims=dims,
+        module_alphas=alphas,
+        dropout=_float_arg(args, "dropout"),
+        rank_dropout=_float_arg(args, "rank_dropout"),
+        module_dropout=_float_arg(args, "module_dropout"),
+        te_prefixes=te_prefixes,
+        unet_name_map=unet_name_map,
+        loraplus_lr_ratio=_float_arg(args, "loraplus_lr_ratio"),
+        loraplus_unet_lr_ratio=_float_arg(args, "loraplus_unet_lr_ratio"),
+        loraplus_text_encoder_lr_ratio=_float_arg(args, "loraplus_text_encoder_lr_ratio"),
+    )
