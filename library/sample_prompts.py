@@ -160,14 +160,18 @@ def _check_value(opt: _Option, value: Any, from_line: bool) -> Any:
         if opt.kind == "sampler":
             sampler = value.strip().lower()
             if sampler not in SAMPLER_NAMES:
-                raise ValueError(f"unknown sampler {value!r}{_nearest(sampler, SAMPLER_NAMES)}; valid samplers: {', '.join(SAMPLER_NAMES)}")
+                raise ValueError(
+                    f"unknown sampler {value!r}{_nearest(sampler, SAMPLER_NAMES)}; valid samplers: {', '.join(SAMPLER_NAMES)}"
+                )
             return sampler
         if opt.kind == "path":
             path = value.strip()
             if not path:
                 raise ValueError(f"{name} needs an image path")
             if not os.path.isfile(path):
-                raise ValueError(f"{name}: image {path!r} does not exist (relative paths are resolved from the current directory)")
+                raise ValueError(
+                    f"{name}: image {path!r} does not exist (relative paths are resolved from the current directory)"
+                )
             return path
         return value
 
@@ -295,7 +299,9 @@ def _entries_toml(path: str, text: str):
             f"{path}: no [[prompt.subset]] entries; write a [prompt] table of defaults and one [[prompt.subset]] "
             'table per image, each with prompt = "..."'
         )
-    header_lines = [n for n, line in enumerate(text.splitlines(), start=1) if re.match(r"\s*\[\[\s*prompt\s*\.\s*subset\s*\]\]", line)]
+    header_lines = [
+        n for n, line in enumerate(text.splitlines(), start=1) if re.match(r"\s*\[\[\s*prompt\s*\.\s*subset\s*\]\]", line)
+    ]
     subsets = table["subset"]
     try:
         table_values = _parse_entry({k: v for k, v in table.items() if k != "subset"}, "the [prompt] table")
@@ -383,8 +389,10 @@ def load_sample_prompts(
         if "prompt" not in values:
             raise SamplePromptError(f"{where}: no 'prompt' key; add prompt = \"...\"")
         for name, reason in unsupported.items():
-            if {**inherited, **given}.get(name) is not None:
+            if given.get(name) is not None:
                 raise SamplePromptError(f"{where}: {reason}; remove it for this model")
+            if inherited.get(name) is not None:
+                raise SamplePromptError(f"{path}: [prompt] table: {reason}; remove it for this model")
         prompts.append(SamplePrompt(**values, index=len(prompts), source=where))
     if not prompts:
         raise SamplePromptError(f"{path}: contains no prompts; add at least one, or leave out --sample_prompts")

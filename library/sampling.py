@@ -222,7 +222,9 @@ def sample_sd_images(
                 embeds = encode_prompts([p.prompt, p.negative_prompt])
                 if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or embeds.shape[0] != 2:
                     shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
-                    raise ValueError(f"encode_prompts must return a (2, tokens, width) tensor for [prompt, negative], got {shape}")
+                    raise ValueError(
+                        f"encode_prompts must return a (2, tokens, width) tensor for [prompt, negative], got {shape}"
+                    )
                 embeds = embeds.to(device)
                 image = pipe(
                     prompt_embeds=embeds[:1],

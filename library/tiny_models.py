@@ -62,7 +62,9 @@ def write_tiny_clip_tokenizer(folder: str, pad_token: str = "<|endoftext|>") -> 
 TINY_VOCAB = 514  # 2 x 256 byte tokens + <|startoftext|> + <|endoftext|>
 
 
-def tiny_clip_config(v2: bool = False, hidden_size: int = 32):
+def tiny_clip_config(v2: bool = False, hidden_size: int = 64):
+    """CLIP text config with the real models' 64-wide attention heads (hidden 64: one head), so that kiln's config
+    inference for single files (heads = hidden // 64, as CLIP-L and OpenCLIP-H) rebuilds the same model."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -70,7 +72,7 @@ def tiny_clip_config(v2: bool = False, hidden_size: int = 32):
         hidden_size=hidden_size,
         intermediate_size=37,
         num_hidden_layers=3,
-        num_attention_heads=4,
+        num_attention_heads=max(1, hidden_size // 64),
         max_position_embeddings=77,
         projection_dim=hidden_size,
         bos_token_id=TINY_VOCAB - 2,
@@ -90,7 +92,7 @@ def tiny_unet_config(v2: bool = False) -> dict:
         "block_out_channels": [64, 128] if v2 else [32, 64],
         "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-        "cross_attention_dim": 32,
+        "cross_attention_dim": 64,  # = the tiny CLIP's hidden size
         "attention_head_dim": [1, 2] if v2 else 8,
         "use_linear_projection": v2,
         "norm_num_groups": 32,

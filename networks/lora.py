@@ -108,13 +108,15 @@ class LoRAModule(nn.Module):
         return out + (self.lora_up(h) * (self.multiplier * scale)).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """up @ down * alpha / rank, shaped like the wrapped weight (conv: down k x k, up 1 x 1)."""
-        down, up = self.lora_down.weight.float(), self.lora_up.weight.float()
-        if down.dim() == 2:
-            return (up @ down) * self.scale
-        if down.shape[2:] == (1, 1):
-            return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], down.shape[1], 1, 1) * self.scale
-        return torch.einsum("or,rihw->oihw", up.flatten(1), down) * self.scale
+        """up @ down * alpha / rank, shaped like the wrapped weight."""
+        return lora_delta(self.lora_down.weight.float(), self.lora_up.weight.float(), self.scale)
+
+
+def lora_delta(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """The weight change up @ down * scale, shaped like the adapted weight (conv: down k x k, up 1 x 1)."""
+    if down.dim() == 2:
+        return up @ down * scale
+    return torch.einsum("or,rihw->oihw", up.flatten(1), down) * scale
 
 
 def sd_block_index(lora_name: str) -> int:

@@ -1,0 +1,141 @@
+"""What a model family plugs into the shared trainer (DESIGN.md section 2): loading, text conditioning, the loss of
+one batch, sampling and metadata. The DDPM families (SD 1.x/2.x, SDXL) share `DdpmFamily`'s noise and loss."""
+
+from __future__ import annotations
+
+import argparse
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from library import sd_train_utils as ddpm
+
+
+@dataclass
+class TrainModels:
+    """The models of one run. `denoiser` is the U-Net (or DiT); `text_encoders`/`tokenizers` in the family's order."""
+
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list
+    vae: torch.nn.Module
+    denoiser: torch.nn.Module
+    extra: dict = field(default_factory=dict)
+
+
+class ModelFamily(ABC):
+    """Per-family hooks of the trainer. Methods take the parsed arguments; none of them runs the training loop."""
+
+    script_name: str = ""
+    arch: str = ""  # latent-cache suffix
+    bucket_reso_multiple: int = 64
+    default_resolution: int = 512
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Family-only flags."""
+
+    def check_args(self, args: argparse.Namespace) -> None:
+        """Raise ValueError for flags that mean nothing for this family."""
+
+    @abstractmethod
+    def load_models(self, args: argparse.Namespace) -> TrainModels: ...
+
+    @abstractmethod
+    def encode_images(self, models: TrainModels, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels in [-1, 1] -> the latent distribution's (mean, std), before any scaling."""
+
+    @abstractmethod
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def encode_text(self, args, models: TrainModels, captions: list[str]) -> list[torch.Tensor]:
+        """Captions -> conditioning tensors (gradients flow when a text encoder is trained)."""
+
+    @abstractmethod
+    def sample_losses(self, args, models: TrainModels, batch: dict, latents: torch.Tensor, conds: list[torch.Tensor],
+                      generators: list[torch.Generator], timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-element loss (B, C, h, w) of one batch; `timesteps` fixed for validation, else drawn per sample."""
+
+    @abstractmethod
+    def lora_options(self, models: TrainModels) -> dict:
+        """Keyword arguments for the network module's create_network (name maps, prefixes)."""
+
+    @abstractmethod
+    def metadata(self, args) -> dict[str, str]:
+        """ss_base_model_version, ss_v2 and the modelspec.* keys of this family."""
+
+    def validation_timesteps(self, args) -> list[int]:
+        return ddpm.validation_timesteps(args.min_timestep or 0, args.max_timestep or 1000)
+
+
+def per_sample(fn, generators: list[torch.Generator], *tensors: torch.Tensor, **kw) -> torch.Tensor:
+    """Run fn on each sample with its own generator and stack: a sample's random numbers do not depend on the batch."""
+    return torch.cat([fn(*(t[i : i + 1] for t in tensors), generator=g, **kw) for i, g in enumerate(generators)])
+
+
+class DdpmFamily(ModelFamily):
+    """Epsilon / v-prediction training on SD's DDPM schedule (SD 1.x/2.x, SDXL)."""
+
+    def __init__(self) -> None:
+        self._scheduler = None
+        self._all_snr = None
+
+    def noise_scheduler(self, args):
+        if self._scheduler is None:
+            self._scheduler = ddpm.make_noise_scheduler(args.v_parameterization, args.zero_terminal_snr)
+            self._all_snr = ddpm.all_snr(self._scheduler)
+        return self._scheduler
+
+    def check_args(self, args) -> None:
+        if args.scale_v_pred_loss_like_noise_pred and not args.v_parameterization:
+            raise ValueError("--scale_v_pred_loss_like_noise_pred needs --v_parameterization")
+        if args.v_pred_like_loss and args.v_parameterization:
+            raise ValueError("--v_pred_like_loss is for epsilon models; the model already predicts v")
+
+    @abstractmethod
+    def call_denoiser(self, args, models: TrainModels, noisy: torch.Tensor, timesteps: torch.Tensor, conds: list[torch.Tensor],
+                      batch: dict) -> torch.Tensor: ...
+
+    def sample_losses(self, args, models, batch, latents, conds, generators, timesteps=None):
+        sched = self.noise_scheduler(args)
+        device = latents.device
+        cpu_latents = latents.detach().float().cpu()
+        noise = per_sample(
+            ddpm.sample_noise,
+            generators,
+            cpu_latents,
+            noise_offset=args.noise_offset,
+            noise_offset_random_strength=args.noise_offset_random_strength,
+            adaptive_noise_scale=args.adaptive_noise_scale,
+            multires_noise_iterations=args.multires_noise_iterations,
+            multires_noise_discount=args.multires_noise_discount,
+        )
+        if timesteps is None:
+            timesteps = torch.cat([
+                ddpm.sample_timesteps(1, sched.config.num_train_timesteps, args.min_timestep, args.max_timestep, generator=g)
+                for g in generators
+            ])
+        timesteps = timesteps.long()
+        noisy = torch.cat([
+            ddpm.noisy_latents(sched, cpu_latents[i : i + 1], noise[i : i + 1], timesteps[i : i + 1], args.ip_noise_gamma,
+                               args.ip_noise_gamma_random_strength, generator=g)
+            for i, g in enumerate(generators)
+        ])
+        target = ddpm.training_target(sched, cpu_latents, noise, timesteps, args.v_parameterization)
+        noisy, target, t_dev = noisy.to(device, latents.dtype), target.to(device), timesteps.to(device)
+        pred = self.call_denoiser(args, models, noisy, t_dev, conds, batch)
+        c = ddpm.huber_c(timesteps, sched, args.huber_schedule, args.huber_c, args.huber_scale).to(device)
+        loss = ddpm.conditional_loss(pred.float(), target.float(), args.loss_type, c)
+        if args.masked_loss and batch.get("alpha_masks") is not None:
+            loss = ddpm.masked_loss(loss, batch["alpha_masks"].to(device))
+        loss = loss.mean(dim=[1, 2, 3])
+        snr = self._all_snr
+        if args.min_snr_gamma:
+            loss = ddpm.apply_snr_weight(loss, timesteps, snr, args.min_snr_gamma, args.v_parameterization)
+        if args.scale_v_pred_loss_like_noise_pred:
+            loss = ddpm.scale_v_prediction_loss_like_noise_prediction(loss, timesteps, snr)
+        if args.v_pred_like_loss:
+            loss = ddpm.add_v_prediction_like_loss(loss, timesteps, snr, args.v_pred_like_loss)
+        if args.debiased_estimation_loss:
+            loss = ddpm.apply_debiased_estimation(loss, timesteps, snr, args.v_parameterization)
+        return loss

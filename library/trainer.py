@@ -1,0 +1,598 @@
+"""The one training loop of kiln's adapter (LoRA) scripts; per-family behaviour comes from a ModelFamily.
+
+Reproducibility: every random number of a sample (augmentation, latent sample, noise, timestep) comes from a
+generator seeded by (seed, batch number, position in the batch shared by all processes). A run resumed from a state
+therefore repeats the uninterrupted run exactly, and N processes train like one process with N times the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from library import config_util, saving
+from library.data_loader import make_data_loader
+from library.datasets import DatasetGroup, build_datasets, raise_on_errors
+from library.family import ModelFamily, TrainModels
+
+logger = logging.getLogger("kiln")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and what was kept."""
+
+
+def sample_seed(seed: int, batch_number: int, position: int, kind: str = "train") -> int:
+    digest = hashlib.sha256(f"{seed}:{kind}:{batch_number}:{position}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_generators(seed: int, batch: dict, kind: str = "train") -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(sample_seed(seed, batch["batch_number"], int(p), kind)) for p in batch["positions"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Set-up
+
+
+def check_args(args, family: ModelFamily) -> None:
+    """Refuse contradictory or meaningless flags before anything loads."""
+    problems = []
+    if not args.pretrained_model_name_or_path:
+        problems.append("--pretrained_model_name_or_path is required (try kiln-tiny-sd for a dry run)")
+    if not args.output_dir:
+        problems.append("--output_dir is required")
+    if args.network_train_unet_only and args.network_train_text_encoder_only:
+        problems.append("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    if args.full_fp16 and args.full_bf16:
+        problems.append("--full_fp16 and --full_bf16 exclude each other")
+    if args.full_fp16 and args.mixed_precision != "fp16":
+        problems.append("--full_fp16 needs --mixed_precision fp16")
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        problems.append("--full_bf16 needs --mixed_precision bf16")
+    if (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first) and not args.sample_prompts:
+        problems.append("sample images were asked for but --sample_prompts is not given")
+    if args.dim_from_weights and not args.network_weights:
+        problems.append("--dim_from_weights needs --network_weights")
+    if args.gradient_accumulation_steps < 1:
+        problems.append("--gradient_accumulation_steps must be at least 1")
+    try:
+        family.check_args(args)
+    except ValueError as e:
+        problems.append(str(e))
+    if problems:
+        raise TrainingError("invalid arguments:\n  " + "\n  ".join(problems))
+    if args.xformers or args.mem_eff_attn:
+        logger.warning("--xformers/--mem_eff_attn: kiln always uses PyTorch's scaled-dot-product attention (flash and memory-efficient kernels)")
+    if args.cache_latents_to_disk:
+        args.cache_latents = True
+
+
+def load_datasets(args, family: ModelFamily, seed: int) -> DatasetGroup:
+    configs = config_util.load_dataset_configs(args)
+    for cfg in configs:
+        if cfg.enable_bucket and cfg.bucket_reso_steps % family.bucket_reso_multiple:
+            raise config_util.ConfigError(f"{cfg.name}: bucket_reso_steps must be a multiple of {family.bucket_reso_multiple} for this model family")
+        if any(side % family.bucket_reso_multiple for side in cfg.resolution):
+            raise config_util.ConfigError(f"{cfg.name}: resolution sides must be multiples of {family.bucket_reso_multiple} for this model family")
+    datasets = build_datasets(configs, seed)
+    for ds in datasets:
+        for p in ds.problems:
+            if p.severity == "warning":
+                logger.warning(str(p))
+    raise_on_errors(datasets)
+    return DatasetGroup(datasets, seed)
+
+
+def import_network_module(name: str):
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        raise TrainingError(f"--network_module {name} cannot be imported ({e}); kiln's LoRA module is networks.lora") from None
+    if not hasattr(module, "create_network"):
+        raise TrainingError(f"--network_module {name} has no create_network(); it is not a network module")
+    return module
+
+
+def build_network(args, family: ModelFamily, models: TrainModels, train_te: bool, train_unet: bool):
+    module = import_network_module(args.network_module or "networks.lora")
+    net_kwargs = dict(kv.split("=", 1) for kv in (args.network_args or []) if "=" in kv)
+    bad = [kv for kv in (args.network_args or []) if "=" not in kv]
+    if bad:
+        raise TrainingError(f"--network_args entries look like key=value, got {bad[0]!r}")
+    options = family.lora_options(models)
+    try:
+        if args.dim_from_weights:
+            weights, _ = saving.load_weights_file(args.network_weights)
+            network = module.create_network_from_weights(1.0, weights, models.text_encoders, models.denoiser, **options, **net_kwargs)
+        else:
+            network = module.create_network(
+                1.0, args.network_dim, args.network_alpha, models.text_encoders, models.denoiser,
+                neuron_dropout=args.network_dropout, **options, **net_kwargs,
+            )
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    network.apply_to(train_te, train_unet)
+    if args.network_weights:
+        weights, _ = saving.load_weights_file(args.network_weights)
+        try:
+            unexpected = network.load_weights(weights, args.network_weights)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+        if unexpected:
+            logger.warning(f"{args.network_weights}: {len(unexpected)} keys have no module here and are ignored, e.g. {unexpected[0]}")
+    return network
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Metadata
+
+
+def training_metadata(args, family: ModelFamily, group: DatasetGroup, seed: int, num_epochs: int, batches_per_epoch: int,
+                      optimizer_name: str, optimizer_args: str) -> dict[str, str]:
+    """sd-scripts' ss_* keys and the modelspec.* keys (all strings)."""
+    now = time.time()
+    train_images = sum(ds.num_train_images for ds in group.datasets)
+    md = {
+        "ss_session_id": str(random.randint(0, 2**32)),
+        "ss_training_started_at": str(now),
+        "ss_output_name": args.output_name,
+        "ss_learning_rate": str(args.learning_rate),
+        "ss_text_encoder_lr": str(args.text_encoder_lr),
+        "ss_unet_lr": str(args.unet_lr),
+        "ss_num_train_images": str(train_images),
+        "ss_num_validation_images": str(sum(len(ds.validation) for ds in group.datasets)),
+        "ss_num_reg_images": str(sum(ds.num_reg_images for ds in group.datasets)),
+        "ss_num_batches_per_epoch": str(batches_per_epoch),
+        "ss_num_epochs": str(num_epochs),
+        "ss_gradient_checkpointing": str(args.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": str(args.gradient_accumulation_steps),
+        "ss_max_train_steps": str(args.max_train_steps),
+        "ss_lr_warmup_steps": str(args.lr_warmup_steps),
+        "ss_lr_scheduler": str(args.lr_scheduler),
+        "ss_network_module": args.network_module or "networks.lora",
+        "ss_network_dim": str(args.network_dim or 4),
+        "ss_network_alpha": str(args.network_alpha),
+        "ss_network_dropout": str(args.network_dropout),
+        "ss_mixed_precision": args.mixed_precision,
+        "ss_full_fp16": str(args.full_fp16),
+        "ss_clip_skip": str(args.clip_skip),
+        "ss_max_token_length": str(args.max_token_length),
+        "ss_cache_latents": str(args.cache_latents),
+        "ss_seed": str(seed),
+        "ss_lowram": "False",
+        "ss_noise_offset": str(args.noise_offset),
+        "ss_multires_noise_iterations": str(args.multires_noise_iterations),
+        "ss_multires_noise_discount": str(args.multires_noise_discount),
+        "ss_adaptive_noise_scale": str(args.adaptive_noise_scale),
+        "ss_zero_terminal_snr": str(args.zero_terminal_snr),
+        "ss_training_comment": str(args.training_comment),
+        "ss_sd_scripts_commit_hash": "kiln",
+        "ss_optimizer": f"{optimizer_name}({optimizer_args})" if optimizer_args else optimizer_name,
+        "ss_max_grad_norm": str(args.max_grad_norm),
+        "ss_caption_dropout_rate": str(args.caption_dropout_rate),
+        "ss_caption_dropout_every_n_epochs": str(args.caption_dropout_every_n_epochs),
+        "ss_caption_tag_dropout_rate": str(args.caption_tag_dropout_rate),
+        "ss_face_crop_aug_range": str(args.face_crop_aug_range),
+        "ss_prior_loss_weight": str(args.prior_loss_weight),
+        "ss_min_snr_gamma": str(args.min_snr_gamma),
+        "ss_scale_weight_norms": str(args.scale_weight_norms),
+        "ss_ip_noise_gamma": str(args.ip_noise_gamma),
+        "ss_debiased_estimation": str(args.debiased_estimation_loss),
+        "ss_noise_offset_random_strength": str(args.noise_offset_random_strength),
+        "ss_ip_noise_gamma_random_strength": str(args.ip_noise_gamma_random_strength),
+        "ss_loss_type": args.loss_type,
+        "ss_huber_schedule": args.huber_schedule,
+        "ss_huber_scale": str(args.huber_scale),
+        "ss_huber_c": str(args.huber_c),
+        "ss_fp8_base": "False",
+        "ss_fp8_base_unet": "False",
+        "ss_validation_seed": str(args.validation_seed),
+        "ss_validation_split": str(args.validation_split),
+        "ss_max_validation_steps": str(args.max_validation_steps),
+        "ss_validate_every_n_epochs": str(args.validate_every_n_epochs),
+        "ss_validate_every_n_steps": str(args.validate_every_n_steps),
+        "ss_resize_interpolation": str(args.resize_interpolation),
+    }
+    if args.network_args:
+        md["ss_network_args"] = json.dumps(dict(kv.split("=", 1) for kv in args.network_args))
+    md["ss_sd_model_name"] = os.path.basename(args.pretrained_model_name_or_path.rstrip("/"))
+    tag_frequency, dataset_dirs, datasets_md = {}, {}, []
+    for ds in group.datasets:
+        subsets_md = []
+        for n, subset in enumerate(ds.config.subsets):
+            dirname = os.path.basename((subset.image_dir or subset.metadata_file or "").rstrip("/"))
+            infos = [i for i in ds.train if i.subset_index == n]
+            freq: dict[str, int] = {}
+            for info in infos:
+                for tag in info.caption.split(subset.caption.caption_separator):
+                    if tag.strip():
+                        freq[tag.strip()] = freq.get(tag.strip(), 0) + 1
+            tag_frequency[dirname] = freq
+            dataset_dirs[dirname] = {"n_repeats": subset.num_repeats, "img_count": len(infos)}
+            subsets_md.append({"img_count": len(infos), "num_repeats": subset.num_repeats, "color_aug": subset.color_aug,
+                               "flip_aug": subset.flip_aug, "random_crop": subset.random_crop,
+                               "shuffle_caption": subset.caption.shuffle_caption, "keep_tokens": subset.caption.keep_tokens,
+                               "image_dir": dirname, "class_tokens": subset.class_tokens, "is_reg": subset.is_reg})
+        datasets_md.append({"is_dreambooth": ds.config.kind == "dreambooth", "batch_size_per_device": ds.config.batch_size,
+                            "num_train_images": ds.num_train_images, "num_reg_images": ds.num_reg_images,
+                            "resolution": list(ds.config.resolution), "enable_bucket": ds.config.enable_bucket,
+                            "min_bucket_reso": ds.config.min_bucket_reso, "max_bucket_reso": ds.config.max_bucket_reso,
+                            "bucket_info": ds.bucket_info(), "subsets": subsets_md})
+    md["ss_datasets"] = json.dumps(datasets_md)
+    md["ss_tag_frequency"] = json.dumps(tag_frequency)
+    md["ss_dataset_dirs"] = json.dumps(dataset_dirs)
+    md["ss_bucket_info"] = json.dumps(group.datasets[0].bucket_info())
+    res = group.datasets[0].config.resolution
+    md.update({
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.title": args.metadata_title or args.output_name,
+        "modelspec.resolution": f"{res[0]}x{res[1]}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
+    })
+    for name in ("author", "description", "license", "tags"):
+        if getattr(args, f"metadata_{name}"):
+            md[f"modelspec.{name}"] = getattr(args, f"metadata_{name}")
+    if args.clip_skip:
+        md["modelspec.encoder_layer"] = str(args.clip_skip)
+    if args.min_timestep is not None or args.max_timestep is not None:
+        md["modelspec.timestep_range"] = f"{args.min_timestep or 0},{args.max_timestep or 1000}"
+    md.update(family.metadata(args))
+    return md
+
+
+ESSENTIAL_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class RunState:
+    epoch: int = 1
+    step: int = 0
+    batches_done: int = 0  # batches of the current epoch already trained
+    loss_history: list = field(default_factory=list)
+
+
+class Checkpointer:
+    """Saves adapter files and training states with sd-scripts' names, atomically, and prunes old ones."""
+
+    def __init__(self, args, network, optimizer, lr_scheduler, metadata: dict[str, str], accelerator) -> None:
+        self.args, self.network, self.optimizer, self.lr_scheduler = args, network, optimizer, lr_scheduler
+        self.metadata = metadata
+        self.accelerator = accelerator
+        self.ext = "." + args.save_model_as
+        self.dtype = saving.SAVE_DTYPES.get(args.save_precision) if args.save_precision else None
+
+    def save_model(self, name: str, state: RunState) -> str:
+        path = os.path.join(self.args.output_dir, name + self.ext)
+        if self.accelerator.is_main_process:
+            md = dict(self.metadata)
+            md.update({"ss_training_finished_at": str(time.time()), "ss_steps": str(state.step), "ss_epoch": str(state.epoch)})
+            if self.args.no_metadata:
+                md = {k: v for k, v in md.items() if k in ESSENTIAL_KEYS or k.startswith("modelspec.")}
+            saving.save_weights(path, self.network.state_dict(), md if self.ext == ".safetensors" else None, self.dtype)
+            logger.info(f"saved {path}")
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def save_state(self, name: str, state: RunState, seed: int) -> None:
+        if self.accelerator.is_main_process:
+            folder = os.path.join(self.args.output_dir, name + "-state")
+            train_state = {"current_epoch": state.epoch, "current_step": state.step, "batches_done": state.batches_done, "seed": seed}
+            saving.save_state(folder, self.network.state_dict(), self.optimizer, self.lr_scheduler, train_state)
+            logger.info(f"saved state {folder}")
+        self.accelerator.wait_for_everyone()
+
+    def prune(self, kind: str, keep_from: int, state: bool) -> None:
+        if self.accelerator.is_main_process:
+            saving.prune_checkpoints(self.args.output_dir, self.args.output_name, self.ext, kind, keep_from, state)
+
+
+def train(args, family: ModelFamily) -> str:
+    """Run a whole training; returns the path of the final adapter file."""
+    from accelerate import Accelerator
+
+    from library.optimizers import make_lr_scheduler, make_optimizer
+    from library.sample_prompts import load_sample_prompts
+
+    check_args(args, family)
+    args.output_name = args.output_name or "last"
+    seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
+    resume = saving.load_state(args.resume) if args.resume else None
+    if resume is not None:
+        seed = resume["train_state"]["seed"]
+    group = load_datasets(args, family, seed)
+    prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else []
+
+    logging_dir = None
+    if args.logging_dir:
+        logging_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
+    log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=None if log_with is None else ("all" if log_with == "all" else [log_with]),
+                              project_dir=logging_dir)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    models = family.load_models(args)
+    for m in [*models.text_encoders, models.vae, models.denoiser]:
+        m.requires_grad_(False)
+        m.eval()
+    models.vae.to(device, torch.float32 if family.arch == "sd" and weight_dtype == torch.float16 else weight_dtype)
+
+    latent_cache = None
+    if args.cache_latents:
+        latent_cache = cache_all_latents(args, family, models, group, accelerator)
+
+    train_te = not args.network_train_unet_only
+    train_unet = not args.network_train_text_encoder_only
+    network = build_network(args, family, models, train_te, train_unet)
+    for m in [*models.text_encoders, models.denoiser]:
+        m.to(device, weight_dtype)
+    network.to(device, weight_dtype if (args.full_fp16 or args.full_bf16) else torch.float32)
+    if args.gradient_checkpointing:
+        models.denoiser.enable_gradient_checkpointing()
+        if train_te:
+            for te in models.text_encoders:
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    models.denoiser.train(train_unet)
+    for te in models.text_encoders:
+        te.train(train_te)
+
+    groups, group_names = network.param_groups(args.text_encoder_lr, args.unet_lr, args.learning_rate)
+    if not groups:
+        raise TrainingError("nothing to train: every parameter group has learning rate 0")
+    trainable = [p for g in groups for p in g["params"]]
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer_name, optimizer_args, optimizer = make_optimizer(args, groups)
+
+    P, rank = accelerator.num_processes, accelerator.process_index
+    loader = make_data_loader(group, num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
+                              max_train_steps=args.max_train_steps, batches_per_step=args.gradient_accumulation_steps,
+                              persistent_workers=args.persistent_data_loader_workers, latent_cache=latent_cache,
+                              num_processes=P, process_index=rank)
+    batches_per_epoch = len(loader.batch_sampler)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    if args.max_train_epochs:
+        args.max_train_steps = args.max_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, P)
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+
+    state = RunState()
+    if resume is not None:
+        network.load_weights(resume["network"], args.resume)
+        optimizer.load_state_dict(resume["optimizer"])
+        lr_scheduler.load_state_dict(resume["lr_scheduler"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        ts = resume["train_state"]
+        state = RunState(epoch=ts["current_epoch"], step=ts["current_step"], batches_done=ts["batches_done"])
+        logger.info(f"resumed from {args.resume} at step {state.step} (epoch {state.epoch})")
+
+    metadata = training_metadata(args, family, group, seed, num_epochs, batches_per_epoch, optimizer_name, optimizer_args)
+    ckpt = Checkpointer(args, network, optimizer, lr_scheduler, metadata, accelerator)
+    if log_with:
+        init_kwargs = {"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {}
+        accelerator.init_trackers(args.log_tracker_name or "network_train", config=_loggable_config(args) if args.log_config else {},
+                                  init_kwargs=init_kwargs)
+    val_loader = None
+    if any(ds.validation for ds in group.datasets):
+        val_loader = make_data_loader(group, validation=True, latent_cache=latent_cache, num_processes=P, process_index=rank)
+
+    def sample(step, epoch=None):
+        if not prompts or not accelerator.is_main_process:
+            accelerator.wait_for_everyone()
+            return
+        network.eval()
+        with accelerator.autocast():
+            family.sample_images(args, models, prompts, args.output_dir, args.output_name, step if epoch is None else None, epoch, device, weight_dtype)
+        network.train()
+        accelerator.wait_for_everyone()
+
+    if args.sample_at_first and state.step == 0:
+        sample(0)
+
+    progress = tqdm(total=args.max_train_steps, initial=state.step, desc="steps", disable=not accelerator.is_local_main_process)
+    recent: list[float] = []
+    micro = 0
+    network.train()
+    while state.epoch <= num_epochs and state.step < args.max_train_steps:
+        loader.batch_sampler.set_epoch(state.epoch, state.batches_done)
+        epoch_losses = []
+        for batch in loader:
+            micro += 1
+            state.batches_done += 1
+            end_of_epoch = state.batches_done == batches_per_epoch
+            loss, logged = batch_loss(args, family, models, batch, seed, device, weight_dtype, train_te, accelerator)
+            if not math.isfinite(logged):
+                raise TrainingError(f"the loss became {logged} at step {state.step + 1}; training stopped. The last saved checkpoint "
+                                    "is kept. Lower the learning rate, or try --mixed_precision bf16 instead of fp16.")
+            accelerator.backward(loss / args.gradient_accumulation_steps)
+            epoch_losses.append(logged)
+            if micro % args.gradient_accumulation_steps and not end_of_epoch:
+                continue
+            if P > 1:
+                all_reduce_mean(trainable, P)
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            progress.update(1)
+            logs = {"loss/current": logged}
+            if args.scale_weight_norms:
+                scaled, mean_norm, max_norm = network.apply_max_norm(args.scale_weight_norms)
+                logs.update({"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": max_norm})
+            recent = (recent + [logged])[-batches_per_epoch:]
+            logs["loss/average"] = sum(recent) / len(recent)
+            for name, lr in zip(group_names, lr_scheduler.get_last_lr()):
+                logs[f"lr/{name}"] = lr
+            progress.set_postfix(avr_loss=f"{logs['loss/average']:.4f}")
+            state.loss_history.append(logged)
+            if log_with:
+                accelerator.log(logs, step=state.step)
+            if args.save_every_n_steps and state.step % args.save_every_n_steps == 0:
+                save_point(ckpt, args, state, seed, step=state.step)
+            if args.sample_every_n_steps and not args.sample_every_n_epochs and state.step % args.sample_every_n_steps == 0:
+                sample(state.step)
+            if val_loader is not None and args.validate_every_n_steps and state.step % args.validate_every_n_steps == 0:
+                validate(args, family, models, val_loader, seed, device, weight_dtype, accelerator, logs["loss/average"], state.step, "step", log_with)
+            if state.step >= args.max_train_steps:
+                break
+        if state.batches_done >= batches_per_epoch:
+            if log_with and epoch_losses:
+                accelerator.log({"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, step=state.epoch)
+            if val_loader is not None and state.step < args.max_train_steps and (state.epoch % (args.validate_every_n_epochs or 1) == 0):
+                validate(args, family, models, val_loader, seed, device, weight_dtype, accelerator, sum(recent) / max(len(recent), 1), state.epoch, "epoch", log_with)
+            if args.save_every_n_epochs and state.epoch % args.save_every_n_epochs == 0 and state.epoch < num_epochs and state.step < args.max_train_steps:
+                save_point(ckpt, args, state, seed, epoch=state.epoch)
+            if args.sample_every_n_epochs and state.epoch % args.sample_every_n_epochs == 0 and state.epoch < num_epochs:
+                sample(state.step, state.epoch)
+            state.epoch += 1
+            state.batches_done = 0
+    progress.close()
+    if val_loader is not None:
+        validate(args, family, models, val_loader, seed, device, weight_dtype, accelerator, sum(recent) / max(len(recent), 1), state.step, "step", log_with)
+    final = ckpt.save_model(args.output_name, state)
+    if args.save_state or args.save_state_on_train_end:
+        ckpt.save_state(args.output_name, state, seed)
+    if prompts and (args.sample_every_n_steps or args.sample_every_n_epochs):
+        sample(state.step)
+    _write_loss_log(args, state, accelerator)
+    accelerator.end_training()
+    return final
+
+
+def save_point(ckpt: Checkpointer, args, state: RunState, seed: int, step: int | None = None, epoch: int | None = None) -> None:
+    """A checkpoint (and its state with --save_state) at a step or epoch, then pruning by --save_last_n_*."""
+    name = saving.checkpoint_name(args.output_name, epoch=epoch, step=step)
+    ckpt.save_model(name, state)
+    if args.save_state:
+        ckpt.save_state(name, state, seed)
+    if step is not None:
+        if args.save_last_n_steps:
+            ckpt.prune("step", step - args.save_last_n_steps, False)
+        if args.save_last_n_steps_state:
+            ckpt.prune("step", step - args.save_last_n_steps_state, True)
+    else:
+        every = args.save_every_n_epochs or 1
+        if args.save_last_n_epochs:
+            ckpt.prune("epoch", epoch - (args.save_last_n_epochs - 1) * every, False)
+        if args.save_last_n_epochs_state:
+            ckpt.prune("epoch", epoch - (args.save_last_n_epochs_state - 1) * every, True)
+
+
+def all_reduce_mean(params: list[torch.Tensor], num_processes: int) -> None:
+    """Average the gradients over processes in one collective (missing gradients count as zero)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= num_processes
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g)
+        offset += n
+
+
+def batch_latents(family: ModelFamily, models: TrainModels, batch: dict, generators: list[torch.Generator], device, dtype) -> torch.Tensor:
+    """A latent sample per image (from the cached distribution or by encoding the pixels), scaled for the denoiser."""
+    if "latents_mean" in batch:
+        mean, std = batch["latents_mean"], batch["latents_std"]
+    else:
+        with torch.no_grad():
+            mean, std = family.encode_images(models, batch["images"].to(device, models.vae.dtype))
+        mean, std = mean.float().cpu(), std.float().cpu()
+    eps = torch.cat([torch.randn((1,) + mean.shape[1:], generator=g) for g in generators])
+    latents = family.scale_latents(mean.float() + std.float() * eps)
+    return torch.nan_to_num(latents).to(device, dtype)
+
+
+def batch_loss(args, family: ModelFamily, models: TrainModels, batch: dict, seed: int, device, dtype, train_te: bool,
+               accelerator, timesteps: torch.Tensor | None = None, kind: str = "train") -> tuple[torch.Tensor, float]:
+    """(loss to backpropagate, this process's mean sample loss for logging)."""
+    generators = sample_generators(seed, batch, kind)
+    latents = batch_latents(family, models, batch, generators, device, dtype)
+    with accelerator.autocast():
+        with torch.set_grad_enabled(train_te and kind == "train"):
+            conds = family.encode_text(args, models, batch["captions"])
+        losses = family.sample_losses(args, models, batch, latents, conds, generators, timesteps)
+    weights = batch["loss_weights"].to(device) * batch["loss_scales"].to(device)
+    loss = (losses * weights).sum()
+    real = batch["loss_scales"] > 0
+    logged = (losses.detach()[real.to(device)] * batch["loss_weights"].to(device)[real.to(device)]).mean().item() if real.any() else 0.0
+    return loss, logged
+
+
+def validate(args, family, models, val_loader, seed, device, dtype, accelerator, train_average, x, kind, log_with) -> float:
+    """Mean loss over the validation images at fixed timesteps, with noise fixed by the validation seed."""
+    val_seed = args.validation_seed if args.validation_seed is not None else seed
+    val_loader.batch_sampler.set_epoch(1)
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    with torch.no_grad():
+        for n, batch in enumerate(val_loader):
+            if args.max_validation_steps and n >= args.max_validation_steps:
+                break
+            for t in family.validation_timesteps(args):
+                timesteps = torch.full((len(batch["captions"]),), t, dtype=torch.long)
+                loss, _ = batch_loss(args, family, models, batch, val_seed, device, dtype, False, accelerator, timesteps, kind=f"val{t}")
+                total += loss.detach() / float(accelerator.num_processes)
+                count += 1
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum") / accelerator.num_processes
+    value = (total / count.clamp(min=1)).item()
+    if log_with:
+        accelerator.log({f"loss/validation/{kind}_average": value, f"loss/validation/{kind}_divergence": value - train_average}, step=x)
+    logger.info(f"validation loss ({kind} {x}): {value:.5f}")
+    return value
+
+
+def cache_all_latents(args, family: ModelFamily, models: TrainModels, group: DatasetGroup, accelerator):
+    from library.latent_cache import LatentCache, check_cacheable
+    from library.strategy_base import LatentsCachingStrategy, module_fingerprint
+
+    try:
+        check_cacheable(group)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    strategy = LatentsCachingStrategy(family.arch, args.cache_latents_to_disk, args.vae_batch_size, args.skip_cache_check)
+    cache = LatentCache(strategy, module_fingerprint(models.vae))
+    cache.fill(group, lambda images: family.encode_images(models, images), accelerator.device, models.vae.dtype,
+               accelerator.process_index, accelerator.num_processes, accelerator.is_local_main_process)
+    accelerator.wait_for_everyone()
+    return cache
+
+
+def _loggable_config(args) -> dict:
+    """The arguments for --log_config, without secrets and absolute paths."""
+    out = {}
+    for k, v in vars(args).items():
+        if "api_key" in k or "token" in k:
+            continue
+        if isinstance(v, str) and os.path.isabs(v):
+            v = os.path.basename(v)
+        out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _write_loss_log(args, state: RunState, accelerator) -> None:
+    """`{output_name}_losses.json`: the per-step losses of this run (for comparing runs, e.g. after --resume)."""
+    if accelerator.is_main_process:
+        path = os.path.join(args.output_dir, f"{args.output_name}_losses.json")
+        saving.atomic_write_bytes(path, json.dumps({"first_step": state.step - len(state.loss_history) + 1, "losses": state.loss_history}).encode())

@@ -1,0 +1,90 @@
+"""Merge LoRA files into a base model, or into one LoRA.
+
+    python tools/merge_lora.py --sd_model base.safetensors --models a.safetensors b.safetensors --ratios 1 0.5 --save_to merged.safetensors
+    python tools/merge_lora.py --models a.safetensors b.safetensors --ratios 1 0.5 --save_to ab.safetensors [--concat]
+
+Into a model: each LoRA's weight change times its ratio is added to the base weights; `--save_to` is a single file
+(.safetensors, original layout) or, for any other name, a diffusers folder. Into one LoRA: `--concat` puts the
+ranks side by side (exactly the weighted sum); without it, each module's sum is fitted back to the largest input
+rank by SVD (exact when the ranks allow, else the nearest; the largest relative error is printed).
+An existing --save_to is never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from library.saving import SAVE_DTYPES, load_weights_file, save_weights  # noqa: E402
+from networks.merge import merge_into_models, merge_loras_concat, merge_loras_svd  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sd_model", type=str, default=None, help="base model (single file or diffusers folder); none: merge LoRAs")
+    parser.add_argument("--models", type=str, nargs="+", required=True, help="LoRA files to merge")
+    parser.add_argument("--ratios", type=float, nargs="*", default=None, help="one weight per LoRA (default 1 each)")
+    parser.add_argument("--save_to", type=str, required=True, help="output file (.safetensors/.ckpt) or diffusers folder")
+    parser.add_argument("--save_precision", type=str, default=None, choices=["float", "fp16", "bf16"], help="dtype of the output")
+    parser.add_argument("--precision", type=str, default="float", choices=["float", "fp16", "bf16"], help="dtype while merging")
+    parser.add_argument("--v2", action="store_true", help="the base model is SD 2.x")
+    parser.add_argument("--concat", action="store_true", help="LoRA merge: keep the ranks side by side (exact)")
+    parser.add_argument("--new_rank", type=int, default=None, help="LoRA merge without --concat: rank of the result")
+    parser.add_argument("--no_metadata", action="store_true", help="write no ss_* metadata to a merged LoRA")
+    args = parser.parse_args(argv)
+
+    ratios = args.ratios or [1.0] * len(args.models)
+    if len(ratios) != len(args.models):
+        parser.error(f"--ratios has {len(ratios)} values for {len(args.models)} --models")
+    if os.path.exists(args.save_to):
+        parser.error(f"--save_to {args.save_to} already exists; kiln does not overwrite files, choose another name")
+    try:
+        loras = [load_weights_file(path)[0] for path in args.models]
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    save_dtype = SAVE_DTYPES[args.save_precision] if args.save_precision else None
+
+    if args.sd_model is None:
+        if args.concat:
+            merged = merge_loras_concat(loras, ratios)
+        else:
+            merged, error = merge_loras_svd(loras, ratios, args.new_rank)
+            print(f"largest relative error of the rank-limited merge: {error:.2e}")
+        metadata = None if args.no_metadata else {"ss_network_module": "networks.lora", "ss_merged_from": ", ".join(map(os.path.basename, args.models))}
+        save_weights(args.save_to, merged, metadata, save_dtype)
+        print(f"wrote {args.save_to}")
+        return 0
+
+    from library.sd_models import ModelLoadError, load_sd_model, save_sd_single_file
+
+    try:
+        model = load_sd_model(args.sd_model, v2=args.v2, dtype=SAVE_DTYPES[args.precision])
+    except ModelLoadError as e:
+        parser.error(str(e))
+    for path, sd, ratio in zip(args.models, loras, ratios):
+        try:
+            n = merge_into_models(sd, ratio, [model.text_encoder], model.unet)
+        except ValueError as e:
+            parser.error(f"{path}: {e}")
+        print(f"merged {path} x {ratio} ({n} modules)")
+    if args.save_to.endswith((".safetensors", ".ckpt", ".pt")):
+        save_sd_single_file(args.save_to, model, v2=model.v2, dtype=save_dtype)
+    else:
+        from diffusers import DDPMScheduler
+
+        from library.tiny_models import save_diffusers_folder, sd_scheduler_config
+
+        parts = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}
+        if save_dtype is not None:
+            parts = {k: v.to(save_dtype) for k, v in parts.items()}
+        parts.update({"tokenizer": model.tokenizer, "scheduler": DDPMScheduler(**sd_scheduler_config())})
+        save_diffusers_folder(parts, args.save_to)
+    print(f"wrote {args.save_to}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
