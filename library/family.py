@@ -31,6 +31,10 @@ class ModelFamily(ABC):
     bucket_reso_multiple: int = 64
     default_resolution: int = 512
 
+    # sample-prompt defaults and the prompt options this family cannot honour (see library.sample_prompts)
+    sample_defaults: dict = {}
+    sample_unsupported: dict = {}
+
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Family-only flags."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from library.family import DdpmFamily, TrainModels
+from library.sample_prompts import SD_UNSUPPORTED_OPTIONS
 from library.strategy_sd import SdTextEncodingStrategy, SdTokenizeStrategy
 
 VAE_SCALE = 0.18215
@@ -15,6 +16,7 @@ class SdFamily(DdpmFamily):
     arch = "sd"
     bucket_reso_multiple = 64
     default_resolution = 512
+    sample_unsupported = SD_UNSUPPORTED_OPTIONS
 
     def load_models(self, args) -> TrainModels:
         from library.sd_models import load_sd_model
@@ -69,6 +71,7 @@ class SdFamily(DdpmFamily):
         from library.sd_train_utils import make_noise_scheduler
 
         scheduler_config = dict(make_noise_scheduler(args.v_parameterization, args.zero_terminal_snr).config)
+        scheduler_config["steps_offset"] = 1  # SD's inference convention
 
         def encode_prompts(texts: list[str]) -> torch.Tensor:
             with torch.no_grad():

@@ -259,7 +259,8 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
         "--lr_scheduler_num_cycles",
         type=int,
         default=1,
-        help="restarts of cosine_with_restarts; cosine waves x2 of cosine_with_min_lr and warmup_stable_decay's decay",
+        help="cycles of cosine_with_restarts; for cosine_with_min_lr and warmup_stable_decay's decay, the number of "
+        "half cosine waves (1: one decay from the lr to the minimum)",
     )
     s.add_argument("--lr_scheduler_power", type=float, default=1.0, help="power of the polynomial schedule")
     s.add_argument(
@@ -492,8 +493,10 @@ def make_optimizer(args: Any, param_groups: list) -> tuple[str, str, torch.optim
                 logger.warning(f"{spec.name} adapts the step size itself and expects --learning_rate around 1.0 (got {first})")
 
     if lr is None and not (spec is not None and spec.name == "AdaFactor"):
-        if any(x is None for x in _group_lrs(groups, None)):
+        group_lrs = _group_lrs(groups, None)
+        if not group_lrs or any(x is None for x in group_lrs):
             raise ValueError(f"--optimizer_type {name} needs --learning_rate")
+        lr = group_lrs[0]  # every group has its own lr; the default only has to be valid
 
     try:
         optimizer = cls(groups, lr=lr, **fixed, **kwargs)

@@ -795,6 +795,19 @@ def _is_tokenizer_folder(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, "vocab.json")) or os.path.isfile(os.path.join(folder, "tokenizer.json"))
 
 
+def _hf_cache_tokenizer_folder(v2: bool) -> str | None:
+    """The folder of the SD1/SD2 tokenizer files in the local Hugging Face cache, or None. (transformers 5 returns an
+    empty 2-token tokenizer for a hub id whose files are not cached, so the files are looked up here first.)"""
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_id, subfolder = tokenizer_hub_id(v2)
+    prefix = f"{subfolder}/" if subfolder else ""
+    found = [try_to_load_from_cache(hub_id, prefix + name) for name in ("vocab.json", "merges.txt")]
+    if all(isinstance(f, str) and os.path.isfile(f) for f in found) and os.path.dirname(found[0]) == os.path.dirname(found[1]):
+        return os.path.dirname(found[0])
+    return None
+
+
 def load_tokenizer(v2: bool, tokenizer_cache_dir: str | None = None, vocab_size: int | None = None):
     """The CLIPTokenizer for an SD1/SD2 single file, offline.
 
@@ -813,12 +826,9 @@ def load_tokenizer(v2: bool, tokenizer_cache_dir: str | None = None, vocab_size:
         if _is_tokenizer_folder(candidate):
             return CLIPTokenizer.from_pretrained(candidate)
 
-    hub_id, subfolder = tokenizer_hub_id(v2)
-    try:
-        kwargs = {"subfolder": subfolder} if subfolder else {}
-        return CLIPTokenizer.from_pretrained(hub_id, local_files_only=True, **kwargs)
-    except Exception as e:  # not in the local cache
-        logger.debug("tokenizer %s not in the local Hugging Face cache: %s", hub_id, e)
+    cached = _hf_cache_tokenizer_folder(v2)
+    if cached is not None:
+        return CLIPTokenizer.from_pretrained(cached)
 
     from library.tiny_models import TINY_VOCAB, write_tiny_clip_tokenizer
 
@@ -827,6 +837,7 @@ def load_tokenizer(v2: bool, tokenizer_cache_dir: str | None = None, vocab_size:
             write_tiny_clip_tokenizer(tmp, pad_token="!" if v2 else "<|endoftext|>")
             return CLIPTokenizer.from_pretrained(tmp)
 
+    hub_id, subfolder = tokenizer_hub_id(v2)
     wanted = hub_id + (f" (subfolder {subfolder})" if subfolder else "")
     where = (
         tokenizer_cache_folder(tokenizer_cache_dir, v2)

@@ -306,7 +306,7 @@ def train(args, family: ModelFamily) -> str:
     from accelerate import Accelerator
 
     from library.optimizers import make_lr_scheduler, make_optimizer
-    from library.sample_prompts import load_sample_prompts
+    from library.sample_prompts import SamplePromptError, load_sample_prompts
 
     check_args(args, family)
     args.output_name = args.output_name or "last"
@@ -315,7 +315,12 @@ def train(args, family: ModelFamily) -> str:
     if resume is not None:
         seed = resume["train_state"]["seed"]
     group = load_datasets(args, family, seed)
-    prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else []
+    prompts = []
+    if args.sample_prompts:
+        try:
+            prompts = load_sample_prompts(args.sample_prompts, family.sample_defaults, unsupported=family.sample_unsupported)
+        except SamplePromptError as e:
+            raise TrainingError(str(e)) from None
 
     logging_dir = None
     if args.logging_dir:
@@ -393,7 +398,10 @@ def train(args, family: ModelFamily) -> str:
     if any(ds.validation for ds in group.datasets):
         val_loader = make_data_loader(group, validation=True, latent_cache=latent_cache, num_processes=P, process_index=rank)
 
+    done = {"sampled": None, "validated": None}
+
     def sample(step, epoch=None):
+        done["sampled"] = step
         if not prompts or not accelerator.is_main_process:
             accelerator.wait_for_everyone()
             return
@@ -452,6 +460,7 @@ def train(args, family: ModelFamily) -> str:
                 sample(state.step)
             if val_loader is not None and args.validate_every_n_steps and state.step % args.validate_every_n_steps == 0:
                 validate(args, family, models, val_loader, seed, device, weight_dtype, accelerator, logs["loss/average"], state.step, "step", log_with)
+                done["validated"] = state.step
             if state.step >= args.max_train_steps:
                 break
         if state.batches_done >= batches_per_epoch:
@@ -466,12 +475,12 @@ def train(args, family: ModelFamily) -> str:
             state.epoch += 1
             state.batches_done = 0
     progress.close()
-    if val_loader is not None:
+    if val_loader is not None and done["validated"] != state.step:
         validate(args, family, models, val_loader, seed, device, weight_dtype, accelerator, sum(recent) / max(len(recent), 1), state.step, "step", log_with)
     final = ckpt.save_model(args.output_name, state)
     if args.save_state or args.save_state_on_train_end:
         ckpt.save_state(args.output_name, state, seed)
-    if prompts and (args.sample_every_n_steps or args.sample_every_n_epochs):
+    if prompts and (args.sample_every_n_steps or args.sample_every_n_epochs) and done["sampled"] != state.step:
         sample(state.step)
     _write_loss_log(args, state, accelerator)
     accelerator.end_training()

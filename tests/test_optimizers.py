@@ -325,10 +325,12 @@ def test_bad_optimizer_args():
         make_optimizer(parse("--optimizer_args", "no_such_arg=1"), [param()])
     with pytest.raises(ValueError, match="--learning_rate"):
         make_optimizer(parse("--optimizer_args", "lr=1"), [param()])
+    a = parse()
+    a.learning_rate = None
     with pytest.raises(ValueError, match="needs --learning_rate"):
-        a = parse()
-        a.learning_rate = None
         make_optimizer(a, [param()])
+    opt = make_optimizer(a, [{"params": [param()], "lr": 1e-3}, {"params": [param((3,))], "lr": 2e-3}])[2]
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 2e-3]
 
 
 @pytest.mark.parametrize(
@@ -377,7 +379,9 @@ def test_optional_optimizers_map_to_their_classes(monkeypatch, caplog):
     assert make_optimizer(parse("--optimizer_type", "DAdaptation", "--learning_rate", "1"), [param()])[0] == (
         "dadaptation.experimental.DAdaptAdamPreprint"
     )
-    assert make_optimizer(parse("--optimizer_type", "dadaptlion", "--learning_rate", "1"), [param()])[0] == "dadaptation.DAdaptLion"
+    assert (
+        make_optimizer(parse("--optimizer_type", "dadaptlion", "--learning_rate", "1"), [param()])[0] == "dadaptation.DAdaptLion"
+    )
     with caplog.at_level(logging.WARNING, logger="library.optimizers"):
         assert make_optimizer(parse("--optimizer_type", "Prodigy"), [param()])[0] == "prodigyopt.Prodigy"
     assert "around 1.0" in caplog.text
@@ -449,7 +453,16 @@ def test_cosine():
 def test_cosine_with_restarts():
     v = lrs("--lr_scheduler", "cosine_with_restarts", "--lr_warmup_steps", "10", "--lr_scheduler_num_cycles", "2")
     # two cosine waves over the 90 steps after warmup, each starting again at the full lr
-    close(v, {5: 0.5, 10: 1, 32: 0.5 * (1 + math.cos(math.pi * (2 * 22 / 90))), 55: 1, 77: 0.5 * (1 + math.cos(math.pi * 0.4888888888888889))})
+    close(
+        v,
+        {
+            5: 0.5,
+            10: 1,
+            32: 0.5 * (1 + math.cos(math.pi * (2 * 22 / 90))),
+            55: 1,
+            77: 0.5 * (1 + math.cos(math.pi * 0.4888888888888889)),
+        },
+    )
     assert v[54] < 0.01 * LR
 
 
@@ -486,7 +499,16 @@ def test_cosine_with_min_lr():
 def test_warmup_stable_decay():
     v = lrs("--lr_scheduler", "warmup_stable_decay", "--lr_warmup_steps", "10", "--lr_decay_steps", "20")
     close(v, {5: 0.5, 10: 1, 50: 1, 79: 1, 80: 1, 90: 0.5, 100: 0})
-    v = lrs("--lr_scheduler", "warmup_stable_decay", "--lr_warmup_steps", "10", "--lr_decay_steps", "20%", "--lr_scheduler_min_lr_ratio", "0.2")
+    v = lrs(
+        "--lr_scheduler",
+        "warmup_stable_decay",
+        "--lr_warmup_steps",
+        "10",
+        "--lr_decay_steps",
+        "20%",
+        "--lr_scheduler_min_lr_ratio",
+        "0.2",
+    )
     close(v, {0: 0.2, 5: 0.6, 50: 1, 90: 0.5 * 0.8 + 0.2, 100: 0.2})
     v = lrs("--lr_scheduler", "warmup_stable_decay", "--lr_decay_steps", "0.2", "--lr_scheduler_args", "decay_type=linear")
     close(v, {0: 1, 80: 1, 85: 0.75, 95: 0.25})
