@@ -304,4 +304,5 @@ def make_data_loader(
         collate_fn=collate,
         num_workers=num_workers,
         persistent_workers=persistent_workers and num_workers > 0,
+        generator=torch.Generator(),  # its own: creating an iterator must not draw from torch's global RNG (resume)
     )

@@ -227,8 +227,10 @@ def _family_error(path: str, family: str) -> ModelLoadError:
             f"{path} is a {FAMILY_NAMES[family]} checkpoint, not SD 1.x/2.x: use {FAMILY_SCRIPTS[family]} for it"
         )
     return ModelLoadError(
-        f"{path} is not an SD 1.x/2.x checkpoint in the original single-file layout (no {UNET_PREFIX}* / cond_stage_model.* "
-        "keys). A diffusers model is loaded from its folder (with model_index.json), not from one of its files."
+        f"{path} is not an SD 1.x/2.x checkpoint kiln can load: expected the original single-file layout "
+        f"({UNET_PREFIX}*, {VAE_PREFIX}*, cond_stage_model.*); SD 2.x variants with a class embedding (unCLIP, x4 "
+        "upscaler) are not supported. A diffusers model is loaded from its folder (with model_index.json), not from one "
+        "of its files."
     )
 
 
@@ -919,7 +921,7 @@ def _load_builtin(name: str, v2: bool) -> tuple:
     return parts["text_encoder"], parts["tokenizer"], parts["vae"], parts["unet"]
 
 
-def _load_folder(path: str, v2: bool, tokenizer_cache_dir: str | None, dtype) -> tuple:
+def _load_folder(path: str, v2: bool, tokenizer_cache_dir: str | None, dtype, need_vae: bool) -> tuple:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -930,7 +932,7 @@ def _load_folder(path: str, v2: bool, tokenizer_cache_dir: str | None, dtype) ->
         raise _v2_mismatch(path, folder_v2)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype) if need_vae else None
     if _is_tokenizer_folder(os.path.join(path, "tokenizer")):
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
     else:
@@ -990,10 +992,14 @@ def load_sd_model(
     from library.tiny_models import BUILTIN_MODELS
 
     name_or_path = os.fspath(name_or_path)
+    if vae is not None and not os.path.exists(vae):
+        raise ModelLoadError(f"VAE not found: {vae}")
     if name_or_path in BUILTIN_MODELS:
         text_encoder, tokenizer, model_vae, unet = _load_builtin(name_or_path, v2)
     elif os.path.isdir(name_or_path):
-        text_encoder, tokenizer, model_vae, unet = _load_folder(name_or_path, v2, tokenizer_cache_dir, dtype)
+        text_encoder, tokenizer, model_vae, unet = _load_folder(
+            name_or_path, v2, tokenizer_cache_dir, dtype, need_vae=vae is None
+        )
     elif os.path.isfile(name_or_path):
         text_encoder, tokenizer, model_vae, unet = _load_single_file(
             name_or_path, v2, tokenizer_cache_dir, dtype, need_vae=vae is None

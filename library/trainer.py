@@ -304,6 +304,7 @@ class Checkpointer:
 def train(args, family: ModelFamily) -> str:
     """Run a whole training; returns the path of the final adapter file."""
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
 
     from library.optimizers import make_lr_scheduler, make_optimizer
     from library.sample_prompts import SamplePromptError, load_sample_prompts
@@ -314,6 +315,7 @@ def train(args, family: ModelFamily) -> str:
     resume = saving.load_state(args.resume) if args.resume else None
     if resume is not None:
         seed = resume["train_state"]["seed"]
+    set_seed(seed)  # adapter initialisation and dropout draw from torch's global RNG
     group = load_datasets(args, family, seed)
     prompts = []
     if args.sample_prompts:

@@ -62,7 +62,7 @@ def fixed_inputs(model_parts, seed=0):
     latents = torch.randn(2, unet.config.in_channels, 16, 16, generator=g)
     context = torch.randn(2, 5, unet.config.cross_attention_dim, generator=g)
     ids = torch.randint(0, te.config.vocab_size, (2, 12), generator=g)
-    image = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    image = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
     return latents, context, ids, image
 
 
@@ -74,7 +74,7 @@ def outputs(text_encoder, vae, unet):
         "te": text_encoder(ids, output_hidden_states=True).hidden_states[-2],
         "te_last": text_encoder(ids).last_hidden_state,
         "vae_enc": vae.encode(image).latent_dist.mean,
-        "vae_dec": vae.decode(latents[:1]).sample,
+        "vae_dec": vae.decode(latents[:1, :, :4, :4]).sample,
     }
 
 

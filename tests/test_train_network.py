@@ -137,3 +137,47 @@ def test_diffusers_loads_every_key_and_matches_kiln_merge(trained, tiny_sd, tmp_
     assert not torch.allclose(a, base, atol=1e-6)  # the LoRA changed the model
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
     assert torch.allclose(ta, tb, atol=1e-5), (ta - tb).abs().max()
+
+
+def _losses(out_dir, name):
+    with open(os.path.join(out_dir, f"{name}_losses.json")) as f:
+        return json.load(f)
+
+
+def test_resume_repeats_the_uninterrupted_run(tiny_sd, dataset, tmp_path):
+    common = ["--pretrained_model_name_or_path", tiny_sd, "--dataset_config", dataset, "--output_name", "r", "--max_train_steps", 6,
+              "--lr_scheduler", "cosine", "--lr_warmup_steps", 2, "--network_dropout", "0.1", "--shuffle_caption", "--flip_aug", *BASE]
+    full, part = tmp_path / "full", tmp_path / "part"
+    launch(*common, "--output_dir", full)
+    launch(*common, "--output_dir", part, "--save_every_n_steps", 3, "--save_state")
+    state = part / "r-step00000003-state"
+    assert state.is_dir() and json.loads((state / "train_state.json").read_text())["current_step"] == 3
+    resumed = tmp_path / "resumed"
+    launch(*common, "--output_dir", resumed, "--resume", state)
+    full_losses = _losses(full, "r")["losses"]
+    tail = _losses(resumed, "r")
+    assert tail["first_step"] == 4 and tail["losses"] == full_losses[3:]
+    a, b = load_file(str(full / "r.safetensors")), load_file(str(resumed / "r.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_equal_one_with_twice_the_batch(tiny_sd, tmp_path):
+    root = tmp_path / "ddp"
+    for i in range(5):
+        write_caption(write_image(root / "img" / f"{i}.png", (64, 64), (40 * i, 90, 200 - 30 * i)), f"item {i}")
+    def config(batch):
+        path = root / f"b{batch}.toml"
+        path.write_text(f"[general]\ncaption_extension = '.txt'\nresolution = 64\nbatch_size = {batch}\n"
+                        f"[[datasets]]\n  [[datasets.subsets]]\n  image_dir = '{root / 'img'}'\n  num_repeats = 1\n")
+        return path
+    # plain SGD: Adam divides by tiny second moments and turns float summation-order noise into visible differences
+    common = ["--pretrained_model_name_or_path", tiny_sd, "--output_name", "d", "--max_train_steps", 3, *BASE,
+              "--optimizer_type", "SGDNesterov", "--learning_rate", "0.5"]
+    launch(*common, "--dataset_config", config(1), "--output_dir", tmp_path / "two", processes=2)
+    launch(*common, "--dataset_config", config(2), "--output_dir", tmp_path / "one")
+    a, b = load_file(str(tmp_path / "two" / "d.safetensors")), load_file(str(tmp_path / "one" / "d.safetensors"))
+    assert a.keys() == b.keys()
+    changed = [k for k in a if k.endswith("lora_up.weight") and a[k].abs().max() > 0]
+    assert changed  # training happened
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
