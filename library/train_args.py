@@ -170,9 +170,37 @@ def _flatten(table: dict) -> dict:
     return out
 
 
+# Flags of sd-scripts' other scripts, so that a command line meant for another family gets a helpful message.
+OTHER_FAMILY_FLAGS = {
+    "--t5xxl": "flux_train_network.py or sd3_train_network.py",
+    "--clip_l": "flux_train_network.py or sd3_train_network.py",
+    "--ae": "flux_train_network.py",
+    "--clip_g": "sd3_train_network.py",
+    "--guidance_scale": "flux_train_network.py",
+    "--timestep_sampling": "flux_train_network.py",
+    "--model_prediction_type": "flux_train_network.py",
+    "--discrete_flow_shift": "flux_train_network.py",
+    "--blocks_to_swap": "flux_train_network.py or sd3_train_network.py",
+    "--cache_text_encoder_outputs": "sdxl_train_network.py, sd3_train_network.py or flux_train_network.py",
+    "--cache_text_encoder_outputs_to_disk": "sdxl_train_network.py, sd3_train_network.py or flux_train_network.py",
+    "--no_half_vae": "sdxl_train_network.py",
+}
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        for item in unknown:
+            flag = item.split("=", 1)[0]
+            if flag in OTHER_FAMILY_FLAGS:
+                parser.error(f"{flag} belongs to another model family's script ({OTHER_FAMILY_FLAGS[flag]}), not {parser.prog}")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line on top of `--config_file` (sections flattened). Unknown keys in the file are errors."""
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if not args.config_file:
         return args
     path = args.config_file if os.path.splitext(args.config_file)[1] else args.config_file + ".toml"
@@ -191,7 +219,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
             near = difflib.get_close_matches(key, sorted(known), n=1)
             parser.error(f"--config_file {path}: unknown argument '{key}'" + (f"; did you mean '{near[0]}'?" if near else ""))
     parser.set_defaults(**values)
-    return parser.parse_args(argv)
+    return _parse(parser, argv)
 
 
 def write_config(parser: argparse.ArgumentParser, args: argparse.Namespace, path: str) -> None:

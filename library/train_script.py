@@ -12,6 +12,7 @@ def run_network_training(family: ModelFamily, description: str, argv: list[str] 
     from library.config_util import ConfigError
     from library.datasets import DatasetError
     from library.saving import SaveError
+    from library.sd_models import ModelLoadError
     from library.train_args import parse_args_with_config, setup_network_parser
     from library.trainer import TrainingError, train
 
@@ -21,6 +22,6 @@ def run_network_training(family: ModelFamily, description: str, argv: list[str] 
     args = parse_args_with_config(parser, argv)
     try:
         train(args, family)
-    except (ConfigError, DatasetError, TrainingError, SaveError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, TrainingError, SaveError, ModelLoadError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -181,3 +181,55 @@ def test_two_processes_equal_one_with_twice_the_batch(tiny_sd, tmp_path):
     assert changed  # training happened
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
+
+
+def _fail(*args):
+    """Run a training that must fail; return its output, checked to hold no traceback from kiln's own code."""
+    res = launch(*args, check=False)
+    assert res.returncode != 0
+    msg = res.stdout + res.stderr
+    assert f'File "{ROOT}/library' not in msg and "error:" in msg, msg[-3000:]
+    return msg
+
+
+def test_bad_inputs_fail_early_with_clear_messages(tiny_sd, dataset, tmp_path):
+    out = ["--output_dir", tmp_path / "o", "--dataset_config", dataset, *BASE]
+    msg = _fail("--pretrained_model_name_or_path", tmp_path / "nope.safetensors", *out)
+    assert "nope.safetensors" in msg
+    msg = _fail("--pretrained_model_name_or_path", tiny_sd, *out, "--network_module", "networks.not_there")
+    assert "networks.not_there" in msg
+    msg = _fail("--pretrained_model_name_or_path", tiny_sd, *out, "--t5xxl", "t5.safetensors")
+    assert "--t5xxl" in msg and "flux_train_network.py" in msg
+    sdxl = tmp_path / "sdxl.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4), "model.diffusion_model.label_emb.0.0.weight": torch.zeros(4, 4)}, str(sdxl))
+    msg = _fail("--pretrained_model_name_or_path", sdxl, *out)
+    assert "sdxl_train_network.py" in msg
+    prompts = tmp_path / "bad_prompts.txt"
+    prompts.write_text("a cat --w abc\n")
+    msg = _fail("--pretrained_model_name_or_path", tiny_sd, *out, "--sample_prompts", prompts, "--sample_every_n_steps", 1)
+    assert "bad_prompts.txt" in msg and ":1" in msg and "steps:" not in msg  # refused before training started
+    assert not (tmp_path / "o" / "last.safetensors").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_sd, dataset, tmp_path):
+    out = tmp_path / "nan"
+    msg = _fail("--pretrained_model_name_or_path", tiny_sd, "--dataset_config", dataset, "--output_dir", out, "--output_name", "n",
+                "--max_train_steps", 6, "--save_every_n_steps", 1, *BASE, "--optimizer_type", "SGDNesterov", "--learning_rate", "1e36",
+                "--max_grad_norm", "0")
+    assert "at step" in msg
+    step = int(msg.split("at step ")[1].split(";")[0])
+    assert step >= 2
+    kept = load_file(str(out / f"n-step{step - 1:08d}.safetensors"))
+    assert kept and not (out / "n.safetensors").exists()
+
+
+def test_failed_save_keeps_previous_files(tiny_sd, dataset, tmp_path):
+    out = tmp_path / "fs"
+    (out / "f.safetensors").mkdir(parents=True)  # the final file cannot be written where a folder is
+    msg = _fail("--pretrained_model_name_or_path", tiny_sd, "--dataset_config", dataset, "--output_dir", out, "--output_name", "f",
+                "--max_train_steps", 2, "--save_every_n_steps", 1, *BASE)
+    assert "cannot write" in msg
+    assert load_file(str(out / "f-step00000002.safetensors")) and load_file(str(out / "f-step00000001.safetensors"))
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
