@@ -233,3 +233,111 @@ def test_failed_save_keeps_previous_files(tiny_sd, dataset, tmp_path):
     assert "cannot write" in msg
     assert load_file(str(out / "f-step00000002.safetensors")) and load_file(str(out / "f-step00000001.safetensors"))
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+def test_latent_cache_tool_and_cached_training_equal_uncached(tiny_sd, dataset, tmp_path):
+    common = ["--pretrained_model_name_or_path", tiny_sd, "--dataset_config", dataset, "--output_name", "c", "--max_train_steps", 3, *BASE]
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "cache_latents.py"), "--pretrained_model_name_or_path", tiny_sd,
+                          "--dataset_config", dataset, "--vae_batch_size", "2"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 0, res.stderr
+    img_dir = os.path.dirname(open(dataset).read().split("image_dir = '")[1].split("'")[0] + "/x")
+    caches = sorted(p for p in os.listdir(img_dir) if p.endswith("_sd.safetensors"))
+    assert caches == ["0_0064x0064_sd.safetensors", "1_0064x0064_sd.safetensors", "2_0064x0064_sd.safetensors", "3_0064x0064_sd.safetensors"]
+    with safe_open(os.path.join(img_dir, caches[0]), framework="pt") as f:
+        assert set(f.keys()) == {"mean", "std"} and f.get_tensor("mean").shape == (4, 8, 8)
+        assert json.loads(f.metadata()["bucket"]) == [64, 64]
+    mtimes = {p: os.path.getmtime(os.path.join(img_dir, p)) for p in caches}
+    launch(*common, "--output_dir", tmp_path / "cached", "--cache_latents_to_disk")
+    assert {p: os.path.getmtime(os.path.join(img_dir, p)) for p in caches} == mtimes  # valid caches reused, not rewritten
+    launch(*common, "--output_dir", tmp_path / "plain")
+    a, b = load_file(str(tmp_path / "cached" / "c.safetensors")), load_file(str(tmp_path / "plain" / "c.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    # an edited image makes its cache stale: it is rebuilt
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(os.path.join(img_dir, "1.png"))
+    launch(*common, "--output_dir", tmp_path / "again", "--cache_latents_to_disk")
+    assert os.path.getmtime(os.path.join(img_dir, "1_0064x0064_sd.safetensors")) > mtimes["1_0064x0064_sd.safetensors"]
+    assert os.path.getmtime(os.path.join(img_dir, "0_0064x0064_sd.safetensors")) == mtimes["0_0064x0064_sd.safetensors"]
+
+
+def test_samples_validation_logs_and_config_file(tiny_sd, dataset, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\na red shape --w 64 --h 64 --s 2 --d 3\na green shape --n blurry --w 64 --h 128 --s 2 --ss euler_a\n")
+    out = tmp_path / "s"
+    config = tmp_path / "args.toml"
+    launch("--pretrained_model_name_or_path", tiny_sd, "--dataset_config", dataset, "--output_dir", out, "--output_name", "s",
+           "--max_train_steps", 4, *BASE, "--sample_prompts", prompts, "--sample_every_n_steps", 2, "--sample_at_first",
+           "--validation_split", "0.5", "--validate_every_n_steps", 2, "--logging_dir", out / "logs", "--log_prefix", "run_",
+           "--config_file", config, "--output_config")
+    assert config.is_file() and not out.exists()  # --output_config writes the arguments and stops
+    launch("--config_file", config)
+    names = sorted(os.listdir(out / "sample"))
+    assert len(names) == 6  # 2 prompts at steps 0, 2 and 4
+    assert all(n.startswith("s_") and n.endswith(".png") for n in names)
+    assert [n.split("_")[1] for n in names[::2]] == ["000000", "000002", "000004"]
+    assert any(n.endswith("_3.png") for n in names)  # the seed of --d 3 is in the name
+    from PIL import Image
+
+    assert {Image.open(out / "sample" / n).size for n in names} == {(64, 64), (64, 128)}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = os.listdir(out / "logs")
+    assert run.startswith("run_")
+    events = EventAccumulator(str(out / "logs" / run / "network_train"))  # accelerate: one folder per tracker name
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/current", "loss/average", "lr/unet", "lr/textencoder", "loss/validation/step_average", "loss/validation/step_divergence"} <= tags
+    assert [e.step for e in events.Scalars("loss/current")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("loss/validation/step_average")] == [2, 4]
+
+
+def test_single_file_model_continue_from_weights_and_dim_from_weights(tiny_sd, dataset, trained, tmp_path):
+    from library.sd_models import load_sd_model, save_sd_single_file
+    from library.tiny_models import write_tiny_clip_tokenizer
+
+    single = tmp_path / "tiny.safetensors"
+    save_sd_single_file(str(single), load_sd_model(tiny_sd), v2=False)
+    tokenizers = tmp_path / "tokenizers"
+    write_tiny_clip_tokenizer(str(tokenizers / "openai_clip-vit-large-patch14"))
+    out = tmp_path / "w"
+    launch("--pretrained_model_name_or_path", single, "--tokenizer_cache_dir", tokenizers, "--dataset_config", dataset,
+           "--output_dir", out, "--output_name", "w", "--max_train_steps", 1, *BASE, "--network_args", "conv_dim=2", "conv_alpha=1",
+           "--network_weights", trained, "--max_grad_norm", "0")
+    start, after = load_file(trained), load_file(str(out / "w.safetensors"))
+    assert start.keys() == after.keys()
+    # one AdamW step of lr 1e-3 moves each weight by at most about 1e-3 (plus decay): training went on from the file
+    assert all((start[k] - after[k]).abs().max() < 1.2e-3 for k in start if not k.endswith(".alpha"))
+    assert any((start[k] - after[k]).abs().max() > 1e-4 for k in start)
+    launch("--pretrained_model_name_or_path", single, "--tokenizer_cache_dir", tokenizers, "--dataset_config", dataset,
+           "--output_dir", out, "--output_name", "d", "--max_train_steps", 1, *BASE, "--network_weights", trained,
+           "--dim_from_weights", "--network_train_unet_only")
+    d = load_file(str(out / "d.safetensors"))
+    assert d["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (2, 32, 3, 3)
+    assert not any(k.startswith("lora_te_") for k in d)
+
+
+def test_merge_two_loras_into_one(trained, tmp_path):
+    from networks.lora import lora_delta
+
+    a = load_file(trained)
+    b = {k: v * (1.5 if k.endswith("lora_up.weight") else 1.0) for k, v in a.items()}
+    b_path = tmp_path / "b.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(b, str(b_path))
+    for extra, name in ((["--concat"], "cat.safetensors"), ([], "svd.safetensors")):
+        res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "merge_lora.py"), "--models", trained, str(b_path),
+                              "--ratios", "1", "0.5", "--save_to", str(tmp_path / name), *extra], capture_output=True, text=True, env=ENV)
+        assert res.returncode == 0, res.stderr
+        m = load_file(str(tmp_path / name))
+        for key in [k for k in a if k.endswith(".lora_down.weight")]:
+            base = key[: -len(".lora_down.weight")]
+            def d(sd):
+                return lora_delta(sd[base + ".lora_down.weight"].float(), sd[base + ".lora_up.weight"].float(),
+                                  sd[base + ".alpha"].item() / sd[base + ".lora_down.weight"].shape[0])
+            assert torch.allclose(d(m), d(a) + 0.5 * d(b), atol=1e-6), (name, key)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "merge_lora.py"), "--models", trained, "--save_to", str(tmp_path / "cat.safetensors")],
+                         capture_output=True, text=True, env=ENV)
+    assert res.returncode != 0 and "already exists" in res.stderr
