@@ -341,3 +341,41 @@ def test_merge_two_loras_into_one(trained, tmp_path):
     res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "merge_lora.py"), "--models", trained, "--save_to", str(tmp_path / "cat.safetensors")],
                          capture_output=True, text=True, env=ENV)
     assert res.returncode != 0 and "already exists" in res.stderr
+
+
+def test_readme_main_job_command(tmp_path):
+    """The README's demo command, as written there (fewer steps), with the bundled dataset and built-in tiny model."""
+    import shlex
+
+    line = next(ln for ln in open(os.path.join(ROOT, "README.md")) if ln.startswith("accelerate launch train_network.py"))
+    args = shlex.split(line)[3:]
+    for flag, value in (("--output_dir", tmp_path / "demo"), ("--logging_dir", tmp_path / "logs"), ("--max_train_steps", 4),
+                        ("--sample_every_n_steps", 2)):
+        args[args.index(flag) + 1] = str(value)
+    launch(*args)
+    assert load_file(str(tmp_path / "demo" / "demo.safetensors"))
+    assert len(os.listdir(tmp_path / "demo" / "sample")) == 4
+    assert os.listdir(tmp_path / "logs")
+
+
+def test_sd2_v_prediction_bf16_checkpointing_accumulation_8bit_and_epochs(tmp_path):
+    """SD 2.x v-prediction with most memory options at once, epoch checkpoints and pruning."""
+    root = tmp_path / "d"
+    for i in range(4):
+        write_caption(write_image(root / f"2_thing/{i}.png", (64, 64), (60 * i, 50, 90)), f"thing {i}, (bright:1.2)")
+    out = tmp_path / "o"
+    launch("--pretrained_model_name_or_path", "kiln-tiny-sd2", "--v2", "--v_parameterization", "--train_data_dir", root,
+           "--resolution", "64", "--caption_extension", ".txt", "--output_dir", out, "--output_name", "v", "--max_train_epochs", 3,
+           "--save_every_n_epochs", 1, "--save_last_n_epochs", 1, "--mixed_precision", "bf16", "--gradient_checkpointing",
+           "--gradient_accumulation_steps", 2, "--optimizer_type", "AdamW8bit", "--weighted_captions", "--clip_skip", 2,
+           "--max_token_length", 150, "--min_snr_gamma", 5, "--noise_offset", "0.05", "--save_precision", "fp16", *BASE)
+    files = sorted(os.listdir(out))
+    assert "v.safetensors" in files and "v-000002.safetensors" in files and "v-000001.safetensors" not in files
+    sd = load_file(str(out / "v.safetensors"))
+    assert all(v.dtype == torch.float16 for v in sd.values())
+    with safe_open(str(out / "v.safetensors"), framework="pt") as f:
+        md = f.metadata()
+    assert md["ss_base_model_version"] == "sd_v2_v" and md["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert md["modelspec.prediction_type"] == "v" and md["ss_num_epochs"] == "3" and md["modelspec.encoder_layer"] == "2"
+    # 8 samples / batch 1 = 8 batches per epoch, 2 per step: 4 steps per epoch
+    assert md["ss_steps"] == "12" and md["ss_max_train_steps"] == "12"
