@@ -334,7 +334,7 @@ def test_merge_two_loras_into_one(trained, tmp_path):
         m = load_file(str(tmp_path / name))
         for key in [k for k in a if k.endswith(".lora_down.weight")]:
             base = key[: -len(".lora_down.weight")]
-            def d(sd):
+            def d(sd, base=base):
                 return lora_delta(sd[base + ".lora_down.weight"].float(), sd[base + ".lora_up.weight"].float(),
                                   sd[base + ".alpha"].item() / sd[base + ".lora_down.weight"].shape[0])
             assert torch.allclose(d(m), d(a) + 0.5 * d(b), atol=1e-6), (name, key)
