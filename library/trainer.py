@@ -7,6 +7,7 @@ therefore repeats the uninterrupted run exactly, and N processes train like one 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -266,11 +267,71 @@ class RunState:
     loss_history: list = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def evaluation_weights(optimizer, masters=None):
+    """Schedule-free optimizers hold their evaluation weights apart: switch to them for sampling, validation and
+    saving, and back afterwards. Nothing happens for other optimizers."""
+    from library.optimizers import is_schedule_free
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not is_schedule_free(inner):
+        yield
+        return
+    inner.eval()
+    if masters:
+        masters.masters_to_params()
+    try:
+        yield
+    finally:
+        inner.train()
+        if masters:
+            masters.masters_to_params()
+
+
+class HalfPrecisionMasters:
+    """--full_fp16/--full_bf16: the adapter weights are stored and computed in half precision, while the optimizer
+    updates float32 copies (a half-precision Adam state underflows: fp16 cannot hold its epsilon)."""
+
+    def __init__(self, network: torch.nn.Module, params: list[torch.Tensor]) -> None:
+        self.params = params
+        self.masters = [p.detach().float().clone().requires_grad_(True) for p in params]
+        names = {id(p): n for n, p in network.named_parameters()}
+        self.names = [names[id(p)] for p in params]
+
+    def swap_groups(self, groups: list[dict]) -> list[dict]:
+        by_id = {id(p): m for p, m in zip(self.params, self.masters)}
+        return [{**g, "params": [by_id[id(p)] for p in g["params"]]} for g in groups]
+
+    def grads_to_masters(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            m.grad = p.grad.float() if p.grad is not None else torch.zeros_like(m)
+            p.grad = None
+
+    def masters_to_params(self) -> None:
+        with torch.no_grad():
+            for p, m in zip(self.params, self.masters):
+                p.copy_(m)
+
+    def params_to_masters(self) -> None:
+        with torch.no_grad():
+            for p, m in zip(self.params, self.masters):
+                m.copy_(p)
+
+    def named_masters(self) -> dict[str, torch.Tensor]:
+        return {n: m.detach() for n, m in zip(self.names, self.masters)}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, m in zip(self.names, self.masters):
+                m.copy_(state[n])
+
+
 class Checkpointer:
     """Saves adapter files and training states with sd-scripts' names, atomically, and prunes old ones."""
 
-    def __init__(self, args, network, optimizer, lr_scheduler, metadata: dict[str, str], accelerator) -> None:
+    def __init__(self, args, network, optimizer, lr_scheduler, metadata: dict[str, str], accelerator, masters=None) -> None:
         self.args, self.network, self.optimizer, self.lr_scheduler = args, network, optimizer, lr_scheduler
+        self.masters = masters
         self.metadata = metadata
         self.accelerator = accelerator
         self.ext = "." + args.save_model_as
@@ -292,7 +353,10 @@ class Checkpointer:
         if self.accelerator.is_main_process:
             folder = os.path.join(self.args.output_dir, name + "-state")
             train_state = {"current_epoch": state.epoch, "current_step": state.step, "batches_done": state.batches_done, "seed": seed}
-            saving.save_state(folder, self.network.state_dict(), self.optimizer, self.lr_scheduler, train_state)
+            weights = self.network.state_dict()
+            if self.masters:  # the float32 weights the optimizer updates, so that a resume is exact
+                weights.update(self.masters.named_masters())
+            saving.save_state(folder, weights, self.optimizer, self.lr_scheduler, train_state)
             logger.info(f"saved state {folder}")
         self.accelerator.wait_for_everyone()
 
@@ -306,7 +370,7 @@ def train(args, family: ModelFamily) -> str:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from library.optimizers import make_lr_scheduler, make_optimizer
+    from library.optimizers import make_lr_scheduler, make_optimizer, scheduler_needs_metric
     from library.sample_prompts import SamplePromptError, load_sample_prompts
 
     check_args(args, family)
@@ -365,7 +429,9 @@ def train(args, family: ModelFamily) -> str:
     trainable = [p for g in groups for p in g["params"]]
     for p in trainable:
         p.requires_grad_(True)
-    optimizer_name, optimizer_args, optimizer = make_optimizer(args, groups)
+    masters = HalfPrecisionMasters(network, trainable) if (args.full_fp16 or args.full_bf16) else None
+    optimizer_name, optimizer_args, optimizer = make_optimizer(args, masters.swap_groups(groups) if masters else groups)
+    optimized = masters.masters if masters else trainable
 
     P, rank = accelerator.num_processes, accelerator.process_index
     loader = make_data_loader(group, num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
@@ -378,11 +444,14 @@ def train(args, family: ModelFamily) -> str:
         args.max_train_steps = args.max_train_epochs * steps_per_epoch
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, P)
+    metric_scheduler = scheduler_needs_metric(lr_scheduler)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
 
     state = RunState()
     if resume is not None:
         network.load_weights(resume["network"], args.resume)
+        if masters:
+            masters.load(resume["network"])
         optimizer.load_state_dict(resume["optimizer"])
         lr_scheduler.load_state_dict(resume["lr_scheduler"])
         torch.set_rng_state(resume["rng"]["torch"])
@@ -391,7 +460,7 @@ def train(args, family: ModelFamily) -> str:
         logger.info(f"resumed from {args.resume} at step {state.step} (epoch {state.epoch})")
 
     metadata = training_metadata(args, family, group, seed, num_epochs, batches_per_epoch, optimizer_name, optimizer_args)
-    ckpt = Checkpointer(args, network, optimizer, lr_scheduler, metadata, accelerator)
+    ckpt = Checkpointer(args, network, optimizer, lr_scheduler, metadata, accelerator, masters)
     if log_with:
         init_kwargs = {"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {}
         accelerator.init_trackers(args.log_tracker_name or "network_train", config=_loggable_config(args) if args.log_config else {},
@@ -408,7 +477,7 @@ def train(args, family: ModelFamily) -> str:
             accelerator.wait_for_everyone()
             return
         network.eval()
-        with accelerator.autocast():
+        with evaluation_weights(optimizer, masters), accelerator.autocast():
             family.sample_images(args, models, prompts, args.output_dir, args.output_name, step if epoch is None else None, epoch, device, weight_dtype)
         network.train()
         accelerator.wait_for_everyone()
@@ -437,16 +506,25 @@ def train(args, family: ModelFamily) -> str:
                 continue
             if P > 1:
                 all_reduce_mean(trainable, P)
+            if masters:
+                masters.grads_to_masters()
             if args.max_grad_norm:
-                accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                accelerator.clip_grad_norm_(optimized, args.max_grad_norm)
             optimizer.step()
-            lr_scheduler.step()
+            if metric_scheduler:
+                lr_scheduler.step(logged)
+            else:
+                lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if masters:
+                masters.masters_to_params()
             state.step += 1
             progress.update(1)
             logs = {"loss/current": logged}
             if args.scale_weight_norms:
                 scaled, mean_norm, max_norm = network.apply_max_norm(args.scale_weight_norms)
+                if masters:
+                    masters.params_to_masters()
                 logs.update({"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": max_norm})
             recent = (recent + [logged])[-batches_per_epoch:]
             logs["loss/average"] = sum(recent) / len(recent)
@@ -457,7 +535,8 @@ def train(args, family: ModelFamily) -> str:
             if log_with:
                 accelerator.log(logs, step=state.step)
             if args.save_every_n_steps and state.step % args.save_every_n_steps == 0:
-                save_point(ckpt, args, state, seed, step=state.step)
+                with evaluation_weights(optimizer, masters):
+                    save_point(ckpt, args, state, seed, step=state.step)
             if args.sample_every_n_steps and not args.sample_every_n_epochs and state.step % args.sample_every_n_steps == 0:
                 sample(state.step)
             if val_loader is not None and args.validate_every_n_steps and state.step % args.validate_every_n_steps == 0:
@@ -471,7 +550,8 @@ def train(args, family: ModelFamily) -> str:
             if val_loader is not None and state.step < args.max_train_steps and (state.epoch % (args.validate_every_n_epochs or 1) == 0):
                 validate(args, family, models, val_loader, seed, device, weight_dtype, accelerator, sum(recent) / max(len(recent), 1), state.epoch, "epoch", log_with)
             if args.save_every_n_epochs and state.epoch % args.save_every_n_epochs == 0 and state.epoch < num_epochs and state.step < args.max_train_steps:
-                save_point(ckpt, args, state, seed, epoch=state.epoch)
+                with evaluation_weights(optimizer, masters):
+                    save_point(ckpt, args, state, seed, epoch=state.epoch)
             if args.sample_every_n_epochs and state.epoch % args.sample_every_n_epochs == 0 and state.epoch < num_epochs:
                 sample(state.step, state.epoch)
             state.epoch += 1
@@ -479,7 +559,8 @@ def train(args, family: ModelFamily) -> str:
     progress.close()
     if val_loader is not None and done["validated"] != state.step:
         validate(args, family, models, val_loader, seed, device, weight_dtype, accelerator, sum(recent) / max(len(recent), 1), state.step, "step", log_with)
-    final = ckpt.save_model(args.output_name, state)
+    with evaluation_weights(optimizer, masters):
+        final = ckpt.save_model(args.output_name, state)
     if args.save_state or args.save_state_on_train_end:
         ckpt.save_state(args.output_name, state, seed)
     if prompts and (args.sample_every_n_steps or args.sample_every_n_epochs) and done["sampled"] != state.step:
