@@ -367,207 +367,257 @@ class Checkpointer:
 
 def train(args, family: ModelFamily) -> str:
     """Run a whole training; returns the path of the final adapter file."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    return TrainingRun(args, family).run()
 
-    from library.optimizers import make_lr_scheduler, make_optimizer, scheduler_needs_metric
-    from library.sample_prompts import SamplePromptError, load_sample_prompts
 
-    check_args(args, family)
-    args.output_name = args.output_name or "last"
-    seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
-    resume = saving.load_state(args.resume) if args.resume else None
-    if resume is not None:
-        seed = resume["train_state"]["seed"]
-    set_seed(seed)  # adapter initialisation and dropout draw from torch's global RNG
-    group = load_datasets(args, family, seed)
-    prompts = []
-    if args.sample_prompts:
+class TrainingRun:
+    """One run: __init__ sets everything up (data first, so a bad dataset fails before a model loads), run() trains."""
+
+    def __init__(self, args, family: ModelFamily) -> None:
+        from accelerate.utils import set_seed
+
+        check_args(args, family)
+        self.args, self.family = args, family
+        args.output_name = args.output_name or "last"
+        resume = saving.load_state(args.resume) if args.resume else None
+        self.seed = resume["train_state"]["seed"] if resume else (args.seed if args.seed is not None else random.randint(0, 2**31 - 1))
+        set_seed(self.seed)  # adapter initialisation and dropout draw from torch's global RNG
+        self.group = load_datasets(args, family, self.seed)
+        self.prompts = self._load_prompts()
+        self._setup_accelerator()
+        self._setup_models()
+        self._setup_optimizer()
+        self.state = RunState()
+        if resume:
+            self._resume(resume)
+        metadata = training_metadata(args, family, self.group, self.seed, self.num_epochs, self.batches_per_epoch,
+                                     self.optimizer_name, self.optimizer_args)
+        self.ckpt = Checkpointer(args, self.network, self.optimizer, self.lr_scheduler, metadata, self.accelerator, self.masters)
+        if self.log_with:
+            init_kwargs = {"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {}
+            self.accelerator.init_trackers(args.log_tracker_name or "network_train",
+                                           config=_loggable_config(args) if args.log_config else {}, init_kwargs=init_kwargs)
+        self.recent: list[float] = []
+        self.last_sampled = self.last_validated = None
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+
+    def _load_prompts(self) -> list:
+        from library.sample_prompts import SamplePromptError, load_sample_prompts
+
+        if not self.args.sample_prompts:
+            return []
         try:
-            prompts = load_sample_prompts(args.sample_prompts, family.sample_defaults, unsupported=family.sample_unsupported)
+            return load_sample_prompts(self.args.sample_prompts, self.family.sample_defaults, unsupported=self.family.sample_unsupported)
         except SamplePromptError as e:
             raise TrainingError(str(e)) from None
 
-    logging_dir = None
-    if args.logging_dir:
-        logging_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
-    log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=None if log_with is None else ("all" if log_with == "all" else [log_with]),
-                              project_dir=logging_dir)
-    device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-    os.makedirs(args.output_dir, exist_ok=True)
+    def _setup_accelerator(self) -> None:
+        from accelerate import Accelerator
 
-    models = family.load_models(args)
-    for m in [*models.text_encoders, models.vae, models.denoiser]:
-        m.requires_grad_(False)
-        m.eval()
-    models.vae.to(device, torch.float32 if family.arch == "sd" and weight_dtype == torch.float16 else weight_dtype)
+        args = self.args
+        logging_dir = None
+        if args.logging_dir:
+            logging_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
+        self.log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
+        trackers = None if self.log_with is None else ("all" if self.log_with == "all" else [self.log_with])
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers, project_dir=logging_dir)
+        self.device = self.accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+        os.makedirs(args.output_dir, exist_ok=True)
 
-    latent_cache = None
-    if args.cache_latents:
-        latent_cache = cache_all_latents(args, family, models, group, accelerator)
+    def _setup_models(self) -> None:
+        args, family, device, dtype = self.args, self.family, self.device, self.weight_dtype
+        self.models = models = family.load_models(args)
+        for m in [*models.text_encoders, models.vae, models.denoiser]:
+            m.requires_grad_(False)
+            m.eval()
+        models.vae.to(device, torch.float32 if dtype == torch.float16 else dtype)  # the SD VAE overflows in fp16
+        self.latent_cache = cache_all_latents(args, family, models, self.group, self.accelerator) if args.cache_latents else None
+        self.train_te = not args.network_train_unet_only
+        train_unet = not args.network_train_text_encoder_only
+        self.network = build_network(args, family, models, self.train_te, train_unet)
+        for m in [*models.text_encoders, models.denoiser]:
+            m.to(device, dtype)
+        self.network.to(device, dtype if (args.full_fp16 or args.full_bf16) else torch.float32)
+        if args.gradient_checkpointing:
+            models.denoiser.enable_gradient_checkpointing()
+            if self.train_te:
+                for te in models.text_encoders:
+                    te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.denoiser.train(train_unet)
+        for te in models.text_encoders:
+            te.train(self.train_te)
 
-    train_te = not args.network_train_unet_only
-    train_unet = not args.network_train_text_encoder_only
-    network = build_network(args, family, models, train_te, train_unet)
-    for m in [*models.text_encoders, models.denoiser]:
-        m.to(device, weight_dtype)
-    network.to(device, weight_dtype if (args.full_fp16 or args.full_bf16) else torch.float32)
-    if args.gradient_checkpointing:
-        models.denoiser.enable_gradient_checkpointing()
-        if train_te:
-            for te in models.text_encoders:
-                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    models.denoiser.train(train_unet)
-    for te in models.text_encoders:
-        te.train(train_te)
+    def _setup_optimizer(self) -> None:
+        from library.optimizers import make_lr_scheduler, make_optimizer, scheduler_needs_metric
 
-    groups, group_names = network.param_groups(args.text_encoder_lr, args.unet_lr, args.learning_rate)
-    if not groups:
-        raise TrainingError("nothing to train: every parameter group has learning rate 0")
-    trainable = [p for g in groups for p in g["params"]]
-    for p in trainable:
-        p.requires_grad_(True)
-    masters = HalfPrecisionMasters(network, trainable) if (args.full_fp16 or args.full_bf16) else None
-    optimizer_name, optimizer_args, optimizer = make_optimizer(args, masters.swap_groups(groups) if masters else groups)
-    optimized = masters.masters if masters else trainable
+        args, acc = self.args, self.accelerator
+        groups, self.group_names = self.network.param_groups(args.text_encoder_lr, args.unet_lr, args.learning_rate)
+        if not groups:
+            raise TrainingError("nothing to train: every parameter group has learning rate 0")
+        self.trainable = [p for g in groups for p in g["params"]]
+        for p in self.trainable:
+            p.requires_grad_(True)
+        self.masters = HalfPrecisionMasters(self.network, self.trainable) if (args.full_fp16 or args.full_bf16) else None
+        self.optimizer_name, self.optimizer_args, optimizer = make_optimizer(args, self.masters.swap_groups(groups) if self.masters else groups)
+        self.optimized = self.masters.masters if self.masters else self.trainable
 
-    P, rank = accelerator.num_processes, accelerator.process_index
-    loader = make_data_loader(group, num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
-                              max_train_steps=args.max_train_steps, batches_per_step=args.gradient_accumulation_steps,
-                              persistent_workers=args.persistent_data_loader_workers, latent_cache=latent_cache,
-                              num_processes=P, process_index=rank)
-    batches_per_epoch = len(loader.batch_sampler)
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    if args.max_train_epochs:
-        args.max_train_steps = args.max_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-    lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, P)
-    metric_scheduler = scheduler_needs_metric(lr_scheduler)
-    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+        n_proc, rank = acc.num_processes, acc.process_index
+        self.loader = make_data_loader(self.group, num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
+                                       max_train_steps=args.max_train_steps, batches_per_step=args.gradient_accumulation_steps,
+                                       persistent_workers=args.persistent_data_loader_workers, latent_cache=self.latent_cache,
+                                       num_processes=n_proc, process_index=rank)
+        self.val_loader = None
+        if any(ds.validation for ds in self.group.datasets):
+            self.val_loader = make_data_loader(self.group, validation=True, latent_cache=self.latent_cache, num_processes=n_proc,
+                                               process_index=rank)
+        self.batches_per_epoch = len(self.loader.batch_sampler)
+        steps_per_epoch = math.ceil(self.batches_per_epoch / args.gradient_accumulation_steps)
+        if args.max_train_epochs:
+            args.max_train_steps = args.max_train_epochs * steps_per_epoch
+        self.num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+        lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, n_proc)
+        self.metric_scheduler = scheduler_needs_metric(lr_scheduler)
+        self.optimizer, self.lr_scheduler = acc.prepare(optimizer, lr_scheduler)
 
-    state = RunState()
-    if resume is not None:
-        network.load_weights(resume["network"], args.resume)
-        if masters:
-            masters.load(resume["network"])
-        optimizer.load_state_dict(resume["optimizer"])
-        lr_scheduler.load_state_dict(resume["lr_scheduler"])
+    def _resume(self, resume: dict) -> None:
+        self.network.load_weights(resume["network"], self.args.resume)
+        if self.masters:
+            self.masters.load(resume["network"])
+        self.optimizer.load_state_dict(resume["optimizer"])
+        self.lr_scheduler.load_state_dict(resume["lr_scheduler"])
         torch.set_rng_state(resume["rng"]["torch"])
         ts = resume["train_state"]
-        state = RunState(epoch=ts["current_epoch"], step=ts["current_step"], batches_done=ts["batches_done"])
-        logger.info(f"resumed from {args.resume} at step {state.step} (epoch {state.epoch})")
+        self.state = RunState(epoch=ts["current_epoch"], step=ts["current_step"], batches_done=ts["batches_done"])
+        logger.info(f"resumed from {self.args.resume} at step {self.state.step} (epoch {self.state.epoch})")
 
-    metadata = training_metadata(args, family, group, seed, num_epochs, batches_per_epoch, optimizer_name, optimizer_args)
-    ckpt = Checkpointer(args, network, optimizer, lr_scheduler, metadata, accelerator, masters)
-    if log_with:
-        init_kwargs = {"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {}
-        accelerator.init_trackers(args.log_tracker_name or "network_train", config=_loggable_config(args) if args.log_config else {},
-                                  init_kwargs=init_kwargs)
-    val_loader = None
-    if any(ds.validation for ds in group.datasets):
-        val_loader = make_data_loader(group, validation=True, latent_cache=latent_cache, num_processes=P, process_index=rank)
+    # -- the loop -------------------------------------------------------------------------------------------------
 
-    done = {"sampled": None, "validated": None}
+    def run(self) -> str:
+        args, state = self.args, self.state
+        if args.sample_at_first and state.step == 0:
+            self.sample(0)
+        self.progress = tqdm(total=args.max_train_steps, initial=state.step, desc="steps", disable=not self.accelerator.is_local_main_process)
+        self.network.train()
+        micro = 0
+        while state.epoch <= self.num_epochs and state.step < args.max_train_steps:
+            self.loader.batch_sampler.set_epoch(state.epoch, state.batches_done)
+            epoch_losses = []
+            for batch in self.loader:
+                micro += 1
+                state.batches_done += 1
+                epoch_losses.append(self.backward(batch))
+                if micro % args.gradient_accumulation_steps and state.batches_done < self.batches_per_epoch:
+                    continue
+                self.optimizer_step(epoch_losses[-1])
+                self.after_step(epoch_losses[-1])
+                if state.step >= args.max_train_steps:
+                    break
+            if state.batches_done >= self.batches_per_epoch:
+                self.after_epoch(epoch_losses)
+        self.progress.close()
+        return self.finish()
 
-    def sample(step, epoch=None):
-        done["sampled"] = step
-        if not prompts or not accelerator.is_main_process:
-            accelerator.wait_for_everyone()
+    def backward(self, batch: dict) -> float:
+        loss, logged = batch_loss(self.args, self.family, self.models, batch, self.seed, self.device, self.weight_dtype, self.train_te,
+                                  self.accelerator)
+        if not math.isfinite(logged):
+            raise TrainingError(f"the loss became {logged} at step {self.state.step + 1}; training stopped. The last saved checkpoint "
+                                "is kept. Lower the learning rate, or try --mixed_precision bf16 instead of fp16.")
+        self.accelerator.backward(loss / self.args.gradient_accumulation_steps)
+        return logged
+
+    def optimizer_step(self, loss: float) -> None:
+        if self.accelerator.num_processes > 1:
+            all_reduce_mean(self.trainable, self.accelerator.num_processes)
+        if self.masters:
+            self.masters.grads_to_masters()
+        if self.args.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.optimized, self.args.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step(loss) if self.metric_scheduler else self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.masters:
+            self.masters.masters_to_params()
+        self.state.step += 1
+        self.progress.update(1)
+
+    def after_step(self, loss: float) -> None:
+        """Logs, max-norm, and what is due every N steps: checkpoint, samples, validation."""
+        args, state = self.args, self.state
+        logs = {"loss/current": loss}
+        if args.scale_weight_norms:
+            scaled, mean_norm, max_norm = self.network.apply_max_norm(args.scale_weight_norms)
+            if self.masters:
+                self.masters.params_to_masters()
+            logs.update({"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": max_norm})
+        self.recent = (self.recent + [loss])[-self.batches_per_epoch:]
+        logs["loss/average"] = sum(self.recent) / len(self.recent)
+        for name, lr in zip(self.group_names, self.lr_scheduler.get_last_lr()):
+            logs[f"lr/{name}"] = lr
+        self.progress.set_postfix(avr_loss=f"{logs['loss/average']:.4f}")
+        state.loss_history.append(loss)
+        if self.log_with:
+            self.accelerator.log(logs, step=state.step)
+        if args.save_every_n_steps and state.step % args.save_every_n_steps == 0:
+            self.save_point(step=state.step)
+        if args.sample_every_n_steps and not args.sample_every_n_epochs and state.step % args.sample_every_n_steps == 0:
+            self.sample(state.step)
+        if args.validate_every_n_steps and state.step % args.validate_every_n_steps == 0:
+            self.validate(state.step, "step")
+
+    def after_epoch(self, epoch_losses: list[float]) -> None:
+        args, state = self.args, self.state
+        if self.log_with and epoch_losses:
+            self.accelerator.log({"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, step=state.epoch)
+        not_last = state.epoch < self.num_epochs and state.step < args.max_train_steps
+        if not_last and state.epoch % (args.validate_every_n_epochs or 1) == 0:
+            self.validate(state.epoch, "epoch")
+        if not_last and args.save_every_n_epochs and state.epoch % args.save_every_n_epochs == 0:
+            self.save_point(epoch=state.epoch)
+        if not_last and args.sample_every_n_epochs and state.epoch % args.sample_every_n_epochs == 0:
+            self.sample(state.step, state.epoch)
+        state.epoch += 1
+        state.batches_done = 0
+
+    def finish(self) -> str:
+        args, state = self.args, self.state
+        if self.last_validated != state.step:
+            self.validate(state.step, "step")
+        with evaluation_weights(self.optimizer, self.masters):
+            final = self.ckpt.save_model(args.output_name, state)
+        if args.save_state or args.save_state_on_train_end:
+            self.ckpt.save_state(args.output_name, state, self.seed)
+        if (args.sample_every_n_steps or args.sample_every_n_epochs) and self.last_sampled != state.step:
+            self.sample(state.step)
+        _write_loss_log(args, state, self.accelerator)
+        self.accelerator.end_training()
+        return final
+
+    # -- what happens every N steps --------------------------------------------------------------------------------
+
+    def save_point(self, step: int | None = None, epoch: int | None = None) -> None:
+        with evaluation_weights(self.optimizer, self.masters):
+            save_point(self.ckpt, self.args, self.state, self.seed, step=step, epoch=epoch)
+
+    def sample(self, step: int, epoch: int | None = None) -> None:
+        self.last_sampled = step
+        if self.prompts and self.accelerator.is_main_process:
+            self.network.eval()
+            with evaluation_weights(self.optimizer, self.masters), self.accelerator.autocast():
+                self.family.sample_images(self.args, self.models, self.prompts, self.args.output_dir, self.args.output_name,
+                                          step if epoch is None else None, epoch, self.device, self.weight_dtype)
+            self.network.train()
+        self.accelerator.wait_for_everyone()
+
+    def validate(self, x: int, kind: str) -> None:
+        if self.val_loader is None:
             return
-        network.eval()
-        with evaluation_weights(optimizer, masters), accelerator.autocast():
-            family.sample_images(args, models, prompts, args.output_dir, args.output_name, step if epoch is None else None, epoch, device, weight_dtype)
-        network.train()
-        accelerator.wait_for_everyone()
-
-    if args.sample_at_first and state.step == 0:
-        sample(0)
-
-    progress = tqdm(total=args.max_train_steps, initial=state.step, desc="steps", disable=not accelerator.is_local_main_process)
-    recent: list[float] = []
-    micro = 0
-    network.train()
-    while state.epoch <= num_epochs and state.step < args.max_train_steps:
-        loader.batch_sampler.set_epoch(state.epoch, state.batches_done)
-        epoch_losses = []
-        for batch in loader:
-            micro += 1
-            state.batches_done += 1
-            end_of_epoch = state.batches_done == batches_per_epoch
-            loss, logged = batch_loss(args, family, models, batch, seed, device, weight_dtype, train_te, accelerator)
-            if not math.isfinite(logged):
-                raise TrainingError(f"the loss became {logged} at step {state.step + 1}; training stopped. The last saved checkpoint "
-                                    "is kept. Lower the learning rate, or try --mixed_precision bf16 instead of fp16.")
-            accelerator.backward(loss / args.gradient_accumulation_steps)
-            epoch_losses.append(logged)
-            if micro % args.gradient_accumulation_steps and not end_of_epoch:
-                continue
-            if P > 1:
-                all_reduce_mean(trainable, P)
-            if masters:
-                masters.grads_to_masters()
-            if args.max_grad_norm:
-                accelerator.clip_grad_norm_(optimized, args.max_grad_norm)
-            optimizer.step()
-            if metric_scheduler:
-                lr_scheduler.step(logged)
-            else:
-                lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if masters:
-                masters.masters_to_params()
-            state.step += 1
-            progress.update(1)
-            logs = {"loss/current": logged}
-            if args.scale_weight_norms:
-                scaled, mean_norm, max_norm = network.apply_max_norm(args.scale_weight_norms)
-                if masters:
-                    masters.params_to_masters()
-                logs.update({"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": max_norm})
-            recent = (recent + [logged])[-batches_per_epoch:]
-            logs["loss/average"] = sum(recent) / len(recent)
-            for name, lr in zip(group_names, lr_scheduler.get_last_lr()):
-                logs[f"lr/{name}"] = lr
-            progress.set_postfix(avr_loss=f"{logs['loss/average']:.4f}")
-            state.loss_history.append(logged)
-            if log_with:
-                accelerator.log(logs, step=state.step)
-            if args.save_every_n_steps and state.step % args.save_every_n_steps == 0:
-                with evaluation_weights(optimizer, masters):
-                    save_point(ckpt, args, state, seed, step=state.step)
-            if args.sample_every_n_steps and not args.sample_every_n_epochs and state.step % args.sample_every_n_steps == 0:
-                sample(state.step)
-            if val_loader is not None and args.validate_every_n_steps and state.step % args.validate_every_n_steps == 0:
-                validate(args, family, models, val_loader, seed, device, weight_dtype, accelerator, logs["loss/average"], state.step, "step", log_with)
-                done["validated"] = state.step
-            if state.step >= args.max_train_steps:
-                break
-        if state.batches_done >= batches_per_epoch:
-            if log_with and epoch_losses:
-                accelerator.log({"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, step=state.epoch)
-            if val_loader is not None and state.step < args.max_train_steps and (state.epoch % (args.validate_every_n_epochs or 1) == 0):
-                validate(args, family, models, val_loader, seed, device, weight_dtype, accelerator, sum(recent) / max(len(recent), 1), state.epoch, "epoch", log_with)
-            if args.save_every_n_epochs and state.epoch % args.save_every_n_epochs == 0 and state.epoch < num_epochs and state.step < args.max_train_steps:
-                with evaluation_weights(optimizer, masters):
-                    save_point(ckpt, args, state, seed, epoch=state.epoch)
-            if args.sample_every_n_epochs and state.epoch % args.sample_every_n_epochs == 0 and state.epoch < num_epochs:
-                sample(state.step, state.epoch)
-            state.epoch += 1
-            state.batches_done = 0
-    progress.close()
-    if val_loader is not None and done["validated"] != state.step:
-        validate(args, family, models, val_loader, seed, device, weight_dtype, accelerator, sum(recent) / max(len(recent), 1), state.step, "step", log_with)
-    with evaluation_weights(optimizer, masters):
-        final = ckpt.save_model(args.output_name, state)
-    if args.save_state or args.save_state_on_train_end:
-        ckpt.save_state(args.output_name, state, seed)
-    if prompts and (args.sample_every_n_steps or args.sample_every_n_epochs) and done["sampled"] != state.step:
-        sample(state.step)
-    _write_loss_log(args, state, accelerator)
-    accelerator.end_training()
-    return final
+        self.last_validated = self.state.step
+        with evaluation_weights(self.optimizer, self.masters):
+            validate(self.args, self.family, self.models, self.val_loader, self.seed, self.device, self.weight_dtype, self.accelerator,
+                     sum(self.recent) / max(len(self.recent), 1), x, kind, self.log_with)
 
 
 def save_point(ckpt: Checkpointer, args, state: RunState, seed: int, step: int | None = None, epoch: int | None = None) -> None:
