@@ -379,3 +379,34 @@ def test_sd2_v_prediction_bf16_checkpointing_accumulation_8bit_and_epochs(tmp_pa
     assert md["modelspec.prediction_type"] == "v" and md["ss_num_epochs"] == "3" and md["modelspec.encoder_layer"] == "2"
     # 8 samples / batch 1 = 8 batches per epoch, 2 per step: 4 steps per epoch
     assert md["ss_steps"] == "12" and md["ss_max_train_steps"] == "12"
+
+
+def test_ckpt_format_step_pruning_workers_masked_loss_and_epoch_samples(tiny_sd, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "d"
+    (root / "img").mkdir(parents=True)
+    for i in range(4):
+        rgba = Image.new("RGBA", (64, 64), (200, 40 * i, 90, 255))
+        rgba.paste((0, 0, 0, 0), (0, 0, 32, 64))  # left half transparent
+        rgba.save(root / "img" / f"{i}.png")
+        write_caption(root / "img" / f"{i}.png", f"thing {i}")
+    config = root / "d.toml"
+    config.write_text(f"[general]\ncaption_extension = '.txt'\nresolution = 64\n[[datasets]]\n  [[datasets.subsets]]\n"
+                      f"  image_dir = '{root / 'img'}'\n  alpha_mask = true\n")
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"prompt": "a thing", "width": 64, "height": 64, "sample_steps": 2, "seed": 1}]))
+    out = tmp_path / "o"
+    base = list(BASE)
+    base[base.index("--max_data_loader_n_workers") + 1] = "2"
+    launch("--pretrained_model_name_or_path", tiny_sd, "--dataset_config", config, "--output_dir", out, "--output_name", "k",
+           "--max_train_epochs", 2, "--save_every_n_steps", 2, "--save_last_n_steps", 2, "--save_model_as", "ckpt", "--masked_loss",
+           "--sample_prompts", prompts, "--sample_every_n_epochs", 1, "--network_train_text_encoder_only", "--log_config",
+           "--logging_dir", out / "logs", *base)
+    files = sorted(os.listdir(out))
+    # 4 steps per epoch, 8 in all: step checkpoints at 2, 4, 6, 8; with --save_last_n_steps 2 only 6 and 8 remain
+    assert [f for f in files if f.startswith("k-step")] == ["k-step00000006.ckpt", "k-step00000008.ckpt"]
+    sd = torch.load(out / "k.ckpt", weights_only=True)
+    assert sd and all(k.startswith("lora_te_") for k in sd)
+    samples = sorted(os.listdir(out / "sample"))
+    assert sorted(n.split("_")[1] for n in samples) == ["000008", "e000001"]  # epoch 1, then the end of training
