@@ -67,6 +67,11 @@ def check_args(args, family: ModelFamily) -> None:
         problems.append("--dim_from_weights needs --network_weights")
     if args.gradient_accumulation_steps < 1:
         problems.append("--gradient_accumulation_steps must be at least 1")
+    if args.log_with == "wandb":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            problems.append("--log_with wandb needs the wandb package (pip install wandb); or use --log_with tensorboard")
     try:
         family.check_args(args)
     except ValueError as e:
@@ -77,6 +82,8 @@ def check_args(args, family: ModelFamily) -> None:
         logger.warning("--xformers/--mem_eff_attn: kiln always uses PyTorch's scaled-dot-product attention (flash and memory-efficient kernels)")
     if args.cache_latents_to_disk:
         args.cache_latents = True
+    if args.wandb_api_key:
+        os.environ["WANDB_API_KEY"] = args.wandb_api_key
 
 
 def load_datasets(args, family: ModelFamily, seed: int) -> DatasetGroup:
