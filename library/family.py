@@ -56,8 +56,16 @@ class ModelFamily(ABC):
         """Captions -> conditioning tensors (gradients flow when a text encoder is trained)."""
 
     @abstractmethod
-    def sample_losses(self, args, models: TrainModels, batch: dict, latents: torch.Tensor, conds: list[torch.Tensor],
-                      generators: list[torch.Generator], timesteps: torch.Tensor | None = None) -> torch.Tensor:
+    def sample_losses(
+        self,
+        args,
+        models: TrainModels,
+        batch: dict,
+        latents: torch.Tensor,
+        conds: list[torch.Tensor],
+        generators: list[torch.Generator],
+        timesteps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Per-element loss (B, C, h, w) of one batch; `timesteps` fixed for validation, else drawn per sample."""
 
     @abstractmethod
@@ -97,8 +105,9 @@ class DdpmFamily(ModelFamily):
             raise ValueError("--v_pred_like_loss is for epsilon models; the model already predicts v")
 
     @abstractmethod
-    def call_denoiser(self, args, models: TrainModels, noisy: torch.Tensor, timesteps: torch.Tensor, conds: list[torch.Tensor],
-                      batch: dict) -> torch.Tensor: ...
+    def call_denoiser(
+        self, args, models: TrainModels, noisy: torch.Tensor, timesteps: torch.Tensor, conds: list[torch.Tensor], batch: dict
+    ) -> torch.Tensor: ...
 
     def sample_losses(self, args, models, batch, latents, conds, generators, timesteps=None):
         sched = self.noise_scheduler(args)
@@ -115,16 +124,27 @@ class DdpmFamily(ModelFamily):
             multires_noise_discount=args.multires_noise_discount,
         )
         if timesteps is None:
-            timesteps = torch.cat([
-                ddpm.sample_timesteps(1, sched.config.num_train_timesteps, args.min_timestep, args.max_timestep, generator=g)
-                for g in generators
-            ])
+            timesteps = torch.cat(
+                [
+                    ddpm.sample_timesteps(1, sched.config.num_train_timesteps, args.min_timestep, args.max_timestep, generator=g)
+                    for g in generators
+                ]
+            )
         timesteps = timesteps.long()
-        noisy = torch.cat([
-            ddpm.noisy_latents(sched, cpu_latents[i : i + 1], noise[i : i + 1], timesteps[i : i + 1], args.ip_noise_gamma,
-                               args.ip_noise_gamma_random_strength, generator=g)
-            for i, g in enumerate(generators)
-        ])
+        noisy = torch.cat(
+            [
+                ddpm.noisy_latents(
+                    sched,
+                    cpu_latents[i : i + 1],
+                    noise[i : i + 1],
+                    timesteps[i : i + 1],
+                    args.ip_noise_gamma,
+                    args.ip_noise_gamma_random_strength,
+                    generator=g,
+                )
+                for i, g in enumerate(generators)
+            ]
+        )
         target = ddpm.training_target(sched, cpu_latents, noise, timesteps, args.v_parameterization)
         noisy, target, t_dev = noisy.to(device, latents.dtype), target.to(device), timesteps.to(device)
         pred = self.call_denoiser(args, models, noisy, t_dev, conds, batch)

@@ -21,7 +21,9 @@ class SdFamily(DdpmFamily):
     def load_models(self, args) -> TrainModels:
         from library.sd_models import load_sd_model
 
-        model = load_sd_model(args.pretrained_model_name_or_path, v2=args.v2, vae=args.vae, tokenizer_cache_dir=args.tokenizer_cache_dir)
+        model = load_sd_model(
+            args.pretrained_model_name_or_path, v2=args.v2, vae=args.vae, tokenizer_cache_dir=args.tokenizer_cache_dir
+        )
         self.v2 = model.v2
         return TrainModels([model.text_encoder], [model.tokenizer], model.vae, model.unet)
 

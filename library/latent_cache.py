@@ -69,8 +69,16 @@ class LatentCache:
             keys.append("alpha_mask")
         return keys
 
-    def fill(self, group: DatasetGroup, encode: EncodeFn, device: torch.device, dtype: torch.dtype,
-             process_index: int = 0, num_processes: int = 1, show_progress: bool = True) -> int:
+    def fill(
+        self,
+        group: DatasetGroup,
+        encode: EncodeFn,
+        device: torch.device,
+        dtype: torch.dtype,
+        process_index: int = 0,
+        num_processes: int = 1,
+        show_progress: bool = True,
+    ) -> int:
         """Encode what is missing or stale; returns how many images were encoded by this process.
 
         With several processes each one encodes its share of the disk caches (index % num_processes); memory
@@ -88,7 +96,9 @@ class LatentCache:
                 if n % num_processes != process_index:
                     continue
                 path = self.strategy.cache_path(info.path, info.bucket)
-                if self.strategy.is_valid(path, self.strategy.expected_metadata(info.path, self._identity(info, subset)), self._keys(subset)):
+                if self.strategy.is_valid(
+                    path, self.strategy.expected_metadata(info.path, self._identity(info, subset)), self._keys(subset)
+                ):
                     continue
             todo.setdefault((info.bucket, subset.flip_aug, subset.alpha_mask), []).append((info, subset))
         total = sum(len(v) for v in todo.values())

@@ -47,10 +47,14 @@ def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     return model_hash, legacy_hash
 
 
-def save_weights(path: str, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None, dtype: torch.dtype | None) -> None:
+def save_weights(
+    path: str, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None, dtype: torch.dtype | None
+) -> None:
     """Save adapter weights (safetensors with metadata and sshs_* hashes, or a torch state dict for .ckpt/.pt)."""
-    tensors = {k: (v.detach().to("cpu", dtype) if dtype is not None and v.is_floating_point() else v.detach().cpu()).contiguous()
-               for k, v in state_dict.items()}
+    tensors = {
+        k: (v.detach().to("cpu", dtype) if dtype is not None and v.is_floating_point() else v.detach().cpu()).contiguous()
+        for k, v in state_dict.items()
+    }
     if path.endswith(".safetensors"):
         metadata = dict(metadata or {})
         metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(tensors, metadata)
@@ -73,8 +77,10 @@ def load_weights_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} cannot be read without unpickling arbitrary objects ({e}); kiln does not unpickle files. "
-                         "Convert it to .safetensors with a tool you trust.") from None
+        raise ValueError(
+            f"{path} cannot be read without unpickling arbitrary objects ({e}); kiln does not unpickle files. "
+            "Convert it to .safetensors with a tool you trust."
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
@@ -94,7 +100,12 @@ def checkpoint_name(output_name: str, epoch: int | None = None, step: int | None
 
 def prune_checkpoints(output_dir: str, output_name: str, ext: str, kind: str, keep_from: int, state: bool = False) -> list[str]:
     """Remove this run's epoch (kind="epoch") or step checkpoints numbered below keep_from; returns removed paths."""
-    pattern = re.escape(output_name) + (r"-step(\d{8})" if kind == "step" else r"-(\d{6})") + ("-state" if state else re.escape(ext)) + "$"
+    pattern = (
+        re.escape(output_name)
+        + (r"-step(\d{8})" if kind == "step" else r"-(\d{6})")
+        + ("-state" if state else re.escape(ext))
+        + "$"
+    )
     removed = []
     for entry in os.listdir(output_dir):
         m = re.match(pattern, entry)
@@ -119,8 +130,10 @@ def save_state(folder: str, network_state: dict[str, torch.Tensor], optimizer, l
         save_weights(os.path.join(tmp, "network.safetensors"), network_state, None, None)
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
-        torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   os.path.join(tmp, "rng.pt"))
+        torch.save(
+            {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            os.path.join(tmp, "rng.pt"),
+        )
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
             json.dump(train_state, f, indent=1)
     except OSError as e:

@@ -38,7 +38,9 @@ class TextEncodingStrategy(ABC):
     def encode_tokens(self, models: list, tokens: list[torch.Tensor]) -> list[torch.Tensor]: ...
 
     @abstractmethod
-    def encode_tokens_with_weights(self, models: list, tokens: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]: ...
+    def encode_tokens_with_weights(
+        self, models: list, tokens: list[torch.Tensor], weights: list[torch.Tensor]
+    ) -> list[torch.Tensor]: ...
 
 
 class TextEncoderOutputsCachingStrategy(ABC):

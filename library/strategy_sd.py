@@ -58,6 +58,8 @@ class SdTextEncodingStrategy(TextEncodingStrategy):
         hidden = clip_hidden_states(text_encoder, ids.reshape(b * n, length).to(text_encoder.device), self.clip_skip)
         return [join_clip_chunks(hidden, n)]
 
-    def encode_tokens_with_weights(self, models: list, tokens: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    def encode_tokens_with_weights(
+        self, models: list, tokens: list[torch.Tensor], weights: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         (hidden,) = self.encode_tokens(models, tokens)
         return [apply_token_weights(hidden, weights[0].to(hidden.device))]

@@ -148,7 +148,13 @@ def save_diffusers_folder(components: dict, folder: str) -> None:
     """Save components as a diffusers StableDiffusionPipeline folder (model_index.json and one folder each)."""
     os.makedirs(folder, exist_ok=True)
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}
-    libraries = {"unet": "diffusers", "vae": "diffusers", "scheduler": "diffusers", "text_encoder": "transformers", "tokenizer": "transformers"}
+    libraries = {
+        "unet": "diffusers",
+        "vae": "diffusers",
+        "scheduler": "diffusers",
+        "text_encoder": "transformers",
+        "tokenizer": "transformers",
+    }
     for name, obj in components.items():
         obj.save_pretrained(os.path.join(folder, name))
         index[name] = [libraries[name], type(obj).__name__]

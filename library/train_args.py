@@ -43,7 +43,9 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output_dir", type=str, default=None, help="folder for the LoRA files, states and samples")
     g.add_argument("--output_name", type=str, default=None, help="file name without extension (default: last)")
     g.add_argument("--save_model_as", type=str, default="safetensors", choices=["safetensors", "ckpt", "pt"], help="file format")
-    g.add_argument("--save_precision", type=str, default=None, choices=["float", "fp16", "bf16"], help="dtype of the saved weights")
+    g.add_argument(
+        "--save_precision", type=str, default=None, choices=["float", "fp16", "bf16"], help="dtype of the saved weights"
+    )
     g.add_argument("--no_metadata", action="store_true", help="write only the essential ss_* metadata")
     g.add_argument("--training_comment", type=str, default=None, help="free text stored as ss_training_comment")
     g.add_argument("--save_every_n_epochs", type=int, default=None, help="save a checkpoint every N epochs")
@@ -61,20 +63,32 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--max_train_steps", type=int, default=1600, help="number of optimizer steps")
     g.add_argument("--max_train_epochs", type=int, default=None, help="number of epochs (overrides --max_train_steps)")
-    g.add_argument("--max_data_loader_n_workers", type=int, default=8, help="data-loader worker processes (at most the CPU count)")
+    g.add_argument(
+        "--max_data_loader_n_workers", type=int, default=8, help="data-loader worker processes (at most the CPU count)"
+    )
     g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep workers alive between epochs")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
     g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="compute precision")
     g.add_argument("--full_fp16", action="store_true", help="keep the trained weights in fp16 too (less memory, less precise)")
     g.add_argument("--full_bf16", action="store_true", help="keep the trained weights in bf16 too (less memory, less precise)")
-    g.add_argument("--clip_skip", type=int, default=None, help="use the text encoder's N-th layer from the end (2 for many anime models)")
+    g.add_argument(
+        "--clip_skip", type=int, default=None, help="use the text encoder's N-th layer from the end (2 for many anime models)"
+    )
     g.add_argument("--weighted_captions", action="store_true", help="read (tag:1.2) attention weights in captions")
     g.add_argument("--sdpa", action="store_true", help="scaled-dot-product attention (kiln always uses it)")
-    g.add_argument("--xformers", action="store_true", help="accepted for sd-scripts command lines; kiln uses PyTorch SDPA instead")
-    g.add_argument("--mem_eff_attn", action="store_true", help="accepted for sd-scripts command lines; kiln uses PyTorch SDPA instead")
-    g.add_argument("--cache_latents", action="store_true", help="encode every image once before training, keep the latents in memory")
-    g.add_argument("--cache_latents_to_disk", action="store_true", help="keep latent caches next to the images (implies --cache_latents)")
+    g.add_argument(
+        "--xformers", action="store_true", help="accepted for sd-scripts command lines; kiln uses PyTorch SDPA instead"
+    )
+    g.add_argument(
+        "--mem_eff_attn", action="store_true", help="accepted for sd-scripts command lines; kiln uses PyTorch SDPA instead"
+    )
+    g.add_argument(
+        "--cache_latents", action="store_true", help="encode every image once before training, keep the latents in memory"
+    )
+    g.add_argument(
+        "--cache_latents_to_disk", action="store_true", help="keep latent caches next to the images (implies --cache_latents)"
+    )
     g.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE call when caching latents")
     g.add_argument("--skip_cache_check", action="store_true", help="trust existing cache files without checking what made them")
     g.add_argument("--masked_loss", action="store_true", help="weight the loss by the alpha mask (subsets with alpha_mask)")
@@ -95,7 +109,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--v_pred_like_loss", type=float, default=None, help="add a v-prediction-like loss with this weight")
     g.add_argument("--debiased_estimation_loss", action="store_true", help="debiased estimation loss weighting")
     g.add_argument("--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"], help="loss function")
-    g.add_argument("--huber_schedule", type=str, default="snr", choices=["constant", "exponential", "snr"], help="huber c over timesteps")
+    g.add_argument(
+        "--huber_schedule", type=str, default="snr", choices=["constant", "exponential", "snr"], help="huber c over timesteps"
+    )
     g.add_argument("--huber_c", type=float, default=0.1, help="huber loss parameter c")
     g.add_argument("--huber_scale", type=float, default=1.0, help="huber loss scale")
 
@@ -125,7 +141,9 @@ def _add_sample_and_validation_arguments(parser: argparse.ArgumentParser) -> Non
     g.add_argument("--sample_sampler", type=str, default="ddim", help="sampler: ddim, euler, euler_a, dpmsolver++, ...")
     g = parser.add_argument_group("validation")
     g.add_argument("--validate_every_n_steps", type=int, default=None, help="validation loss every N steps")
-    g.add_argument("--validate_every_n_epochs", type=int, default=None, help="validation loss every N epochs (default: every epoch)")
+    g.add_argument(
+        "--validate_every_n_epochs", type=int, default=None, help="validation loss every N epochs (default: every epoch)"
+    )
     g.add_argument("--max_validation_steps", type=int, default=None, help="at most this many validation batches")
 
 

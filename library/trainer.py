@@ -79,7 +79,9 @@ def check_args(args, family: ModelFamily) -> None:
     if problems:
         raise TrainingError("invalid arguments:\n  " + "\n  ".join(problems))
     if args.xformers or args.mem_eff_attn:
-        logger.warning("--xformers/--mem_eff_attn: kiln always uses PyTorch's scaled-dot-product attention (flash and memory-efficient kernels)")
+        logger.warning(
+            "--xformers/--mem_eff_attn: kiln always uses PyTorch's scaled-dot-product attention (flash and memory-efficient kernels)"
+        )
     if args.cache_latents_to_disk:
         args.cache_latents = True
     if args.wandb_api_key:
@@ -90,9 +92,13 @@ def load_datasets(args, family: ModelFamily, seed: int) -> DatasetGroup:
     configs = config_util.load_dataset_configs(args)
     for cfg in configs:
         if cfg.enable_bucket and cfg.bucket_reso_steps % family.bucket_reso_multiple:
-            raise config_util.ConfigError(f"{cfg.name}: bucket_reso_steps must be a multiple of {family.bucket_reso_multiple} for this model family")
+            raise config_util.ConfigError(
+                f"{cfg.name}: bucket_reso_steps must be a multiple of {family.bucket_reso_multiple} for this model family"
+            )
         if any(side % family.bucket_reso_multiple for side in cfg.resolution):
-            raise config_util.ConfigError(f"{cfg.name}: resolution sides must be multiples of {family.bucket_reso_multiple} for this model family")
+            raise config_util.ConfigError(
+                f"{cfg.name}: resolution sides must be multiples of {family.bucket_reso_multiple} for this model family"
+            )
     datasets = build_datasets(configs, seed)
     for ds in datasets:
         for p in ds.problems:
@@ -122,11 +128,19 @@ def build_network(args, family: ModelFamily, models: TrainModels, train_te: bool
     try:
         if args.dim_from_weights:
             weights, _ = saving.load_weights_file(args.network_weights)
-            network = module.create_network_from_weights(1.0, weights, models.text_encoders, models.denoiser, **options, **net_kwargs)
+            network = module.create_network_from_weights(
+                1.0, weights, models.text_encoders, models.denoiser, **options, **net_kwargs
+            )
         else:
             network = module.create_network(
-                1.0, args.network_dim, args.network_alpha, models.text_encoders, models.denoiser,
-                neuron_dropout=args.network_dropout, **options, **net_kwargs,
+                1.0,
+                args.network_dim,
+                args.network_alpha,
+                models.text_encoders,
+                models.denoiser,
+                neuron_dropout=args.network_dropout,
+                **options,
+                **net_kwargs,
             )
     except ValueError as e:
         raise TrainingError(str(e)) from None
@@ -138,7 +152,9 @@ def build_network(args, family: ModelFamily, models: TrainModels, train_te: bool
         except ValueError as e:
             raise TrainingError(str(e)) from None
         if unexpected:
-            logger.warning(f"{args.network_weights}: {len(unexpected)} keys have no module here and are ignored, e.g. {unexpected[0]}")
+            logger.warning(
+                f"{args.network_weights}: {len(unexpected)} keys have no module here and are ignored, e.g. {unexpected[0]}"
+            )
     return network
 
 
@@ -146,8 +162,16 @@ def build_network(args, family: ModelFamily, models: TrainModels, train_te: bool
 # Metadata
 
 
-def training_metadata(args, family: ModelFamily, group: DatasetGroup, seed: int, num_epochs: int, batches_per_epoch: int,
-                      optimizer_name: str, optimizer_args: str) -> dict[str, str]:
+def training_metadata(
+    args,
+    family: ModelFamily,
+    group: DatasetGroup,
+    seed: int,
+    num_epochs: int,
+    batches_per_epoch: int,
+    optimizer_name: str,
+    optimizer_args: str,
+) -> dict[str, str]:
     """sd-scripts' ss_* keys and the modelspec.* keys (all strings)."""
     now = time.time()
     train_images = sum(ds.num_train_images for ds in group.datasets)
@@ -228,26 +252,47 @@ def training_metadata(args, family: ModelFamily, group: DatasetGroup, seed: int,
                         freq[tag.strip()] = freq.get(tag.strip(), 0) + 1
             tag_frequency[dirname] = freq
             dataset_dirs[dirname] = {"n_repeats": subset.num_repeats, "img_count": len(infos)}
-            subsets_md.append({"img_count": len(infos), "num_repeats": subset.num_repeats, "color_aug": subset.color_aug,
-                               "flip_aug": subset.flip_aug, "random_crop": subset.random_crop,
-                               "shuffle_caption": subset.caption.shuffle_caption, "keep_tokens": subset.caption.keep_tokens,
-                               "image_dir": dirname, "class_tokens": subset.class_tokens, "is_reg": subset.is_reg})
-        datasets_md.append({"is_dreambooth": ds.config.kind == "dreambooth", "batch_size_per_device": ds.config.batch_size,
-                            "num_train_images": ds.num_train_images, "num_reg_images": ds.num_reg_images,
-                            "resolution": list(ds.config.resolution), "enable_bucket": ds.config.enable_bucket,
-                            "min_bucket_reso": ds.config.min_bucket_reso, "max_bucket_reso": ds.config.max_bucket_reso,
-                            "bucket_info": ds.bucket_info(), "subsets": subsets_md})
+            subsets_md.append(
+                {
+                    "img_count": len(infos),
+                    "num_repeats": subset.num_repeats,
+                    "color_aug": subset.color_aug,
+                    "flip_aug": subset.flip_aug,
+                    "random_crop": subset.random_crop,
+                    "shuffle_caption": subset.caption.shuffle_caption,
+                    "keep_tokens": subset.caption.keep_tokens,
+                    "image_dir": dirname,
+                    "class_tokens": subset.class_tokens,
+                    "is_reg": subset.is_reg,
+                }
+            )
+        datasets_md.append(
+            {
+                "is_dreambooth": ds.config.kind == "dreambooth",
+                "batch_size_per_device": ds.config.batch_size,
+                "num_train_images": ds.num_train_images,
+                "num_reg_images": ds.num_reg_images,
+                "resolution": list(ds.config.resolution),
+                "enable_bucket": ds.config.enable_bucket,
+                "min_bucket_reso": ds.config.min_bucket_reso,
+                "max_bucket_reso": ds.config.max_bucket_reso,
+                "bucket_info": ds.bucket_info(),
+                "subsets": subsets_md,
+            }
+        )
     md["ss_datasets"] = json.dumps(datasets_md)
     md["ss_tag_frequency"] = json.dumps(tag_frequency)
     md["ss_dataset_dirs"] = json.dumps(dataset_dirs)
     md["ss_bucket_info"] = json.dumps(group.datasets[0].bucket_info())
     res = group.datasets[0].config.resolution
-    md.update({
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.title": args.metadata_title or args.output_name,
-        "modelspec.resolution": f"{res[0]}x{res[1]}",
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
-    })
+    md.update(
+        {
+            "modelspec.sai_model_spec": "1.0.1",
+            "modelspec.title": args.metadata_title or args.output_name,
+            "modelspec.resolution": f"{res[0]}x{res[1]}",
+            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
+        }
+    )
     for name in ("author", "description", "license", "tags"):
         if getattr(args, f"metadata_{name}"):
             md[f"modelspec.{name}"] = getattr(args, f"metadata_{name}")
@@ -359,7 +404,12 @@ class Checkpointer:
     def save_state(self, name: str, state: RunState, seed: int) -> None:
         if self.accelerator.is_main_process:
             folder = os.path.join(self.args.output_dir, name + "-state")
-            train_state = {"current_epoch": state.epoch, "current_step": state.step, "batches_done": state.batches_done, "seed": seed}
+            train_state = {
+                "current_epoch": state.epoch,
+                "current_step": state.step,
+                "batches_done": state.batches_done,
+                "seed": seed,
+            }
             weights = self.network.state_dict()
             if self.masters:  # the float32 weights the optimizer updates, so that a resume is exact
                 weights.update(self.masters.named_masters())
@@ -387,7 +437,9 @@ class TrainingRun:
         self.args, self.family = args, family
         args.output_name = args.output_name or "last"
         resume = saving.load_state(args.resume) if args.resume else None
-        self.seed = resume["train_state"]["seed"] if resume else (args.seed if args.seed is not None else random.randint(0, 2**31 - 1))
+        self.seed = (
+            resume["train_state"]["seed"] if resume else (args.seed if args.seed is not None else random.randint(0, 2**31 - 1))
+        )
         set_seed(self.seed)  # adapter initialisation and dropout draw from torch's global RNG
         self.group = load_datasets(args, family, self.seed)
         self.prompts = self._load_prompts()
@@ -397,13 +449,17 @@ class TrainingRun:
         self.state = RunState()
         if resume:
             self._resume(resume)
-        metadata = training_metadata(args, family, self.group, self.seed, self.num_epochs, self.batches_per_epoch,
-                                     self.optimizer_name, self.optimizer_args)
+        metadata = training_metadata(
+            args, family, self.group, self.seed, self.num_epochs, self.batches_per_epoch, self.optimizer_name, self.optimizer_args
+        )
         self.ckpt = Checkpointer(args, self.network, self.optimizer, self.lr_scheduler, metadata, self.accelerator, self.masters)
         if self.log_with:
             init_kwargs = {"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {}
-            self.accelerator.init_trackers(args.log_tracker_name or "network_train",
-                                           config=_loggable_config(args) if args.log_config else {}, init_kwargs=init_kwargs)
+            self.accelerator.init_trackers(
+                args.log_tracker_name or "network_train",
+                config=_loggable_config(args) if args.log_config else {},
+                init_kwargs=init_kwargs,
+            )
         self.recent: list[float] = []
         self.last_sampled = self.last_validated = None
 
@@ -415,7 +471,9 @@ class TrainingRun:
         if not self.args.sample_prompts:
             return []
         try:
-            return load_sample_prompts(self.args.sample_prompts, self.family.sample_defaults, unsupported=self.family.sample_unsupported)
+            return load_sample_prompts(
+                self.args.sample_prompts, self.family.sample_defaults, unsupported=self.family.sample_unsupported
+            )
         except SamplePromptError as e:
             raise TrainingError(str(e)) from None
 
@@ -467,18 +525,27 @@ class TrainingRun:
         for p in self.trainable:
             p.requires_grad_(True)
         self.masters = HalfPrecisionMasters(self.network, self.trainable) if (args.full_fp16 or args.full_bf16) else None
-        self.optimizer_name, self.optimizer_args, optimizer = make_optimizer(args, self.masters.swap_groups(groups) if self.masters else groups)
+        self.optimizer_name, self.optimizer_args, optimizer = make_optimizer(
+            args, self.masters.swap_groups(groups) if self.masters else groups
+        )
         self.optimized = self.masters.masters if self.masters else self.trainable
 
         n_proc, rank = acc.num_processes, acc.process_index
-        self.loader = make_data_loader(self.group, num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
-                                       max_train_steps=args.max_train_steps, batches_per_step=args.gradient_accumulation_steps,
-                                       persistent_workers=args.persistent_data_loader_workers, latent_cache=self.latent_cache,
-                                       num_processes=n_proc, process_index=rank)
+        self.loader = make_data_loader(
+            self.group,
+            num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
+            max_train_steps=args.max_train_steps,
+            batches_per_step=args.gradient_accumulation_steps,
+            persistent_workers=args.persistent_data_loader_workers,
+            latent_cache=self.latent_cache,
+            num_processes=n_proc,
+            process_index=rank,
+        )
         self.val_loader = None
         if any(ds.validation for ds in self.group.datasets):
-            self.val_loader = make_data_loader(self.group, validation=True, latent_cache=self.latent_cache, num_processes=n_proc,
-                                               process_index=rank)
+            self.val_loader = make_data_loader(
+                self.group, validation=True, latent_cache=self.latent_cache, num_processes=n_proc, process_index=rank
+            )
         self.batches_per_epoch = len(self.loader.batch_sampler)
         steps_per_epoch = math.ceil(self.batches_per_epoch / args.gradient_accumulation_steps)
         if args.max_train_epochs:
@@ -505,7 +572,9 @@ class TrainingRun:
         args, state = self.args, self.state
         if args.sample_at_first and state.step == 0:
             self.sample(0)
-        self.progress = tqdm(total=args.max_train_steps, initial=state.step, desc="steps", disable=not self.accelerator.is_local_main_process)
+        self.progress = tqdm(
+            total=args.max_train_steps, initial=state.step, desc="steps", disable=not self.accelerator.is_local_main_process
+        )
         self.network.train()
         micro = 0
         while state.epoch <= self.num_epochs and state.step < args.max_train_steps:
@@ -527,11 +596,14 @@ class TrainingRun:
         return self.finish()
 
     def backward(self, batch: dict) -> float:
-        loss, logged = batch_loss(self.args, self.family, self.models, batch, self.seed, self.device, self.weight_dtype, self.train_te,
-                                  self.accelerator)
+        loss, logged = batch_loss(
+            self.args, self.family, self.models, batch, self.seed, self.device, self.weight_dtype, self.train_te, self.accelerator
+        )
         if not math.isfinite(logged):
-            raise TrainingError(f"the loss became {logged} at step {self.state.step + 1}; training stopped. The last saved checkpoint "
-                                "is kept. Lower the learning rate, or try --mixed_precision bf16 instead of fp16.")
+            raise TrainingError(
+                f"the loss became {logged} at step {self.state.step + 1}; training stopped. The last saved checkpoint "
+                "is kept. Lower the learning rate, or try --mixed_precision bf16 instead of fp16."
+            )
         self.accelerator.backward(loss / self.args.gradient_accumulation_steps)
         return logged
 
@@ -558,8 +630,10 @@ class TrainingRun:
             scaled, mean_norm, max_norm = self.network.apply_max_norm(args.scale_weight_norms)
             if self.masters:
                 self.masters.params_to_masters()
-            logs.update({"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": max_norm})
-        self.recent = (self.recent + [loss])[-self.batches_per_epoch:]
+            logs.update(
+                {"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": max_norm}
+            )
+        self.recent = (self.recent + [loss])[-self.batches_per_epoch :]
         logs["loss/average"] = sum(self.recent) / len(self.recent)
         for name, lr in zip(self.group_names, self.lr_scheduler.get_last_lr()):
             logs[f"lr/{name}"] = lr
@@ -613,8 +687,17 @@ class TrainingRun:
         if self.prompts and self.accelerator.is_main_process:
             self.network.eval()
             with evaluation_weights(self.optimizer, self.masters), self.accelerator.autocast():
-                self.family.sample_images(self.args, self.models, self.prompts, self.args.output_dir, self.args.output_name,
-                                          step if epoch is None else None, epoch, self.device, self.weight_dtype)
+                self.family.sample_images(
+                    self.args,
+                    self.models,
+                    self.prompts,
+                    self.args.output_dir,
+                    self.args.output_name,
+                    step if epoch is None else None,
+                    epoch,
+                    self.device,
+                    self.weight_dtype,
+                )
             self.network.train()
         self.accelerator.wait_for_everyone()
 
@@ -623,8 +706,20 @@ class TrainingRun:
             return
         self.last_validated = self.state.step
         with evaluation_weights(self.optimizer, self.masters):
-            validate(self.args, self.family, self.models, self.val_loader, self.seed, self.device, self.weight_dtype, self.accelerator,
-                     sum(self.recent) / max(len(self.recent), 1), x, kind, self.log_with)
+            validate(
+                self.args,
+                self.family,
+                self.models,
+                self.val_loader,
+                self.seed,
+                self.device,
+                self.weight_dtype,
+                self.accelerator,
+                sum(self.recent) / max(len(self.recent), 1),
+                x,
+                kind,
+                self.log_with,
+            )
 
 
 def save_point(ckpt: Checkpointer, args, state: RunState, seed: int, step: int | None = None, epoch: int | None = None) -> None:
@@ -661,7 +756,9 @@ def all_reduce_mean(params: list[torch.Tensor], num_processes: int) -> None:
         offset += n
 
 
-def batch_latents(family: ModelFamily, models: TrainModels, batch: dict, generators: list[torch.Generator], device, dtype) -> torch.Tensor:
+def batch_latents(
+    family: ModelFamily, models: TrainModels, batch: dict, generators: list[torch.Generator], device, dtype
+) -> torch.Tensor:
     """A latent sample per image (from the cached distribution or by encoding the pixels), scaled for the denoiser."""
     if "latents_mean" in batch:
         mean, std = batch["latents_mean"], batch["latents_std"]
@@ -674,8 +771,19 @@ def batch_latents(family: ModelFamily, models: TrainModels, batch: dict, generat
     return torch.nan_to_num(latents).to(device, dtype)
 
 
-def batch_loss(args, family: ModelFamily, models: TrainModels, batch: dict, seed: int, device, dtype, train_te: bool,
-               accelerator, timesteps: torch.Tensor | None = None, kind: str = "train") -> tuple[torch.Tensor, float]:
+def batch_loss(
+    args,
+    family: ModelFamily,
+    models: TrainModels,
+    batch: dict,
+    seed: int,
+    device,
+    dtype,
+    train_te: bool,
+    accelerator,
+    timesteps: torch.Tensor | None = None,
+    kind: str = "train",
+) -> tuple[torch.Tensor, float]:
     """(loss to backpropagate, this process's mean sample loss for logging)."""
     generators = sample_generators(seed, batch, kind)
     latents = batch_latents(family, models, batch, generators, device, dtype)
@@ -686,7 +794,11 @@ def batch_loss(args, family: ModelFamily, models: TrainModels, batch: dict, seed
     weights = batch["loss_weights"].to(device) * batch["loss_scales"].to(device)
     loss = (losses * weights).sum()
     real = batch["loss_scales"] > 0
-    logged = (losses.detach()[real.to(device)] * batch["loss_weights"].to(device)[real.to(device)]).mean().item() if real.any() else 0.0
+    logged = (
+        (losses.detach()[real.to(device)] * batch["loss_weights"].to(device)[real.to(device)]).mean().item()
+        if real.any()
+        else 0.0
+    )
     return loss, logged
 
 
@@ -701,13 +813,17 @@ def validate(args, family, models, val_loader, seed, device, dtype, accelerator,
                 break
             for t in family.validation_timesteps(args):
                 timesteps = torch.full((len(batch["captions"]),), t, dtype=torch.long)
-                loss, _ = batch_loss(args, family, models, batch, val_seed, device, dtype, False, accelerator, timesteps, kind=f"val{t}")
+                loss, _ = batch_loss(
+                    args, family, models, batch, val_seed, device, dtype, False, accelerator, timesteps, kind=f"val{t}"
+                )
                 total += loss.detach() / float(accelerator.num_processes)
                 count += 1
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum") / accelerator.num_processes
     value = (total / count.clamp(min=1)).item()
     if log_with:
-        accelerator.log({f"loss/validation/{kind}_average": value, f"loss/validation/{kind}_divergence": value - train_average}, step=x)
+        accelerator.log(
+            {f"loss/validation/{kind}_average": value, f"loss/validation/{kind}_divergence": value - train_average}, step=x
+        )
     logger.info(f"validation loss ({kind} {x}): {value:.5f}")
     return value
 
@@ -722,8 +838,15 @@ def cache_all_latents(args, family: ModelFamily, models: TrainModels, group: Dat
         raise TrainingError(str(e)) from None
     strategy = LatentsCachingStrategy(family.arch, args.cache_latents_to_disk, args.vae_batch_size, args.skip_cache_check)
     cache = LatentCache(strategy, module_fingerprint(models.vae))
-    cache.fill(group, lambda images: family.encode_images(models, images), accelerator.device, models.vae.dtype,
-               accelerator.process_index, accelerator.num_processes, accelerator.is_local_main_process)
+    cache.fill(
+        group,
+        lambda images: family.encode_images(models, images),
+        accelerator.device,
+        models.vae.dtype,
+        accelerator.process_index,
+        accelerator.num_processes,
+        accelerator.is_local_main_process,
+    )
     accelerator.wait_for_everyone()
     return cache
 
@@ -744,4 +867,6 @@ def _write_loss_log(args, state: RunState, accelerator) -> None:
     """`{output_name}_losses.json`: the per-step losses of this run (for comparing runs, e.g. after --resume)."""
     if accelerator.is_main_process:
         path = os.path.join(args.output_dir, f"{args.output_name}_losses.json")
-        saving.atomic_write_bytes(path, json.dumps({"first_step": state.step - len(state.loss_history) + 1, "losses": state.loss_history}).encode())
+        saving.atomic_write_bytes(
+            path, json.dumps({"first_step": state.step - len(state.loss_history) + 1, "losses": state.loss_history}).encode()
+        )

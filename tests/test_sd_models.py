@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from library import sd_models
+from library import ldm_names, sd_models
 from library.sd_models import ModelLoadError, SDModel, load_sd_model, save_sd_single_file
 from library.tiny_models import (
     TINY_SD,
@@ -483,7 +483,7 @@ SDXL_PAIRS = {
 
 @pytest.mark.parametrize("config,pairs", [(sd_models.SD15_UNET, SD15_PAIRS), (SDXL_UNET, SDXL_PAIRS)], ids=["sd15", "sdxl"])
 def test_unet_module_names_spot_checks(config, pairs):
-    unet = sd_models._unet_module(config)  # real size, no weights (meta)
+    unet = ldm_names._unet_module(config)  # real size, no weights (meta)
     names = sd_models.unet_ldm_module_names(unet)
     for diffusers_name, ldm in pairs.items():
         assert names[diffusers_name] == ldm, diffusers_name

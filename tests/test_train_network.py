@@ -26,7 +26,17 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHON
 
 def launch(*args, processes: int = 1, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run train_network.py through accelerate launch (two CPU processes with processes=2)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     env = dict(ENV)
     if processes > 1:
         cmd += ["--multi_gpu", "--num_processes", str(processes)]
@@ -75,15 +85,41 @@ batch_size = 2
     return str(config)
 
 
-BASE = ["--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-3",
-        "--max_data_loader_n_workers", "0", "--seed", "7"]
+BASE = [
+    "--network_module",
+    "networks.lora",
+    "--network_dim",
+    "4",
+    "--network_alpha",
+    "2",
+    "--learning_rate",
+    "1e-3",
+    "--max_data_loader_n_workers",
+    "0",
+    "--seed",
+    "7",
+]
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_sd, dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    launch("--pretrained_model_name_or_path", tiny_sd, "--dataset_config", dataset, "--output_dir", out, "--output_name", "mylora",
-           "--max_train_steps", 4, "--network_args", "conv_dim=2", "conv_alpha=1", *BASE)
+    launch(
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--dataset_config",
+        dataset,
+        "--output_dir",
+        out,
+        "--output_name",
+        "mylora",
+        "--max_train_steps",
+        4,
+        "--network_args",
+        "conv_dim=2",
+        "conv_alpha=1",
+        *BASE,
+    )
     return str(out / "mylora.safetensors")
 
 
@@ -119,8 +155,22 @@ def test_diffusers_loads_every_key_and_matches_kiln_merge(trained, tiny_sd, tmp_
     from diffusers import StableDiffusionPipeline
 
     merged = tmp_path / "merged.safetensors"
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "merge_lora.py"), "--sd_model", tiny_sd, "--models", trained,
-                          "--save_to", str(merged)], capture_output=True, text=True, env=ENV, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "merge_lora.py"),
+            "--sd_model",
+            tiny_sd,
+            "--models",
+            trained,
+            "--save_to",
+            str(merged),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
@@ -145,8 +195,25 @@ def _losses(out_dir, name):
 
 
 def test_resume_repeats_the_uninterrupted_run(tiny_sd, dataset, tmp_path):
-    common = ["--pretrained_model_name_or_path", tiny_sd, "--dataset_config", dataset, "--output_name", "r", "--max_train_steps", 6,
-              "--lr_scheduler", "cosine", "--lr_warmup_steps", 2, "--network_dropout", "0.1", "--shuffle_caption", "--flip_aug", *BASE]
+    common = [
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--dataset_config",
+        dataset,
+        "--output_name",
+        "r",
+        "--max_train_steps",
+        6,
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        2,
+        "--network_dropout",
+        "0.1",
+        "--shuffle_caption",
+        "--flip_aug",
+        *BASE,
+    ]
     full, part = tmp_path / "full", tmp_path / "part"
     launch(*common, "--output_dir", full)
     launch(*common, "--output_dir", part, "--save_every_n_steps", 3, "--save_state")
@@ -165,14 +232,29 @@ def test_two_processes_equal_one_with_twice_the_batch(tiny_sd, tmp_path):
     root = tmp_path / "ddp"
     for i in range(5):
         write_caption(write_image(root / "img" / f"{i}.png", (64, 64), (40 * i, 90, 200 - 30 * i)), f"item {i}")
+
     def config(batch):
         path = root / f"b{batch}.toml"
-        path.write_text(f"[general]\ncaption_extension = '.txt'\nresolution = 64\nbatch_size = {batch}\n"
-                        f"[[datasets]]\n  [[datasets.subsets]]\n  image_dir = '{root / 'img'}'\n  num_repeats = 1\n")
+        path.write_text(
+            f"[general]\ncaption_extension = '.txt'\nresolution = 64\nbatch_size = {batch}\n"
+            f"[[datasets]]\n  [[datasets.subsets]]\n  image_dir = '{root / 'img'}'\n  num_repeats = 1\n"
+        )
         return path
+
     # plain SGD: Adam divides by tiny second moments and turns float summation-order noise into visible differences
-    common = ["--pretrained_model_name_or_path", tiny_sd, "--output_name", "d", "--max_train_steps", 3, *BASE,
-              "--optimizer_type", "SGDNesterov", "--learning_rate", "0.5"]
+    common = [
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--output_name",
+        "d",
+        "--max_train_steps",
+        3,
+        *BASE,
+        "--optimizer_type",
+        "SGDNesterov",
+        "--learning_rate",
+        "0.5",
+    ]
     launch(*common, "--dataset_config", config(1), "--output_dir", tmp_path / "two", processes=2)
     launch(*common, "--dataset_config", config(2), "--output_dir", tmp_path / "one")
     a, b = load_file(str(tmp_path / "two" / "d.safetensors")), load_file(str(tmp_path / "one" / "d.safetensors"))
@@ -203,7 +285,13 @@ def test_bad_inputs_fail_early_with_clear_messages(tiny_sd, dataset, tmp_path):
     sdxl = tmp_path / "sdxl.safetensors"
     from safetensors.torch import save_file
 
-    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4), "model.diffusion_model.label_emb.0.0.weight": torch.zeros(4, 4)}, str(sdxl))
+    save_file(
+        {
+            "conditioner.embedders.1.model.ln_final.weight": torch.zeros(4),
+            "model.diffusion_model.label_emb.0.0.weight": torch.zeros(4, 4),
+        },
+        str(sdxl),
+    )
     msg = _fail("--pretrained_model_name_or_path", sdxl, *out)
     assert "sdxl_train_network.py" in msg
     prompts = tmp_path / "bad_prompts.txt"
@@ -215,9 +303,27 @@ def test_bad_inputs_fail_early_with_clear_messages(tiny_sd, dataset, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_sd, dataset, tmp_path):
     out = tmp_path / "nan"
-    msg = _fail("--pretrained_model_name_or_path", tiny_sd, "--dataset_config", dataset, "--output_dir", out, "--output_name", "n",
-                "--max_train_steps", 6, "--save_every_n_steps", 1, *BASE, "--optimizer_type", "SGDNesterov", "--learning_rate", "1e36",
-                "--max_grad_norm", "0")
+    msg = _fail(
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--dataset_config",
+        dataset,
+        "--output_dir",
+        out,
+        "--output_name",
+        "n",
+        "--max_train_steps",
+        6,
+        "--save_every_n_steps",
+        1,
+        *BASE,
+        "--optimizer_type",
+        "SGDNesterov",
+        "--learning_rate",
+        "1e36",
+        "--max_grad_norm",
+        "0",
+    )
     assert "at step" in msg
     step = int(msg.split("at step ")[1].split(";")[0])
     assert step >= 2
@@ -228,21 +334,63 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_sd, dataset, tmp_path
 def test_failed_save_keeps_previous_files(tiny_sd, dataset, tmp_path):
     out = tmp_path / "fs"
     (out / "f.safetensors").mkdir(parents=True)  # the final file cannot be written where a folder is
-    msg = _fail("--pretrained_model_name_or_path", tiny_sd, "--dataset_config", dataset, "--output_dir", out, "--output_name", "f",
-                "--max_train_steps", 2, "--save_every_n_steps", 1, *BASE)
+    msg = _fail(
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--dataset_config",
+        dataset,
+        "--output_dir",
+        out,
+        "--output_name",
+        "f",
+        "--max_train_steps",
+        2,
+        "--save_every_n_steps",
+        1,
+        *BASE,
+    )
     assert "cannot write" in msg
     assert load_file(str(out / "f-step00000002.safetensors")) and load_file(str(out / "f-step00000001.safetensors"))
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
 def test_latent_cache_tool_and_cached_training_equal_uncached(tiny_sd, dataset, tmp_path):
-    common = ["--pretrained_model_name_or_path", tiny_sd, "--dataset_config", dataset, "--output_name", "c", "--max_train_steps", 3, *BASE]
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "cache_latents.py"), "--pretrained_model_name_or_path", tiny_sd,
-                          "--dataset_config", dataset, "--vae_batch_size", "2"], capture_output=True, text=True, env=ENV, timeout=300)
+    common = [
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--dataset_config",
+        dataset,
+        "--output_name",
+        "c",
+        "--max_train_steps",
+        3,
+        *BASE,
+    ]
+    res = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "cache_latents.py"),
+            "--pretrained_model_name_or_path",
+            tiny_sd,
+            "--dataset_config",
+            dataset,
+            "--vae_batch_size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     img_dir = os.path.dirname(open(dataset).read().split("image_dir = '")[1].split("'")[0] + "/x")
     caches = sorted(p for p in os.listdir(img_dir) if p.endswith("_sd.safetensors"))
-    assert caches == ["0_0064x0064_sd.safetensors", "1_0064x0064_sd.safetensors", "2_0064x0064_sd.safetensors", "3_0064x0064_sd.safetensors"]
+    assert caches == [
+        "0_0064x0064_sd.safetensors",
+        "1_0064x0064_sd.safetensors",
+        "2_0064x0064_sd.safetensors",
+        "3_0064x0064_sd.safetensors",
+    ]
     with safe_open(os.path.join(img_dir, caches[0]), framework="pt") as f:
         assert set(f.keys()) == {"mean", "std"} and f.get_tensor("mean").shape == (4, 8, 8)
         assert json.loads(f.metadata()["bucket"]) == [64, 64]
@@ -264,13 +412,40 @@ def test_latent_cache_tool_and_cached_training_equal_uncached(tiny_sd, dataset, 
 
 def test_samples_validation_logs_and_config_file(tiny_sd, dataset, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("# comment\na red shape --w 64 --h 64 --s 2 --d 3\na green shape --n blurry --w 64 --h 128 --s 2 --ss euler_a\n")
+    prompts.write_text(
+        "# comment\na red shape --w 64 --h 64 --s 2 --d 3\na green shape --n blurry --w 64 --h 128 --s 2 --ss euler_a\n"
+    )
     out = tmp_path / "s"
     config = tmp_path / "args.toml"
-    launch("--pretrained_model_name_or_path", tiny_sd, "--dataset_config", dataset, "--output_dir", out, "--output_name", "s",
-           "--max_train_steps", 4, *BASE, "--sample_prompts", prompts, "--sample_every_n_steps", 2, "--sample_at_first",
-           "--validation_split", "0.5", "--validate_every_n_steps", 2, "--logging_dir", out / "logs", "--log_prefix", "run_",
-           "--config_file", config, "--output_config")
+    launch(
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--dataset_config",
+        dataset,
+        "--output_dir",
+        out,
+        "--output_name",
+        "s",
+        "--max_train_steps",
+        4,
+        *BASE,
+        "--sample_prompts",
+        prompts,
+        "--sample_every_n_steps",
+        2,
+        "--sample_at_first",
+        "--validation_split",
+        "0.5",
+        "--validate_every_n_steps",
+        2,
+        "--logging_dir",
+        out / "logs",
+        "--log_prefix",
+        "run_",
+        "--config_file",
+        config,
+        "--output_config",
+    )
     assert config.is_file() and not out.exists()  # --output_config writes the arguments and stops
     launch("--config_file", config)
     names = sorted(os.listdir(out / "sample"))
@@ -288,7 +463,14 @@ def test_samples_validation_logs_and_config_file(tiny_sd, dataset, tmp_path):
     events = EventAccumulator(str(out / "logs" / run / "network_train"))  # accelerate: one folder per tracker name
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"loss/current", "loss/average", "lr/unet", "lr/textencoder", "loss/validation/step_average", "loss/validation/step_divergence"} <= tags
+    assert {
+        "loss/current",
+        "loss/average",
+        "lr/unet",
+        "lr/textencoder",
+        "loss/validation/step_average",
+        "loss/validation/step_divergence",
+    } <= tags
     assert [e.step for e in events.Scalars("loss/current")] == [1, 2, 3, 4]
     assert [e.step for e in events.Scalars("loss/validation/step_average")] == [2, 4]
 
@@ -302,17 +484,52 @@ def test_single_file_model_continue_from_weights_and_dim_from_weights(tiny_sd, d
     tokenizers = tmp_path / "tokenizers"
     write_tiny_clip_tokenizer(str(tokenizers / "openai_clip-vit-large-patch14"))
     out = tmp_path / "w"
-    launch("--pretrained_model_name_or_path", single, "--tokenizer_cache_dir", tokenizers, "--dataset_config", dataset,
-           "--output_dir", out, "--output_name", "w", "--max_train_steps", 1, *BASE, "--network_args", "conv_dim=2", "conv_alpha=1",
-           "--network_weights", trained, "--max_grad_norm", "0")
+    launch(
+        "--pretrained_model_name_or_path",
+        single,
+        "--tokenizer_cache_dir",
+        tokenizers,
+        "--dataset_config",
+        dataset,
+        "--output_dir",
+        out,
+        "--output_name",
+        "w",
+        "--max_train_steps",
+        1,
+        *BASE,
+        "--network_args",
+        "conv_dim=2",
+        "conv_alpha=1",
+        "--network_weights",
+        trained,
+        "--max_grad_norm",
+        "0",
+    )
     start, after = load_file(trained), load_file(str(out / "w.safetensors"))
     assert start.keys() == after.keys()
     # one AdamW step of lr 1e-3 moves each weight by at most about 1e-3 (plus decay): training went on from the file
     assert all((start[k] - after[k]).abs().max() < 1.2e-3 for k in start if not k.endswith(".alpha"))
     assert any((start[k] - after[k]).abs().max() > 1e-4 for k in start)
-    launch("--pretrained_model_name_or_path", single, "--tokenizer_cache_dir", tokenizers, "--dataset_config", dataset,
-           "--output_dir", out, "--output_name", "d", "--max_train_steps", 1, *BASE, "--network_weights", trained,
-           "--dim_from_weights", "--network_train_unet_only")
+    launch(
+        "--pretrained_model_name_or_path",
+        single,
+        "--tokenizer_cache_dir",
+        tokenizers,
+        "--dataset_config",
+        dataset,
+        "--output_dir",
+        out,
+        "--output_name",
+        "d",
+        "--max_train_steps",
+        1,
+        *BASE,
+        "--network_weights",
+        trained,
+        "--dim_from_weights",
+        "--network_train_unet_only",
+    )
     d = load_file(str(out / "d.safetensors"))
     assert d["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (2, 32, 3, 3)
     assert not any(k.startswith("lora_te_") for k in d)
@@ -328,18 +545,50 @@ def test_merge_two_loras_into_one(trained, tmp_path):
 
     save_file(b, str(b_path))
     for extra, name in ((["--concat"], "cat.safetensors"), ([], "svd.safetensors")):
-        res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "merge_lora.py"), "--models", trained, str(b_path),
-                              "--ratios", "1", "0.5", "--save_to", str(tmp_path / name), *extra], capture_output=True, text=True, env=ENV)
+        res = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "tools", "merge_lora.py"),
+                "--models",
+                trained,
+                str(b_path),
+                "--ratios",
+                "1",
+                "0.5",
+                "--save_to",
+                str(tmp_path / name),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            env=ENV,
+        )
         assert res.returncode == 0, res.stderr
         m = load_file(str(tmp_path / name))
         for key in [k for k in a if k.endswith(".lora_down.weight")]:
             base = key[: -len(".lora_down.weight")]
+
             def d(sd, base=base):
-                return lora_delta(sd[base + ".lora_down.weight"].float(), sd[base + ".lora_up.weight"].float(),
-                                  sd[base + ".alpha"].item() / sd[base + ".lora_down.weight"].shape[0])
+                return lora_delta(
+                    sd[base + ".lora_down.weight"].float(),
+                    sd[base + ".lora_up.weight"].float(),
+                    sd[base + ".alpha"].item() / sd[base + ".lora_down.weight"].shape[0],
+                )
+
             assert torch.allclose(d(m), d(a) + 0.5 * d(b), atol=1e-6), (name, key)
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "merge_lora.py"), "--models", trained, "--save_to", str(tmp_path / "cat.safetensors")],
-                         capture_output=True, text=True, env=ENV)
+    res = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "merge_lora.py"),
+            "--models",
+            trained,
+            "--save_to",
+            str(tmp_path / "cat.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert res.returncode != 0 and "already exists" in res.stderr
 
 
@@ -349,8 +598,12 @@ def test_readme_main_job_command(tmp_path):
 
     line = next(ln for ln in open(os.path.join(ROOT, "README.md")) if ln.startswith("accelerate launch train_network.py"))
     args = shlex.split(line)[3:]
-    for flag, value in (("--output_dir", tmp_path / "demo"), ("--logging_dir", tmp_path / "logs"), ("--max_train_steps", 4),
-                        ("--sample_every_n_steps", 2)):
+    for flag, value in (
+        ("--output_dir", tmp_path / "demo"),
+        ("--logging_dir", tmp_path / "logs"),
+        ("--max_train_steps", 4),
+        ("--sample_every_n_steps", 2),
+    ):
         args[args.index(flag) + 1] = str(value)
     launch(*args)
     assert load_file(str(tmp_path / "demo" / "demo.safetensors"))
@@ -364,11 +617,47 @@ def test_sd2_v_prediction_bf16_checkpointing_accumulation_8bit_and_epochs(tmp_pa
     for i in range(4):
         write_caption(write_image(root / f"2_thing/{i}.png", (64, 64), (60 * i, 50, 90)), f"thing {i}, (bright:1.2)")
     out = tmp_path / "o"
-    launch("--pretrained_model_name_or_path", "kiln-tiny-sd2", "--v2", "--v_parameterization", "--train_data_dir", root,
-           "--resolution", "64", "--caption_extension", ".txt", "--output_dir", out, "--output_name", "v", "--max_train_epochs", 3,
-           "--save_every_n_epochs", 1, "--save_last_n_epochs", 1, "--mixed_precision", "bf16", "--gradient_checkpointing",
-           "--gradient_accumulation_steps", 2, "--optimizer_type", "AdamW8bit", "--weighted_captions", "--clip_skip", 2,
-           "--max_token_length", 150, "--min_snr_gamma", 5, "--noise_offset", "0.05", "--save_precision", "fp16", *BASE)
+    launch(
+        "--pretrained_model_name_or_path",
+        "kiln-tiny-sd2",
+        "--v2",
+        "--v_parameterization",
+        "--train_data_dir",
+        root,
+        "--resolution",
+        "64",
+        "--caption_extension",
+        ".txt",
+        "--output_dir",
+        out,
+        "--output_name",
+        "v",
+        "--max_train_epochs",
+        3,
+        "--save_every_n_epochs",
+        1,
+        "--save_last_n_epochs",
+        1,
+        "--mixed_precision",
+        "bf16",
+        "--gradient_checkpointing",
+        "--gradient_accumulation_steps",
+        2,
+        "--optimizer_type",
+        "AdamW8bit",
+        "--weighted_captions",
+        "--clip_skip",
+        2,
+        "--max_token_length",
+        150,
+        "--min_snr_gamma",
+        5,
+        "--noise_offset",
+        "0.05",
+        "--save_precision",
+        "fp16",
+        *BASE,
+    )
     files = sorted(os.listdir(out))
     assert "v.safetensors" in files and "v-000002.safetensors" in files and "v-000001.safetensors" not in files
     sd = load_file(str(out / "v.safetensors"))
@@ -392,17 +681,43 @@ def test_ckpt_format_step_pruning_workers_masked_loss_and_epoch_samples(tiny_sd,
         rgba.save(root / "img" / f"{i}.png")
         write_caption(root / "img" / f"{i}.png", f"thing {i}")
     config = root / "d.toml"
-    config.write_text(f"[general]\ncaption_extension = '.txt'\nresolution = 64\n[[datasets]]\n  [[datasets.subsets]]\n"
-                      f"  image_dir = '{root / 'img'}'\n  alpha_mask = true\n")
+    config.write_text(
+        f"[general]\ncaption_extension = '.txt'\nresolution = 64\n[[datasets]]\n  [[datasets.subsets]]\n"
+        f"  image_dir = '{root / 'img'}'\n  alpha_mask = true\n"
+    )
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps([{"prompt": "a thing", "width": 64, "height": 64, "sample_steps": 2, "seed": 1}]))
     out = tmp_path / "o"
     base = list(BASE)
     base[base.index("--max_data_loader_n_workers") + 1] = "2"
-    launch("--pretrained_model_name_or_path", tiny_sd, "--dataset_config", config, "--output_dir", out, "--output_name", "k",
-           "--max_train_epochs", 2, "--save_every_n_steps", 2, "--save_last_n_steps", 2, "--save_model_as", "ckpt", "--masked_loss",
-           "--sample_prompts", prompts, "--sample_every_n_epochs", 1, "--network_train_text_encoder_only", "--log_config",
-           "--logging_dir", out / "logs", *base)
+    launch(
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--dataset_config",
+        config,
+        "--output_dir",
+        out,
+        "--output_name",
+        "k",
+        "--max_train_epochs",
+        2,
+        "--save_every_n_steps",
+        2,
+        "--save_last_n_steps",
+        2,
+        "--save_model_as",
+        "ckpt",
+        "--masked_loss",
+        "--sample_prompts",
+        prompts,
+        "--sample_every_n_epochs",
+        1,
+        "--network_train_text_encoder_only",
+        "--log_config",
+        "--logging_dir",
+        out / "logs",
+        *base,
+    )
     files = sorted(os.listdir(out))
     # 4 steps per epoch, 8 in all: step checkpoints at 2, 4, 6, 8; with --save_last_n_steps 2 only 6 and 8 remain
     assert [f for f in files if f.startswith("k-step")] == ["k-step00000006.ckpt", "k-step00000008.ckpt"]
