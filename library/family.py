@@ -55,6 +55,22 @@ class ModelFamily(ABC):
     def encode_text(self, args, models: TrainModels, captions: list[str]) -> list[torch.Tensor]:
         """Captions -> conditioning tensors (gradients flow when a text encoder is trained)."""
 
+    def text_conditioning(self, args, models: TrainModels, batch: dict) -> list[torch.Tensor]:
+        """The batch's conditioning: from cached text-encoder outputs when the batch has them, else encoded now."""
+        return self.encode_text(args, models, batch["captions"])
+
+    def vae_dtype(self, args, weight_dtype: torch.dtype) -> torch.dtype:
+        """float32 under fp16 (SD VAEs overflow there), else the working dtype."""
+        return torch.float32 if weight_dtype == torch.float16 else weight_dtype
+
+    # families whose frozen text encoders' outputs can be cached (they then implement text_cache_identity)
+    caches_text_encoder_outputs: bool = False
+    text_output_keys: tuple[str, ...] = ()
+
+    def text_cache_identity(self, args, models: TrainModels) -> dict:
+        """Everything besides the caption that changes the text-encoder outputs (for the cache's validity)."""
+        raise NotImplementedError(f"{type(self).__name__} does not cache text-encoder outputs")
+
     @abstractmethod
     def sample_losses(
         self,

@@ -194,24 +194,69 @@ def sample_sd_images(
     """
     from diffusers import StableDiffusionPipeline
 
+    def make_pipe(scheduler):
+        return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    def embed_kwargs(prompt: SamplePrompt) -> dict:
+        embeds = encode_prompts([prompt.prompt, prompt.negative_prompt])
+        if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or embeds.shape[0] != 2:
+            shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise ValueError(f"encode_prompts must return a (2, tokens, width) tensor for [prompt, negative], got {shape}")
+        embeds = embeds.to(device)
+        return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
+
+    return _sample_with_pipeline(make_pipe, embed_kwargs, (unet, vae, text_encoder), scheduler_config, prompts, output_dir, output_name,
+                                 step, epoch, device, dtype, default_sampler, v_prediction)
+
+
+def sample_sdxl_images(
+    models,
+    scheduler_config: Mapping[str, Any],
+    prompts: Sequence[SamplePrompt],
+    encode_prompts: Callable[[list[str]], dict],
+    output_dir: str,
+    output_name: str | None,
+    step: int | None = None,
+    epoch: int | None = None,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    default_sampler: str = "ddim",
+    v_prediction: bool = False,
+) -> list[str]:
+    """SDXL preview images; like sample_sd_images. `models` is the trainer's TrainModels (two text encoders);
+    `encode_prompts([prompt, negative])` returns {"prompt_embeds": (2, tokens, width), "pooled": (2, width2)}."""
+    from diffusers import StableDiffusionXLPipeline
+
+    te1, te2 = models.text_encoders
+    tok1, tok2 = models.tokenizers
+
+    def make_pipe(scheduler):
+        return StableDiffusionXLPipeline(vae=models.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
+                                         unet=models.denoiser, scheduler=scheduler, force_zeros_for_empty_prompt=False)
+
+    def embed_kwargs(prompt: SamplePrompt) -> dict:
+        out = encode_prompts([prompt.prompt, prompt.negative_prompt])
+        embeds, pooled = out["prompt_embeds"].to(device), out["pooled"].to(device)
+        return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:], "pooled_prompt_embeds": pooled[:1],
+                "negative_pooled_prompt_embeds": pooled[1:]}
+
+    return _sample_with_pipeline(make_pipe, embed_kwargs, (models.denoiser, models.vae, te1, te2), scheduler_config, prompts,
+                                 output_dir, output_name, step, epoch, device, dtype, default_sampler, v_prediction)
+
+
+def _sample_with_pipeline(make_pipe, embed_kwargs, modules, scheduler_config, prompts, output_dir, output_name, step, epoch,
+                          device, dtype, default_sampler, v_prediction) -> list[str]:
+    """The loop shared by the families: one image per prompt, seeded, written atomically, RNG and modes restored."""
     device = torch.device(device)
     if epoch is None and step is None:
-        raise ValueError("sample_sd_images needs the step or the epoch (for the image names)")
+        raise ValueError("sampling needs the step or the epoch (for the image names)")
     _check_sd_prompts(prompts, default_sampler)
-
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     paths: list[str] = []
-    with preserved_rng_state(), eval_mode(unet, vae, text_encoder), on_device(device, unet, vae, text_encoder), torch.no_grad():
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=make_scheduler(default_sampler, scheduler_config, v_prediction),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    with preserved_rng_state(), eval_mode(*modules), on_device(device, *modules), torch.no_grad():
+        pipe = make_pipe(make_scheduler(default_sampler, scheduler_config, v_prediction))
         pipe.set_progress_bar_config(disable=True)
         for p in prompts:
             pipe.scheduler = make_scheduler(p.sampler or default_sampler, scheduler_config, v_prediction)
@@ -219,23 +264,8 @@ def sample_sd_images(
             seed = p.seed if p.seed is not None else secrets.randbelow(2**32)
             generator = torch.Generator("cpu").manual_seed(seed)
             with autocast:
-                embeds = encode_prompts([p.prompt, p.negative_prompt])
-                if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or embeds.shape[0] != 2:
-                    shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
-                    raise ValueError(
-                        f"encode_prompts must return a (2, tokens, width) tensor for [prompt, negative], got {shape}"
-                    )
-                embeds = embeds.to(device)
-                image = pipe(
-                    prompt_embeds=embeds[:1],
-                    negative_prompt_embeds=embeds[1:],
-                    height=p.height,
-                    width=p.width,
-                    num_inference_steps=p.steps,
-                    guidance_scale=p.scale,
-                    generator=generator,
-                    output_type="pil",
-                ).images[0]
+                image = pipe(**embed_kwargs(p), height=p.height, width=p.width, num_inference_steps=p.steps,
+                             guidance_scale=p.scale, generator=generator, output_type="pil").images[0]
             path = sample_image_path(output_dir, output_name, step, epoch, index=p.index, seed=seed)
             _save_png_atomic(image, path)
             logger.info("sample image %d: %s", p.index, path)

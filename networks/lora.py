@@ -23,6 +23,7 @@ UNET_TARGETS = ("Transformer2DModel",)
 UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_ENCODER_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 NUM_SD_BLOCKS = 25  # IN0..IN11, MID, OUT0..OUT11
+NUM_SDXL_BLOCKS = 23  # base, IN1..IN9, MID0..MID2, OUT1..OUT9, out
 
 KNOWN_ARGS = {
     "conv_dim",
@@ -131,12 +132,21 @@ def sd_block_index(lora_name: str) -> int:
     return -1
 
 
-def _parse_list(value, name: str, cast=float) -> list:
+def sdxl_block_index(lora_name: str) -> int:
+    """sd-scripts' 23-block index of an SDXL U-Net LoRA name (sgm names): input_blocks 1-9, middle 10-12, output 13-21."""
+    m = re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_(\d+)_", lora_name)
+    if not m:
+        return -1
+    return {"input_blocks": 1, "middle_block": 10, "output_blocks": 13}[m.group(1)] + int(m.group(2))
+
+
+def _parse_list(value, name: str, count: int, cast=float) -> list:
     if isinstance(value, str):
         value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
     values = [cast(v) for v in value]
-    if len(values) != NUM_SD_BLOCKS:
-        raise ValueError(f"network_args {name} needs {NUM_SD_BLOCKS} values (IN0-11, MID, OUT0-11), got {len(values)}")
+    if len(values) != count:
+        layout = "IN0-11, MID, OUT0-11" if count == NUM_SD_BLOCKS else "base, IN1-9, MID0-2, OUT1-9, out"
+        raise ValueError(f"network_args {name} needs {count} values ({layout}), got {len(values)}")
     return values
 
 
@@ -176,12 +186,14 @@ class LoRANetwork(nn.Module):
         self.loraplus_unet = loraplus_unet_lr_ratio or loraplus_lr_ratio
         self.loraplus_te = loraplus_text_encoder_lr_ratio or loraplus_lr_ratio
         common = {"multiplier": multiplier, "dropout": dropout, "rank_dropout": rank_dropout, "module_dropout": module_dropout}
+        block_index = sdxl_block_index if uses_sgm_names(unet_name_map) else sd_block_index
 
-        def dims_for(name: str, is_unet: bool, small_kernel: bool) -> tuple[int | None, float | None]:
+        def dims_for(name: str, is_unet: bool, small_kernel: bool, alias: str | None = None) -> tuple[int | None, float | None]:
             if module_dims is not None:
-                return module_dims.get(name), (module_alphas or {}).get(name)
+                key = alias if alias in module_dims and name not in module_dims else name
+                return module_dims.get(key), (module_alphas or {}).get(key)
             if is_unet and block_dims is not None:
-                idx = sd_block_index(name)
+                idx = block_index(name)
                 if small_kernel:
                     return block_dims[idx], block_alphas[idx] if block_alphas else alpha
                 if conv_block_dims is not None:
@@ -204,11 +216,15 @@ class LoRANetwork(nn.Module):
                     self.text_encoder_loras.append(LoRAModule(name, module, dim, a, **common))
         if unet is not None:
             targets = UNET_TARGETS + (UNET_CONV_TARGETS if conv_dim or conv_block_dims or module_dims else ())
+            self.aliases: dict[str, str] = {}  # LoRA names in diffusers module names -> the names used here
             for path, module in _target_modules(unet, targets):
                 mapped = unet_name_map.get(path, path) if unet_name_map else path
                 name = f"lora_unet_{mapped}".replace(".", "_")
+                alias = f"lora_unet_{path}".replace(".", "_")
+                if mapped != path:
+                    self.aliases[alias] = name
                 small = isinstance(module, nn.Linear) or module.kernel_size == (1, 1)
-                dim, a = dims_for(name, True, small)
+                dim, a = dims_for(name, True, small, alias)
                 if dim:
                     self.unet_loras.append(LoRAModule(name, module, dim, a, **common))
         names = [m.lora_name for m in self.text_encoder_loras + self.unet_loras]
@@ -261,7 +277,7 @@ class LoRANetwork(nn.Module):
                 groups.append({"params": [p for m in modules for p in m.parameters()], "lr": lr})
                 names.append(label)
 
-        te_lrs = text_encoder_lr if isinstance(text_encoder_lr, list) else [text_encoder_lr]
+        te_lrs = (text_encoder_lr or [None]) if isinstance(text_encoder_lr, list) else [text_encoder_lr]
         prefixes = sorted({m.lora_name.split("_text_model")[0] for m in self.text_encoder_loras})
         for i, prefix in enumerate(prefixes):
             lr = te_lrs[min(i, len(te_lrs) - 1)]
@@ -287,7 +303,10 @@ class LoRANetwork(nn.Module):
         return scaled, sum(norms) / max(len(norms), 1), max(norms, default=0.0)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "weights") -> list[str]:
-        """Load a kohya-format state dict; shape mismatches are errors, keys without a module are returned."""
+        """Load a kohya-format state dict; shape mismatches are errors, keys without a module are returned.
+
+        SDXL U-Net keys written with diffusers module names are read as the sgm names this network uses."""
+        state_dict = rename_aliases(state_dict, getattr(self, "aliases", {}))
         own = self.state_dict()
         unexpected = [k for k in state_dict if k not in own]
         for key, value in state_dict.items():
@@ -303,6 +322,22 @@ class LoRANetwork(nn.Module):
         if missing:
             raise ValueError(f"{source}: no weights for {len(missing)} adapters, e.g. {missing[0]}")
         return unexpected
+
+
+def uses_sgm_names(unet_name_map: dict[str, str] | None) -> bool:
+    """True for SDXL-style maps to sgm names (input_blocks / middle_block / output_blocks)."""
+    return bool(unet_name_map) and any(v.startswith(("input_blocks", "middle_block", "output_blocks")) for v in unet_name_map.values())
+
+
+def rename_aliases(state_dict: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Rename keys whose module name is an alias (e.g. a diffusers-named SDXL LoRA) to the network's own names."""
+    if not aliases:
+        return state_dict
+    out = {}
+    for key, value in state_dict.items():
+        module, _, suffix = key.partition(".")
+        out[f"{aliases.get(module, module)}.{suffix}"] = value
+    return out
 
 
 def _target_modules(root: nn.Module, target_classes: tuple[str, ...]):
@@ -344,8 +379,17 @@ def create_network(
 ) -> LoRANetwork:
     """sd-scripts' entry point: build a network from --network_dim/--network_alpha and --network_args."""
     args = parse_network_args([f"{k}={v}" for k, v in kwargs.items()])
-    block_dims = _parse_list(args["block_dims"], "block_dims", int) if "block_dims" in args else None
-    conv_block_dims = _parse_list(args["conv_block_dims"], "conv_block_dims", int) if "conv_block_dims" in args else None
+    count = NUM_SDXL_BLOCKS if uses_sgm_names(unet_name_map) else NUM_SD_BLOCKS
+
+    def blocks(key: str, cast=float) -> list | None:
+        return _parse_list(args[key], key, count, cast) if key in args else None
+
+    block_dims, conv_block_dims, conv_block_alphas = blocks("block_dims", int), blocks("conv_block_dims", int), blocks("conv_block_alphas")
+    conv_alpha = float(args["conv_alpha"]) if "conv_alpha" in args else 1.0  # sd-scripts' default conv alpha
+    if block_dims is not None and conv_block_dims is None and "conv_dim" in args:
+        conv_block_dims = [int(args["conv_dim"])] * count  # block dims with conv_dim: the same conv rank in every block
+    if conv_block_dims is not None and conv_block_alphas is None:
+        conv_block_alphas = [conv_alpha] * count
     return LoRANetwork(
         text_encoders,
         unet,
@@ -358,9 +402,9 @@ def create_network(
         conv_dim=int(args["conv_dim"]) if "conv_dim" in args else None,
         conv_alpha=float(args.get("conv_alpha", 1.0)) if "conv_dim" in args else None,
         block_dims=block_dims,
-        block_alphas=_parse_list(args["block_alphas"], "block_alphas") if "block_alphas" in args else None,
+        block_alphas=blocks("block_alphas"),
         conv_block_dims=conv_block_dims,
-        conv_block_alphas=_parse_list(args["conv_block_alphas"], "conv_block_alphas") if "conv_block_alphas" in args else None,
+        conv_block_alphas=conv_block_alphas,
         te_prefixes=te_prefixes,
         unet_name_map=unet_name_map,
         loraplus_lr_ratio=_float_arg(args, "loraplus_lr_ratio"),
