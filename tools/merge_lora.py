@@ -22,9 +22,37 @@ from library.saving import SAVE_DTYPES, load_weights_file, save_weights  # noqa:
 from networks.merge import merge_into_models, merge_loras_concat, merge_loras_svd  # noqa: E402
 
 
+def load_base(path: str, v2: bool, dtype):
+    """(model, its text encoders, LoRA naming options, single-file writer) for an SD 1.x/2.x or SDXL base."""
+    from library.tool_family import detect_model_family
+
+    family = detect_model_family(path)
+    if family == "sdxl":
+        from library.sdxl_models import load_sdxl_model, save_sdxl_single_file, sdxl_unet_lora_name_map
+
+        model = load_sdxl_model(path, dtype=dtype)
+        options = {"unet_name_map": sdxl_unet_lora_name_map(model.unet), "te_prefixes": ["lora_te1", "lora_te2"]}
+        return model, [model.text_encoder, model.text_encoder_2], options, lambda p, m, d: save_sdxl_single_file(p, m, dtype=d)
+    from library.sd_models import load_sd_model, save_sd_single_file
+
+    model = load_sd_model(path, v2=v2, dtype=dtype)
+    return model, [model.text_encoder], {}, lambda p, m, d: save_sd_single_file(p, m, v2=m.v2, dtype=d)
+
+
+def _save_folder(modules: dict, others: dict, dtype, folder: str) -> None:
+    from diffusers import DDPMScheduler
+
+    from library.tiny_models import save_diffusers_folder, sd_scheduler_config
+
+    parts = {k: (v.to(dtype) if dtype is not None else v) for k, v in modules.items()}
+    parts.update(others)
+    parts["scheduler"] = DDPMScheduler(**sd_scheduler_config())
+    save_diffusers_folder(parts, folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sd_model", type=str, default=None, help="base model (single file or diffusers folder); none: merge LoRAs")
+    parser.add_argument("--sd_model", type=str, default=None, help="SD 1.x/2.x or SDXL base (single file or diffusers folder); none: merge LoRAs")
     parser.add_argument("--models", type=str, nargs="+", required=True, help="LoRA files to merge")
     parser.add_argument("--ratios", type=float, nargs="*", default=None, help="one weight per LoRA (default 1 each)")
     parser.add_argument("--save_to", type=str, required=True, help="output file (.safetensors/.ckpt) or diffusers folder")
@@ -58,30 +86,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.save_to}")
         return 0
 
-    from library.sd_models import ModelLoadError, load_sd_model, save_sd_single_file
+    from library.checkpoint_files import ModelLoadError
 
     try:
-        model = load_sd_model(args.sd_model, v2=args.v2, dtype=SAVE_DTYPES[args.precision])
+        model, text_encoders, options, save_single = load_base(args.sd_model, args.v2, SAVE_DTYPES[args.precision])
     except ModelLoadError as e:
         parser.error(str(e))
     for path, sd, ratio in zip(args.models, loras, ratios):
         try:
-            n = merge_into_models(sd, ratio, [model.text_encoder], model.unet)
+            n = merge_into_models(sd, ratio, text_encoders, model.unet, **options)
         except ValueError as e:
             parser.error(f"{path}: {e}")
         print(f"merged {path} x {ratio} ({n} modules)")
     if args.save_to.endswith((".safetensors", ".ckpt", ".pt")):
-        save_sd_single_file(args.save_to, model, v2=model.v2, dtype=save_dtype)
+        save_single(args.save_to, model, save_dtype)
+    elif hasattr(model, "text_encoder_2"):
+        parts = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder, "text_encoder_2": model.text_encoder_2}
+        _save_folder(parts, {"tokenizer": model.tokenizer, "tokenizer_2": model.tokenizer_2}, save_dtype, args.save_to)
     else:
-        from diffusers import DDPMScheduler
-
-        from library.tiny_models import save_diffusers_folder, sd_scheduler_config
-
-        parts = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}
-        if save_dtype is not None:
-            parts = {k: v.to(save_dtype) for k, v in parts.items()}
-        parts.update({"tokenizer": model.tokenizer, "scheduler": DDPMScheduler(**sd_scheduler_config())})
-        save_diffusers_folder(parts, args.save_to)
+        _save_folder({"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}, {"tokenizer": model.tokenizer},
+                     save_dtype, args.save_to)
     print(f"wrote {args.save_to}")
     return 0
 

@@ -1,0 +1,41 @@
+"""Choosing the model family for the offline cache tools: `--sdxl` as in sd-scripts, or detected from the model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from library.family import ModelFamily
+
+
+def detect_model_family(path: str | None) -> str:
+    """"sdxl" or "sd" for a model path or built-in name (single files by their keys, folders by model_index.json)."""
+    from library.checkpoint_files import detect_family, read_key_shapes
+    from library.tiny_models import TINY_SDXL
+
+    if not path:
+        return "sd"
+    if path == TINY_SDXL:
+        return "sdxl"
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json")):
+        with open(os.path.join(path, "model_index.json")) as f:
+            return "sdxl" if "XL" in json.load(f).get("_class_name", "") else "sd"
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        return "sdxl" if detect_family(read_key_shapes(path)) == "sdxl" else "sd"
+    return "sd"
+
+
+def tool_family(argv: list[str] | None) -> ModelFamily:
+    """The family a cache tool works for, from `--sdxl` or the model given with --pretrained_model_name_or_path."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--sdxl", action="store_true")
+    pre.add_argument("--pretrained_model_name_or_path", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.sdxl or detect_model_family(known.pretrained_model_name_or_path) == "sdxl":
+        from library.family_sdxl import SdxlFamily
+
+        return SdxlFamily()
+    from library.family_sd import SdFamily
+
+    return SdFamily()
