@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,17 @@ def warmup_token_count(n_flex: int, opts: CaptionOptions, step: int, max_train_s
     return math.floor(step * (n_flex - opts.token_warmup_min) / warmup_steps) + opts.token_warmup_min
 
 
+def caption_dropped(opts: CaptionOptions, rng: random.Random, epoch: int) -> bool:
+    """Whether caption dropout empties the whole caption of this sample (rate, or every n-th epoch; `epoch` from 1).
+
+    Draws one number from `rng` when caption_dropout_rate > 0, as step 2 of process_caption does.
+    """
+    dropped = opts.caption_dropout_rate > 0 and rng.random() < opts.caption_dropout_rate
+    if opts.caption_dropout_every_n_epochs > 0 and epoch % opts.caption_dropout_every_n_epochs == 0:
+        dropped = True
+    return dropped
+
+
 def process_caption(
     caption: str,
     opts: CaptionOptions,
@@ -86,10 +97,7 @@ def process_caption(
     if opts.caption_suffix:
         caption = caption + " " + opts.caption_suffix
 
-    dropped = opts.caption_dropout_rate > 0 and rng.random() < opts.caption_dropout_rate
-    if opts.caption_dropout_every_n_epochs > 0 and epoch % opts.caption_dropout_every_n_epochs == 0:
-        dropped = True
-    if dropped:
+    if caption_dropped(opts, rng, epoch):
         return ""
 
     if opts.enable_wildcard:
@@ -123,6 +131,51 @@ def process_caption(
     if opts.secondary_separator:
         caption = caption.replace(opts.secondary_separator, sep)
     return caption
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Caption variants: the caption pipeline for cached text-encoder outputs (library/te_cache.py).
+#
+# A random caption pipeline cannot run per step when the text encoders' outputs are cached, so the random part is
+# drawn ahead of time: each image gets a few processed captions ("variants"), encoded once, and each step picks one.
+# Whole-caption dropout is kept out of the variants and applied when a step draws (the shared empty-caption entry),
+# so its rate and its every-n-epochs rule behave exactly as without caching. Token warm-up depends on the step and
+# cannot be drawn ahead of time.
+
+
+def without_caption_dropout(opts: CaptionOptions) -> CaptionOptions:
+    return replace(opts, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0)
+
+
+def has_caption_dropout(opts: CaptionOptions) -> bool:
+    return opts.caption_dropout_rate > 0 or opts.caption_dropout_every_n_epochs > 0
+
+
+def caption_variants(caption: str, opts: CaptionOptions, seed_key: str, variants: int) -> list[str]:
+    """The processed captions to cache for one raw caption: variant k = process_caption(caption, opts without caption
+    dropout, random.Random(f"{seed_key}-{k}"), epoch 1, step 0), for k < `variants`.
+
+    A pipeline that is not random once caption dropout is taken out gives one variant, and so do variants that all came
+    out equal (a one-tag caption with shuffle_caption): one variant then says the same with less to encode. The result
+    depends only on the arguments, so a cache can compare stored texts with a fresh call to find stale entries.
+    Raises ValueError for token warm-up (the caption depends on the step).
+    """
+    if opts.token_warmup_step > 0:
+        raise ValueError("token warm-up changes the caption with the training step; its captions cannot be drawn ahead of time")
+    if variants < 1:
+        raise ValueError(f"caption variants must be at least 1, not {variants}")
+    opts = without_caption_dropout(opts)
+    n = variants if opts.is_random() else 1
+    texts = [process_caption(caption, opts, random.Random(f"{seed_key}-{k}"), 1, 0) for k in range(n)]
+    return texts[:1] if all(t == texts[0] for t in texts) else texts
+
+
+def draw_caption_variant(opts: CaptionOptions, rng: random.Random, epoch: int, n_variants: int) -> int | None:
+    """Which cached variant a training step uses: None when caption dropout empties the caption (use the empty-caption
+    entry), else an index below `n_variants` drawn uniformly. Dropout is drawn first, as in process_caption."""
+    if caption_dropped(opts, rng, epoch):
+        return None
+    return rng.randrange(n_variants) if n_variants > 1 else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,11 @@ A batch is a dict:
   conditioning_images  float tensor (B, 3, H, W) in [0, 1] for ControlNet datasets, else None
   flipped              bool tensor (B,)
   image_keys           list of B image keys
+  text_outputs         with a text-encoder output cache: {output name: tensor (B, ...)}, the cached outputs of the
+                       caption each sample used (the one in `captions`); else None
+
+With a text-encoder output cache (library/te_cache.py) a training sample draws caption dropout and then one of its
+image's cached caption variants from its rng; a validation sample uses variant 0 and is never dropped.
 """
 
 from __future__ import annotations
@@ -127,11 +132,14 @@ def _to_tensor(img: Image.Image, signed: bool) -> torch.Tensor:
 class TrainDataset(torch.utils.data.Dataset):
     """Map-style dataset whose index is a SampleRequest; see the module docstring for the batch layout."""
 
-    def __init__(self, group: DatasetGroup, max_train_steps: int = 0, batches_per_step: int = 1, latent_cache=None) -> None:
+    def __init__(
+        self, group: DatasetGroup, max_train_steps: int = 0, batches_per_step: int = 1, latent_cache=None, te_cache=None
+    ) -> None:
         self.group = group
         self.max_train_steps = max_train_steps
         self.batches_per_step = batches_per_step
         self.latent_cache = latent_cache  # library.latent_cache.LatentCache: serve cached latents instead of pixels
+        self.te_cache = te_cache  # library.te_cache.TextEncoderOutputCache: serve cached text-encoder outputs
 
     def __len__(self) -> int:
         return sum(len(ds.train) for ds in self.group.datasets)
@@ -180,7 +188,9 @@ class TrainDataset(torch.utils.data.Dataset):
                 cimg = cimg.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             cond = _to_tensor(cimg, signed=False)
 
-        if rng is None:
+        if self.te_cache is not None:
+            caption, sample["text_outputs"] = self.te_cache.draw(info, subset.caption, rng, req.epoch)
+        elif rng is None:
             caption = process_caption(info.caption, _fixed(subset), random.Random(0), req.epoch, 0, 0)
         else:
             step = req.batch_number // self.batches_per_step
@@ -224,6 +234,15 @@ def collate(samples: list[dict]) -> dict:
     if any(m is not None for m in masks):
         h, w = samples[0]["target_size_hw"]
         masks = [m if m is not None else torch.ones(h, w) for m in masks]
+    text_outputs = None
+    if "text_outputs" in samples[0]:
+        text_outputs = {}
+        for name in samples[0]["text_outputs"]:
+            parts = [s["text_outputs"][name] for s in samples]
+            if any(p.shape != parts[0].shape for p in parts):
+                shapes = ", ".join(f"{s['image_key']}: {tuple(p.shape)}" for s, p in zip(samples, parts))
+                raise ValueError(f"cached text-encoder output {name!r} differs in shape within a batch ({shapes})")
+            text_outputs[name] = torch.stack(parts)
     if "image" in samples[0]:
         pixels = {"images": torch.stack([s["image"] for s in samples])}
     else:
@@ -245,6 +264,7 @@ def collate(samples: list[dict]) -> dict:
         "positions": torch.tensor([s["position"] for s in samples], dtype=torch.long),
         "batch_number": samples[0]["batch_number"],
         "loss_scales": torch.tensor([s["loss_scale"] for s in samples], dtype=torch.float32),
+        "text_outputs": text_outputs,
     }
 
 
@@ -296,10 +316,11 @@ def make_data_loader(
     latent_cache=None,
     num_processes: int = 1,
     process_index: int = 0,
+    te_cache=None,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader of whole bucket batches; call `loader.batch_sampler.set_epoch(e)` before each epoch."""
     return torch.utils.data.DataLoader(
-        TrainDataset(group, max_train_steps, batches_per_step, latent_cache),
+        TrainDataset(group, max_train_steps, batches_per_step, latent_cache, te_cache),
         batch_sampler=EpochBatchSampler(group, validation, num_processes, process_index),
         collate_fn=collate,
         num_workers=num_workers,

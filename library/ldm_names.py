@@ -216,6 +216,7 @@ def _open_clip_name(key: str) -> str:
         "embeddings.position_embedding.weight": "positional_embedding",
         "final_layer_norm.weight": "ln_final.weight",
         "final_layer_norm.bias": "ln_final.bias",
+        "text_projection.weight": "text_projection",  # CLIPTextModelWithProjection; OpenCLIP stores the transpose
     }
     if key in fixed:
         return fixed[key]
@@ -234,9 +235,10 @@ def text_encoder_ldm_param_names(text_encoder, v2: bool = False) -> dict[str, st
 
     SD1 (prefix `cond_stage_model.transformer.`): `text_model.` + the transformers name, e.g.
     `encoder.layers.0.self_attn.q_proj.weight` -> `text_model.encoder.layers.0.self_attn.q_proj.weight` (transformers 5
-    flattens CLIPTextModel names; the file keeps `text_model.`). SD2 (prefix `cond_stage_model.model.`): OpenCLIP names;
-    q_proj / k_proj / v_proj of a layer all map to the layer's `attn.in_proj_weight` (or `_bias`), whose rows hold q, k,
-    v in that order (see `open_clip_qkv_rows`).
+    flattens CLIPTextModel names; the file keeps `text_model.`). SD2 (prefix `cond_stage_model.model.`) and SDXL's
+    second encoder (`conditioner.embedders.1.model.`, a CLIPTextModelWithProjection): OpenCLIP names; q_proj / k_proj /
+    v_proj of a layer all map to the layer's `attn.in_proj_weight` (or `_bias`), whose rows hold q, k, v in that order
+    (see `open_clip_qkv_rows`); `text_projection.weight` maps to `text_projection`, stored transposed.
     """
     keys = [k for k in text_encoder.state_dict().keys() if not k.endswith("position_ids")]
     if v2:

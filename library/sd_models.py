@@ -267,13 +267,17 @@ def infer_unet_config(checkpoint: Mapping[str, Any], v2: bool) -> dict:
     return config
 
 
-def infer_vae_config(diffusers_sd: Mapping[str, Any], v2: bool = False) -> dict:
-    """An AutoencoderKL config from a diffusers-layout VAE state dict's shapes."""
+def infer_vae_config(diffusers_sd: Mapping[str, Any], v2: bool = False, reference: Mapping[str, Any] | None = None) -> dict:
+    """An AutoencoderKL config from a diffusers-layout VAE state dict's shapes.
+
+    `reference` gives what shapes cannot tell (scaling factor, sample size, ...): a real model's VAE config; default
+    the SD 1.x / 2.x one.
+    """
     sd = {k: _shape(v) for k, v in diffusers_sd.items()}
     levels = _indices(sd, "encoder.down_blocks.")
     if not levels or "decoder.conv_in.weight" not in sd:
         raise ModelLoadError("no VAE encoder/decoder weights found")
-    config = reference_config("sd2-base" if v2 else "sd15", "vae")
+    config = copy.deepcopy(dict(reference)) if reference is not None else reference_config("sd2-base" if v2 else "sd15", "vae")
     config.update(
         {
             "in_channels": sd["encoder.conv_in.weight"][1],
@@ -377,12 +381,18 @@ def _vae_to_diffusers_layout(checkpoint: Mapping[str, torch.Tensor], source: str
     raise ModelLoadError(f"{source}: no VAE weights (first_stage_model.encoder.* or encoder.down_blocks.*) found")
 
 
-def vae_from_state_dict(checkpoint: Mapping[str, torch.Tensor], dtype=torch.float32, source: str = "checkpoint", v2=False):
-    """An AutoencoderKL from LDM-layout (any prefix) or diffusers-layout VAE weights."""
+def vae_from_state_dict(
+    checkpoint: Mapping[str, torch.Tensor],
+    dtype=torch.float32,
+    source: str = "checkpoint",
+    v2=False,
+    reference: Mapping[str, Any] | None = None,
+):
+    """An AutoencoderKL from LDM-layout (any prefix) or diffusers-layout VAE weights (`reference`: see infer_vae_config)."""
     from diffusers import AutoencoderKL
 
     converted = _vae_to_diffusers_layout(checkpoint, source)
-    config = infer_vae_config(converted, v2)
+    config = infer_vae_config(converted, v2, reference)
     return _build_and_load(lambda: AutoencoderKL(**config), converted, dtype, "VAE", source)
 
 
@@ -440,21 +450,26 @@ def tokenizer_hub_id(v2: bool) -> tuple[str, str | None]:
     return (SD2_HUB_ID, "tokenizer") if v2 else (CLIP_L_HUB_ID, None)
 
 
+def hub_cache_folder(tokenizer_cache_dir: str, hub_id: str) -> str:
+    """`<cache dir>/<hub id with / replaced by _>`, as sd-scripts' --tokenizer_cache_dir."""
+    return os.path.join(tokenizer_cache_dir, hub_id.replace("/", "_"))
+
+
 def tokenizer_cache_folder(tokenizer_cache_dir: str, v2: bool) -> str:
     """Where kiln looks for a single file's tokenizer: `<cache dir>/<hub id with / replaced by _>`."""
-    return os.path.join(tokenizer_cache_dir, tokenizer_hub_id(v2)[0].replace("/", "_"))
+    return hub_cache_folder(tokenizer_cache_dir, tokenizer_hub_id(v2)[0])
 
 
 def _is_tokenizer_folder(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, "vocab.json")) or os.path.isfile(os.path.join(folder, "tokenizer.json"))
 
 
-def _hf_cache_tokenizer_folder(v2: bool) -> str | None:
-    """The folder of the SD1/SD2 tokenizer files in the local Hugging Face cache, or None. (transformers 5 returns an
-    empty 2-token tokenizer for a hub id whose files are not cached, so the files are looked up here first.)"""
+def _hf_cache_folder(hub_id: str, subfolder: str | None) -> str | None:
+    """The folder of a CLIP tokenizer's files (vocab.json, merges.txt) in the local Hugging Face cache, or None.
+    (transformers 5 returns an empty 2-token tokenizer for a hub id whose files are not cached, so the files are looked
+    up here first.)"""
     from huggingface_hub import try_to_load_from_cache
 
-    hub_id, subfolder = tokenizer_hub_id(v2)
     prefix = f"{subfolder}/" if subfolder else ""
     found = [try_to_load_from_cache(hub_id, prefix + name) for name in ("vocab.json", "merges.txt")]
     if all(isinstance(f, str) and os.path.isfile(f) for f in found) and os.path.dirname(found[0]) == os.path.dirname(found[1]):
@@ -462,45 +477,82 @@ def _hf_cache_tokenizer_folder(v2: bool) -> str | None:
     return None
 
 
-def load_tokenizer(v2: bool, tokenizer_cache_dir: str | None = None, vocab_size: int | None = None):
-    """The CLIPTokenizer for an SD1/SD2 single file, offline.
+def _hf_cache_tokenizer_folder(v2: bool) -> str | None:
+    """The folder of the SD1/SD2 tokenizer files in the local Hugging Face cache, or None."""
+    return _hf_cache_folder(*tokenizer_hub_id(v2))
 
-    Looks in: `tokenizer_cache_dir/<hub id with / -> _>` (files directly there or in its `tokenizer/`), then
+
+def load_clip_tokenizer(
+    hub_id: str,
+    subfolder: str | None,
+    tokenizer_cache_dir: str | None,
+    vocab_size: int | None,
+    *,
+    model_name: str,
+    pad_token: str | None = None,
+    tiny_pad_token: str = "<|endoftext|>",
+    hf_cache_lookup=None,
+):
+    """The CLIPTokenizer published as `hub_id` (in `subfolder`), offline.
+
+    Looks in: `tokenizer_cache_dir/<hub id with / -> _>` (files directly there or in its `subfolder`, default
+    `tokenizer/`), then
     `tokenizer_cache_dir` itself if it holds a tokenizer (e.g. one written by tiny_models.write_tiny_clip_tokenizer),
-    then the local Hugging Face cache (local_files_only). A text encoder with kiln's tiny vocabulary gets the built-in
-    tiny tokenizer when none is found. Otherwise ModelLoadError naming the folder to provide.
+    then the local Hugging Face cache (`hf_cache_lookup()`, default: look `hub_id` up there). A text encoder with kiln's
+    tiny vocabulary gets the built-in tiny tokenizer (padding with `tiny_pad_token`) when none is found. Otherwise
+    ModelLoadError naming the folder to provide (`model_name` says for which model). `pad_token`, if given, replaces
+    the found tokenizer's padding token (SDXL's second tokenizer pads with "!" whatever its files say).
     """
     from transformers import CLIPTokenizer
 
+    def finish(tokenizer):
+        if pad_token is not None and tokenizer.pad_token != pad_token:
+            tokenizer.pad_token = pad_token
+        return tokenizer
+
     candidates = []
     if tokenizer_cache_dir:
-        folder = tokenizer_cache_folder(tokenizer_cache_dir, v2)
-        candidates += [folder, os.path.join(folder, "tokenizer"), tokenizer_cache_dir]
+        folder = hub_cache_folder(tokenizer_cache_dir, hub_id)
+        candidates += [folder, os.path.join(folder, subfolder or "tokenizer"), tokenizer_cache_dir]
     for candidate in candidates:
         if _is_tokenizer_folder(candidate):
-            return CLIPTokenizer.from_pretrained(candidate)
+            return finish(CLIPTokenizer.from_pretrained(candidate))
 
-    cached = _hf_cache_tokenizer_folder(v2)
+    cached = hf_cache_lookup() if hf_cache_lookup is not None else _hf_cache_folder(hub_id, subfolder)
     if cached is not None:
-        return CLIPTokenizer.from_pretrained(cached)
+        return finish(CLIPTokenizer.from_pretrained(cached))
 
     from library.tiny_models import TINY_VOCAB, write_tiny_clip_tokenizer
 
     if vocab_size == TINY_VOCAB:
         with tempfile.TemporaryDirectory() as tmp:
-            write_tiny_clip_tokenizer(tmp, pad_token="!" if v2 else "<|endoftext|>")
-            return CLIPTokenizer.from_pretrained(tmp)
+            write_tiny_clip_tokenizer(tmp, pad_token=tiny_pad_token)
+            return finish(CLIPTokenizer.from_pretrained(tmp))
 
-    hub_id, subfolder = tokenizer_hub_id(v2)
     wanted = hub_id + (f" (subfolder {subfolder})" if subfolder else "")
     where = (
-        tokenizer_cache_folder(tokenizer_cache_dir, v2)
+        hub_cache_folder(tokenizer_cache_dir, hub_id)
         if tokenizer_cache_dir
         else f"<--tokenizer_cache_dir>/{hub_id.replace('/', '_')}"
     )
     raise ModelLoadError(
-        f"no tokenizer for this SD {'2.x' if v2 else '1.x'} model: kiln needs the files of {wanted} (vocab.json, "
+        f"no tokenizer for this {model_name} model: kiln needs the files of {wanted} (vocab.json, "
         f"merges.txt, ...) in the folder {where}, or in the local Hugging Face cache. kiln does not download at run time."
+    )
+
+
+def load_tokenizer(v2: bool, tokenizer_cache_dir: str | None = None, vocab_size: int | None = None):
+    """The CLIPTokenizer for an SD1/SD2 single file, offline (see load_clip_tokenizer; SD2's files are in the
+    `tokenizer/` subfolder of stabilityai/stable-diffusion-2)."""
+    hub_id, subfolder = tokenizer_hub_id(v2)
+    return load_clip_tokenizer(
+        hub_id,
+        subfolder,
+        tokenizer_cache_dir,
+        vocab_size,
+        model_name=f"SD {'2.x' if v2 else '1.x'}",
+        tiny_pad_token="!" if v2 else "<|endoftext|>",
+        hf_cache_lookup=lambda: _hf_cache_tokenizer_folder(v2),
     )
 
 
@@ -523,9 +575,10 @@ def _v2_mismatch(source: str, file_v2: bool) -> ModelLoadError:
     return ModelLoadError(f"{source} is an SD 1.x model (CLIP-L text encoder), but --v2 is set: remove --v2")
 
 
-def load_vae(path: str, dtype=torch.float32, v2: bool = False):
+def load_vae(path: str, dtype=torch.float32, v2: bool = False, reference: Mapping[str, Any] | None = None):
     """A VAE for `--vae`: a diffusers VAE folder (config.json, or a pipeline folder with vae/), or a single file with
-    LDM keys (with or without `first_stage_model.`) or diffusers-layout keys."""
+    LDM keys (with or without `first_stage_model.`) or diffusers-layout keys. `reference`: the config defaults for a
+    single file (see infer_vae_config; SDXL passes its own scaling factor)."""
     from diffusers import AutoencoderKL
 
     if os.path.isdir(path):
@@ -535,7 +588,7 @@ def load_vae(path: str, dtype=torch.float32, v2: bool = False):
         raise ModelLoadError(f"VAE folder {path} has no config.json (nor vae/config.json)")
     if not os.path.exists(path):
         raise ModelLoadError(f"VAE not found: {path}")
-    return vae_from_state_dict(read_state_dict(path), dtype, source=path, v2=v2)
+    return vae_from_state_dict(read_state_dict(path), dtype, source=path, v2=v2, reference=reference)
 
 
 def _folder_family(path: str) -> tuple[str, bool]:
@@ -564,8 +617,10 @@ def _folder_family(path: str) -> tuple[str, bool]:
 
 
 def _load_builtin(name: str, v2: bool) -> tuple:
-    from library.tiny_models import TINY_SD2, build_tiny_sd
+    from library.tiny_models import TINY_SD, TINY_SD2, build_tiny_sd
 
+    if name not in (TINY_SD, TINY_SD2):
+        raise _family_error(name, "sdxl")  # kiln-tiny-sdxl
     builtin_v2 = name == TINY_SD2
     if builtin_v2 != v2:
         raise _v2_mismatch(name, builtin_v2)
@@ -675,7 +730,13 @@ def load_sd_model(
 OPEN_CLIP_LOGIT_SCALE = math.log(100.0)  # OpenCLIP's trained logit scale (unused by SD2; present in its files)
 
 
-def _open_clip_state_dict(text_encoder) -> dict[str, torch.Tensor]:
+def _open_clip_state_dict(text_encoder, sd2: bool = True) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel(WithProjection) in OpenCLIP names (without the file's prefix).
+
+    sd2: SD 2.x conventions (one extra identity layer, identity text_projection, see below). A
+    CLIPTextModelWithProjection's `text_projection.weight` (nn.Linear, [projection, hidden]) is written as OpenCLIP's
+    `text_projection` matrix ([hidden, projection], applied as `x @ P`), its transpose.
+    """
     state = {k: v for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
     names = text_encoder_ldm_param_names(text_encoder, v2=True)
     out: dict[str, torch.Tensor] = {}
@@ -685,10 +746,16 @@ def _open_clip_state_dict(text_encoder) -> dict[str, torch.Tensor]:
         m = re.search(r"self_attn\.(q_proj|k_proj|v_proj)\.", key)
         if m:
             qkv.setdefault(ldm, {})[m.group(1)] = value
+        elif key == "text_projection.weight":
+            out[ldm] = value.t()
         else:
             out[ldm] = value
     for ldm, parts in qkv.items():
         out[ldm] = torch.cat([parts[p] for p in OPEN_CLIP_QKV], dim=0)
+    ref = out["token_embedding.weight"]
+    if not sd2:
+        out["logit_scale"] = torch.tensor(OPEN_CLIP_LOGIT_SCALE, dtype=ref.dtype, device=ref.device)
+        return out
 
     # The file has one layer more than diffusers' model: SD2 conditions on the penultimate layer's output, so the last
     # layer is never used. kiln writes it as an exact identity (all zeros: both residual branches add 0), so a tool
@@ -698,25 +765,33 @@ def _open_clip_state_dict(text_encoder) -> dict[str, torch.Tensor]:
     for ldm in [k for k in out if k.startswith(src)]:
         out[f"transformer.resblocks.{layers}." + ldm[len(src) :]] = torch.zeros_like(out[ldm])
     hidden = text_encoder.config.hidden_size
-    ref = out["token_embedding.weight"]
     out["text_projection"] = torch.eye(hidden, dtype=ref.dtype, device=ref.device)
     out["logit_scale"] = torch.tensor(OPEN_CLIP_LOGIT_SCALE, dtype=ref.dtype, device=ref.device)
     return out
 
 
-def sd_to_ldm_state_dict(text_encoder, vae, unet, v2: bool) -> dict[str, torch.Tensor]:
-    """The original single-file state dict of a diffusers SD model (tensors are the models' own, not copies)."""
-    out: dict[str, torch.Tensor] = {}
+def unet_to_ldm_state_dict(unet) -> dict[str, torch.Tensor]:
+    """A UNet2DConditionModel's weights under their single-file names, `model.diffusion_model.` included (SD and SDXL)."""
     unet_state = unet.state_dict()
-    for key, ldm in unet_ldm_param_names(unet).items():
-        out[UNET_PREFIX + ldm] = unet_state[key]
+    return {UNET_PREFIX + ldm: unet_state[key] for key, ldm in unet_ldm_param_names(unet).items()}
 
+
+def vae_to_ldm_state_dict(vae) -> dict[str, torch.Tensor]:
+    """An AutoencoderKL's weights under their single-file names, `first_stage_model.` included (SD and SDXL)."""
+    out: dict[str, torch.Tensor] = {}
     vae_state = vae.state_dict()
     for key, ldm in vae_ldm_param_names(vae).items():
         value = vae_state[key]
         if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", ldm) and value.ndim == 2:
             value = value.reshape(*value.shape, 1, 1)  # LDM's attention uses 1x1 convolutions
         out[VAE_PREFIX + ldm] = value
+    return out
+
+
+def sd_to_ldm_state_dict(text_encoder, vae, unet, v2: bool) -> dict[str, torch.Tensor]:
+    """The original single-file state dict of a diffusers SD model (tensors are the models' own, not copies)."""
+    out = unet_to_ldm_state_dict(unet)
+    out.update(vae_to_ldm_state_dict(vae))
 
     if v2:
         for key, value in _open_clip_state_dict(text_encoder).items():
@@ -759,11 +834,20 @@ def save_sd_single_file(
         text_encoder, vae, unet = model.text_encoder, model.vae, model.unet
     else:
         text_encoder, vae, unet = model
+    write_single_file(path, sd_to_ldm_state_dict(text_encoder, vae, unet, v2), dtype, metadata)
+
+
+def write_single_file(
+    path: str, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a single-file state dict atomically: `.safetensors` (with `metadata`, all values strings) or, for
+    .ckpt/.pt, a plain {"state_dict": ...} pickle of tensors that loads with weights_only=True. `dtype` casts floating
+    tensors. The file is written to a temporary name in the same folder, then renamed over `path`."""
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("safetensors metadata keys and values must all be strings")
 
     state = {}
-    for key, value in sd_to_ldm_state_dict(text_encoder, vae, unet, v2).items():
+    for key, value in state_dict.items():
         value = value.detach()
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)

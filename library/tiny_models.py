@@ -1,7 +1,7 @@
 """Built-in tiny models: real architectures (diffusers / transformers classes) with a few thousand parameters.
 
 They serve the README's quick demo and dry runs of a real config on CPU (`--pretrained_model_name_or_path
-kiln-tiny-sd`), and the test suite, which saves them in every on-disk format kiln reads. Weights are random but
+kiln-tiny-sd`, `kiln-tiny-sd2`, `kiln-tiny-sdxl`), and the test suite, which saves them in every on-disk format kiln reads. Weights are random but
 deterministic (seeded), the tokenizer is a byte-level CLIP BPE vocabulary without merges: real CLIPTokenizer code,
 one token per character.
 """
@@ -16,7 +16,8 @@ import torch
 
 TINY_SD = "kiln-tiny-sd"
 TINY_SD2 = "kiln-tiny-sd2"
-BUILTIN_MODELS = (TINY_SD, TINY_SD2)
+TINY_SDXL = "kiln-tiny-sdxl"
+BUILTIN_MODELS = (TINY_SD, TINY_SD2, TINY_SDXL)
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -144,20 +145,103 @@ def build_tiny_sd(v2: bool = False, seed: int = 0) -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
+# SDXL: two text encoders whose hidden states are concatenated (64 + 128 = the U-Net's cross_attention_dim, as
+# 768 + 1280 = 2048 in the real model); the second one's projected pooled output (width 128, = its hidden size as in
+# OpenCLIP bigG) joins 6 size/crop numbers of addition_time_embed_dim each in the U-Net's added embedding.
+TINY_SDXL_TE1_WIDTH = 64
+TINY_SDXL_TE2_WIDTH = 128
+TINY_SDXL_TIME_EMBED_DIM = 8
+
+
+def tiny_sdxl_unet_config() -> dict:
+    """A three-level U-Net with SDXL's conventions: no attention in the first level, deeper transformers further down,
+    64-wide heads, linear projections, the "text_time" added embedding. With two layers per level its block numbering
+    is the real model's (input_blocks.4.1 is the first transformer, output_blocks.0.1 the first one going up)."""
+    channels = [32, 64, 128]
+    return {
+        "sample_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 2,
+        "block_out_channels": channels,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "transformer_layers_per_block": [1, 1, 2],
+        "attention_head_dim": [max(1, c // 64) for c in channels],
+        "use_linear_projection": True,
+        "cross_attention_dim": TINY_SDXL_TE1_WIDTH + TINY_SDXL_TE2_WIDTH,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": TINY_SDXL_TIME_EMBED_DIM,
+        "projection_class_embeddings_input_dim": 6 * TINY_SDXL_TIME_EMBED_DIM + TINY_SDXL_TE2_WIDTH,
+        "norm_num_groups": 32,
+    }
+
+
+def sdxl_scheduler_config() -> dict:
+    """The Euler scheduler SDXL base 1.0 ships (same DDPM betas as SD)."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "interpolation_type": "linear",
+        "prediction_type": "epsilon",
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "use_karras_sigmas": False,
+    }
+
+
+def build_tiny_sdxl(seed: int = 0) -> dict:
+    """Tiny SDXL components: {"unet", "vae", "text_encoder" (CLIPTextModel, CLIP-L style), "text_encoder_2"
+    (CLIPTextModelWithProjection, bigG style: gelu, pads with id 0), "tokenizer", "tokenizer_2" (pads with "!" = id 0),
+    "scheduler"}."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_sdxl_unet_config())
+    vae = AutoencoderKL(**{**tiny_vae_config(), "scaling_factor": 0.13025, "force_upcast": True})
+    text_encoder = CLIPTextModel(tiny_clip_config(v2=False, hidden_size=TINY_SDXL_TE1_WIDTH))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_config(v2=True, hidden_size=TINY_SDXL_TE2_WIDTH))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_clip_tokenizer(os.path.join(tmp, "1"))
+        write_tiny_clip_tokenizer(os.path.join(tmp, "2"), pad_token="!")
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(tmp, "1"))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(os.path.join(tmp, "2"))
+    scheduler = EulerDiscreteScheduler(**sdxl_scheduler_config())
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "scheduler": scheduler,
+    }
+
+
 def save_diffusers_folder(components: dict, folder: str) -> None:
-    """Save components as a diffusers StableDiffusionPipeline folder (model_index.json and one folder each)."""
+    """Save components as a diffusers pipeline folder (model_index.json and one folder each): a
+    StableDiffusionXLPipeline when they include `text_encoder_2`, else a StableDiffusionPipeline."""
     os.makedirs(folder, exist_ok=True)
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}
+    sdxl = "text_encoder_2" in components
+    index = {"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}
     libraries = {
         "unet": "diffusers",
         "vae": "diffusers",
         "scheduler": "diffusers",
         "text_encoder": "transformers",
         "tokenizer": "transformers",
+        "text_encoder_2": "transformers",
+        "tokenizer_2": "transformers",
     }
     for name, obj in components.items():
         obj.save_pretrained(os.path.join(folder, name))
         index[name] = [libraries[name], type(obj).__name__]
-    index.update({"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
+    if sdxl:
+        index.update({"image_encoder": [None, None], "feature_extractor": [None, None], "force_zeros_for_empty_prompt": True})
+    else:
+        index.update({"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=1)

@@ -72,6 +72,13 @@ def check_args(args, family: ModelFamily) -> None:
 
         if importlib.util.find_spec("wandb") is None:
             problems.append("--log_with wandb needs the wandb package (pip install wandb); or use --log_with tensorboard")
+    if args.pretrained_model_name_or_path:
+        from library.tool_family import detect_model_family
+
+        kind = detect_model_family(args.pretrained_model_name_or_path)
+        if kind != family.arch:
+            other = {"sd": "train_network.py", "sdxl": "sdxl_train_network.py"}[kind]
+            problems.append(f"{args.pretrained_model_name_or_path} is an {kind.upper()} model: train it with {other}")
     try:
         family.check_args(args)
     except ValueError as e:
@@ -497,8 +504,13 @@ class TrainingRun:
         for m in [*models.text_encoders, models.vae, models.denoiser]:
             m.requires_grad_(False)
             m.eval()
-        models.vae.to(device, torch.float32 if dtype == torch.float16 else dtype)  # the SD VAE overflows in fp16
+        models.vae.to(device, family.vae_dtype(args, dtype))
         self.latent_cache = cache_all_latents(args, family, models, self.group, self.accelerator) if args.cache_latents else None
+        self.te_cache = None
+        if getattr(args, "cache_text_encoder_outputs", False):
+            for te in models.text_encoders:
+                te.to(device, dtype)
+            self.te_cache = cache_all_text_outputs(args, family, models, self.group, self.accelerator)
         self.train_te = not args.network_train_unet_only
         train_unet = not args.network_train_text_encoder_only
         self.network = build_network(args, family, models, self.train_te, train_unet)
@@ -537,14 +549,14 @@ class TrainingRun:
             max_train_steps=args.max_train_steps,
             batches_per_step=args.gradient_accumulation_steps,
             persistent_workers=args.persistent_data_loader_workers,
-            latent_cache=self.latent_cache,
+            latent_cache=self.latent_cache, te_cache=self.te_cache,
             num_processes=n_proc,
             process_index=rank,
         )
         self.val_loader = None
         if any(ds.validation for ds in self.group.datasets):
             self.val_loader = make_data_loader(
-                self.group, validation=True, latent_cache=self.latent_cache, num_processes=n_proc, process_index=rank
+                self.group, validation=True, latent_cache=self.latent_cache, te_cache=self.te_cache, num_processes=n_proc, process_index=rank
             )
         self.batches_per_epoch = len(self.loader.batch_sampler)
         steps_per_epoch = math.ceil(self.batches_per_epoch / args.gradient_accumulation_steps)
@@ -789,7 +801,7 @@ def batch_loss(
     latents = batch_latents(family, models, batch, generators, device, dtype)
     with accelerator.autocast():
         with torch.set_grad_enabled(train_te and kind == "train"):
-            conds = family.encode_text(args, models, batch["captions"])
+            conds = family.text_conditioning(args, models, batch)
         losses = family.sample_losses(args, models, batch, latents, conds, generators, timesteps)
     weights = batch["loss_weights"].to(device) * batch["loss_scales"].to(device)
     loss = (losses * weights).sum()
@@ -847,6 +859,30 @@ def cache_all_latents(args, family: ModelFamily, models: TrainModels, group: Dat
         accelerator.num_processes,
         accelerator.is_local_main_process,
     )
+    accelerator.wait_for_everyone()
+    return cache
+
+
+def cache_all_text_outputs(args, family: ModelFamily, models: TrainModels, group: DatasetGroup, accelerator):
+    """Encode every caption (and caption variant) once; the text encoders are not run during training afterwards."""
+    from library.te_cache import TextEncoderOutputCache
+
+    if not family.caches_text_encoder_outputs:
+        raise TrainingError(f"{family.script_name} has no text-encoder output cache")
+    keys = family.text_output_keys
+
+    def encode(captions: list[str]) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), accelerator.autocast():
+            outputs = family.encode_text(args, models, captions)
+        return dict(zip(keys, outputs))
+
+    batch_size = args.text_encoder_batch_size or 8
+    cache = TextEncoderOutputCache(family.arch, encode, family.text_cache_identity(args, models), args.cache_text_encoder_outputs_to_disk,
+                                   batch_size=batch_size, variants=args.text_encoder_cache_variants)
+    try:
+        cache.fill(group, accelerator.process_index, accelerator.num_processes, accelerator.is_local_main_process)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     accelerator.wait_for_everyone()
     return cache
 

@@ -1,0 +1,140 @@
+"""SDXL as a trainer family: two text encoders (outputs cacheable), size/crop conditioning, sgm LoRA names."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from library.family import DdpmFamily, TrainModels
+from library.sample_prompts import SD_UNSUPPORTED_OPTIONS
+from library.strategy_sdxl import TE_OUTPUT_KEYS, SdxlTextEncodingStrategy, SdxlTokenizeStrategy, size_conditioning
+
+logger = logging.getLogger(__name__)
+
+VAE_SCALE = 0.13025
+
+
+class SdxlFamily(DdpmFamily):
+    script_name = "sdxl_train_network.py"
+    arch = "sdxl"
+    bucket_reso_multiple = 32
+    default_resolution = 1024
+    sample_unsupported = SD_UNSUPPORTED_OPTIONS
+    caches_text_encoder_outputs = True
+    text_output_keys = TE_OUTPUT_KEYS
+
+    def add_arguments(self, parser) -> None:
+        g = parser.add_argument_group("SDXL")
+        g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 (the SDXL VAE overflows in fp16)")
+        g.add_argument(
+            "--cache_text_encoder_outputs",
+            action="store_true",
+            help="encode every caption once before training and keep the outputs in memory (needs --network_train_unet_only). "
+            "With caption shuffling, tag dropout or wildcards, --text_encoder_cache_variants processed captions are encoded "
+            "per image and one is drawn each step; caption dropout draws a cached empty caption",
+        )
+        g.add_argument(
+            "--cache_text_encoder_outputs_to_disk",
+            action="store_true",
+            help="keep the text-encoder caches next to the images (implies --cache_text_encoder_outputs)",
+        )
+        g.add_argument(
+            "--text_encoder_cache_variants",
+            type=int,
+            default=8,
+            help="captions that change every step (shuffle, tag dropout, wildcards): how many versions to encode per image",
+        )
+        g.add_argument("--text_encoder_batch_size", type=int, default=None, help="captions per text-encoder call when caching")
+
+    def check_args(self, args) -> None:
+        super().check_args(args)
+        if args.cache_text_encoder_outputs_to_disk:
+            args.cache_text_encoder_outputs = True
+        if args.cache_text_encoder_outputs and not args.network_train_unet_only:
+            raise ValueError("--cache_text_encoder_outputs needs --network_train_unet_only: a trained text encoder changes its outputs")
+        if args.v2:
+            raise ValueError("--v2 is for SD 2.x; SDXL needs no model-version flag")
+        if args.clip_skip:
+            logger.warning("--clip_skip has no effect on SDXL: it uses the text encoders' penultimate layers by design")
+
+    def vae_dtype(self, args, weight_dtype: torch.dtype) -> torch.dtype:
+        return torch.float32 if args.no_half_vae or weight_dtype == torch.float16 else weight_dtype
+
+    def load_models(self, args) -> TrainModels:
+        from library.sdxl_models import load_sdxl_model
+
+        m = load_sdxl_model(args.pretrained_model_name_or_path, vae=args.vae, tokenizer_cache_dir=args.tokenizer_cache_dir)
+        return TrainModels([m.text_encoder, m.text_encoder_2], [m.tokenizer, m.tokenizer_2], m.vae, m.unet)
+
+    def strategies(self, args, models: TrainModels):
+        if not hasattr(self, "_tokenize"):
+            self._tokenize = SdxlTokenizeStrategy(*models.tokenizers, args.max_token_length)
+            self._encode = SdxlTextEncodingStrategy()
+        return self._tokenize, self._encode
+
+    def encode_images(self, models, images):
+        dist = models.vae.encode(images.to(models.vae.dtype)).latent_dist
+        return dist.mean, dist.std
+
+    def scale_latents(self, latents):
+        return latents * VAE_SCALE
+
+    def encode_text(self, args, models, captions):
+        tokenize, encode = self.strategies(args, models)
+        if args.weighted_captions:
+            tokens, weights = tokenize.tokenize_with_weights(captions)
+            return encode.encode_tokens_with_weights(models.text_encoders, tokens, weights)
+        return encode.encode_tokens(models.text_encoders, tokenize.tokenize(captions))
+
+    def text_conditioning(self, args, models, batch):
+        cached = batch.get("text_outputs")
+        if cached is not None:
+            return [cached[k].to(models.denoiser.device) for k in TE_OUTPUT_KEYS]
+        return self.encode_text(args, models, batch["captions"])
+
+    def text_cache_identity(self, args, models: TrainModels) -> dict:
+        from library.strategy_base import module_fingerprint
+
+        tokenize, _ = self.strategies(args, models)
+        return {
+            "text_encoders": [module_fingerprint(te) for te in models.text_encoders],
+            "tokens": tokenize.settings(),
+            "weighted_captions": bool(args.weighted_captions),
+        }
+
+    def call_denoiser(self, args, models, noisy, timesteps, conds, batch):
+        hidden1, hidden2, pool2 = conds
+        context = torch.cat([hidden1, hidden2], dim=2).to(noisy.dtype)
+        time_ids = size_conditioning(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]).to(noisy.device)
+        added = {"text_embeds": pool2.to(noisy.dtype), "time_ids": time_ids.to(noisy.dtype)}
+        return models.denoiser(noisy, timesteps, context, added_cond_kwargs=added).sample
+
+    def lora_options(self, models):
+        from library.sdxl_models import sdxl_unet_lora_name_map
+
+        return {"unet_name_map": sdxl_unet_lora_name_map(models.denoiser), "te_prefixes": ["lora_te1", "lora_te2"]}
+
+    def metadata(self, args) -> dict[str, str]:
+        return {
+            "ss_v2": "False",
+            "ss_base_model_version": "sdxl_base_v1-0" + ("_v" if args.v_parameterization else ""),
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+            "modelspec.prediction_type": "v" if args.v_parameterization else "epsilon",
+        }
+
+    def sample_images(self, args, models: TrainModels, prompts, output_dir: str, output_name: str, step, epoch, device, dtype):
+        from library.sampling import sample_sdxl_images
+        from library.sd_train_utils import make_noise_scheduler
+
+        scheduler_config = dict(make_noise_scheduler(args.v_parameterization, args.zero_terminal_snr).config)
+        scheduler_config["steps_offset"] = 1
+
+        def encode_prompts(texts: list[str]) -> dict:
+            with torch.no_grad():
+                hidden1, hidden2, pool2 = self.encode_text(args, models, texts)
+            return {"prompt_embeds": torch.cat([hidden1, hidden2], dim=2), "pooled": pool2}
+
+        return sample_sdxl_images(models, scheduler_config, prompts, encode_prompts, output_dir, output_name, step=step, epoch=epoch,
+                                  device=device, dtype=dtype, default_sampler=args.sample_sampler, v_prediction=args.v_parameterization)
