@@ -1,0 +1,25 @@
+"""The benchmark scripts run (tiny sizes on CPU), so they do not rot between GPU sessions."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def test_dataset_benchmark_small():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_dataset.py"), "--num_images", "300"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "images/s over 300 images" in res.stdout
+
+
+def test_gpu_train_step_benchmark_code_runs_on_cpu_smoke():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_train_step.py"), "--smoke"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "smoke run:" in res.stdout
