@@ -1101,3 +1101,54 @@ def test_merge_concat_then_apply_equals_sum(sd, two_loras, unet_inputs, te_ids, 
         net_a.restore()
     assert torch.allclose(out_m[0], out_ab[0], atol=1e-4) and torch.allclose(out_m[1], out_ab[1], atol=1e-4)
     assert torch.equal(unet_out(sd["unet"], unet_inputs), base_outputs[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SDXL naming: sgm U-Net names, lora_te1_/lora_te2_, 23 blocks, diffusers-named files
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl():
+    from library.tiny_models import build_tiny_sdxl
+
+    return build_tiny_sdxl()
+
+
+def _sdxl_network(m, **kwargs):
+    from library.sdxl_models import sdxl_unet_lora_name_map
+
+    return create_network(1.0, 4, 2, [m["text_encoder"], m["text_encoder_2"]], m["unet"],
+                          unet_name_map=sdxl_unet_lora_name_map(m["unet"]), te_prefixes=["lora_te1", "lora_te2"], **kwargs)
+
+
+def test_sdxl_names_and_23_block_dims(tiny_sdxl):
+    from networks.lora import sdxl_block_index
+
+    assert sdxl_block_index("lora_unet_input_blocks_4_1_proj_in") == 5
+    assert sdxl_block_index("lora_unet_middle_block_1_proj_in") == 11
+    assert sdxl_block_index("lora_unet_output_blocks_0_1_proj_in") == 13
+    dims = [0] * 23
+    dims[5], dims[11], dims[13] = 2, 3, 5  # IN4 (input_blocks_4), MID1, OUT0
+    net = _sdxl_network(tiny_sdxl, block_dims=",".join(map(str, dims)))
+    ranks = {m.lora_name: m.rank for m in net.unet_loras}
+    assert ranks and all(n.startswith(("lora_unet_input_blocks_4_", "lora_unet_middle_block_1_", "lora_unet_output_blocks_0_")) for n in ranks)
+    assert {r for n, r in ranks.items() if n.startswith("lora_unet_middle_block_1_")} == {3}
+    with pytest.raises(ValueError, match="23 values"):
+        _sdxl_network(tiny_sdxl, block_dims=",".join(["1"] * 25))
+    names = {m.lora_name for m in _sdxl_network(tiny_sdxl).text_encoder_loras}
+    assert any(n.startswith("lora_te1_text_model_encoder_layers_0_") for n in names)
+    assert any(n.startswith("lora_te2_text_model_encoder_layers_0_") for n in names)
+
+
+def test_sdxl_file_with_diffusers_unet_names_loads(tiny_sdxl):
+    net = _sdxl_network(tiny_sdxl)
+    torch.manual_seed(1)
+    for m in net.unet_loras:
+        torch.nn.init.normal_(m.lora_up.weight)
+    sgm = net.state_dict()
+    inverse = {v: k for k, v in net.aliases.items()}
+    diffusers_named = {f"{inverse.get(k.split('.')[0], k.split('.')[0])}.{k.split('.', 1)[1]}": v for k, v in sgm.items()}
+    assert any(k.startswith("lora_unet_down_blocks_1_attentions_0_") for k in diffusers_named)
+    fresh = _sdxl_network(tiny_sdxl)
+    assert fresh.load_weights(diffusers_named) == []
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in sgm.items())
