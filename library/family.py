@@ -44,16 +44,25 @@ class ModelFamily(ABC):
     @abstractmethod
     def load_models(self, args: argparse.Namespace) -> TrainModels: ...
 
-    @abstractmethod
     def encode_images(self, models: TrainModels, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixels in [-1, 1] -> the latent distribution's (mean, std), before any scaling."""
+        """Pixels in [-1, 1] -> the latent distribution's (mean, std), before any scaling (diffusers AutoencoderKL)."""
+        dist = models.vae.encode(images.to(models.vae.dtype)).latent_dist
+        return dist.mean, dist.std
 
     @abstractmethod
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor: ...
 
     @abstractmethod
+    def strategies(self, args, models: TrainModels) -> tuple:
+        """(tokenize strategy, text-encoding strategy) of this family, made once per run."""
+
     def encode_text(self, args, models: TrainModels, captions: list[str]) -> list[torch.Tensor]:
         """Captions -> conditioning tensors (gradients flow when a text encoder is trained)."""
+        tokenize, encode = self.strategies(args, models)
+        if args.weighted_captions:
+            tokens, weights = tokenize.tokenize_with_weights(captions)
+            return encode.encode_tokens_with_weights(models.text_encoders, tokens, weights)
+        return encode.encode_tokens(models.text_encoders, tokenize.tokenize(captions))
 
     def text_conditioning(self, args, models: TrainModels, batch: dict) -> list[torch.Tensor]:
         """The batch's conditioning: from cached text-encoder outputs when the batch has them, else encoded now."""
@@ -103,6 +112,15 @@ def per_sample(fn, generators: list[torch.Generator], *tensors: torch.Tensor, **
 
 class DdpmFamily(ModelFamily):
     """Epsilon / v-prediction training on SD's DDPM schedule (SD 1.x/2.x, SDXL)."""
+
+    vae_scale: float = 0.18215
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents * self.vae_scale
+
+    def sampling_scheduler_config(self, args) -> dict:
+        """The training schedule as a config for the samplers, with SD's inference convention (steps_offset 1)."""
+        return {**ddpm.make_noise_scheduler(args.v_parameterization, args.zero_terminal_snr).config, "steps_offset": 1}
 
     def __init__(self) -> None:
         self._scheduler = None

@@ -8,12 +8,11 @@ from library.family import DdpmFamily, TrainModels
 from library.sample_prompts import SD_UNSUPPORTED_OPTIONS
 from library.strategy_sd import SdTextEncodingStrategy, SdTokenizeStrategy
 
-VAE_SCALE = 0.18215
-
 
 class SdFamily(DdpmFamily):
     script_name = "train_network.py"
     arch = "sd"
+    vae_scale = 0.18215
     bucket_reso_multiple = 64
     default_resolution = 512
     sample_unsupported = SD_UNSUPPORTED_OPTIONS
@@ -32,20 +31,6 @@ class SdFamily(DdpmFamily):
             self._tokenize = SdTokenizeStrategy(models.tokenizers[0], args.max_token_length)
             self._encode = SdTextEncodingStrategy(args.clip_skip)
         return self._tokenize, self._encode
-
-    def encode_images(self, models, images):
-        dist = models.vae.encode(images.to(models.vae.dtype)).latent_dist
-        return dist.mean, dist.std
-
-    def scale_latents(self, latents):
-        return latents * VAE_SCALE
-
-    def encode_text(self, args, models, captions):
-        tokenize, encode = self.strategies(args, models)
-        if args.weighted_captions:
-            tokens, weights = tokenize.tokenize_with_weights(captions)
-            return encode.encode_tokens_with_weights(models.text_encoders, tokens, weights)
-        return encode.encode_tokens(models.text_encoders, tokenize.tokenize(captions))
 
     def call_denoiser(self, args, models, noisy, timesteps, conds, batch):
         return models.denoiser(noisy, timesteps, conds[0].to(noisy.dtype)).sample
@@ -70,10 +55,7 @@ class SdFamily(DdpmFamily):
 
     def sample_images(self, args, models: TrainModels, prompts, output_dir: str, output_name: str, step, epoch, device, dtype):
         from library.sampling import sample_sd_images
-        from library.sd_train_utils import make_noise_scheduler
-
-        scheduler_config = dict(make_noise_scheduler(args.v_parameterization, args.zero_terminal_snr).config)
-        scheduler_config["steps_offset"] = 1  # SD's inference convention
+        scheduler_config = self.sampling_scheduler_config(args)
 
         def encode_prompts(texts: list[str]) -> torch.Tensor:
             with torch.no_grad():

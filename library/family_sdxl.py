@@ -12,12 +12,10 @@ from library.strategy_sdxl import TE_OUTPUT_KEYS, SdxlTextEncodingStrategy, Sdxl
 
 logger = logging.getLogger(__name__)
 
-VAE_SCALE = 0.13025
-
-
 class SdxlFamily(DdpmFamily):
     script_name = "sdxl_train_network.py"
     arch = "sdxl"
+    vae_scale = 0.13025
     bucket_reso_multiple = 32
     default_resolution = 1024
     sample_unsupported = SD_UNSUPPORTED_OPTIONS
@@ -73,20 +71,6 @@ class SdxlFamily(DdpmFamily):
             self._encode = SdxlTextEncodingStrategy()
         return self._tokenize, self._encode
 
-    def encode_images(self, models, images):
-        dist = models.vae.encode(images.to(models.vae.dtype)).latent_dist
-        return dist.mean, dist.std
-
-    def scale_latents(self, latents):
-        return latents * VAE_SCALE
-
-    def encode_text(self, args, models, captions):
-        tokenize, encode = self.strategies(args, models)
-        if args.weighted_captions:
-            tokens, weights = tokenize.tokenize_with_weights(captions)
-            return encode.encode_tokens_with_weights(models.text_encoders, tokens, weights)
-        return encode.encode_tokens(models.text_encoders, tokenize.tokenize(captions))
-
     def text_conditioning(self, args, models, batch):
         cached = batch.get("text_outputs")
         if cached is not None:
@@ -126,10 +110,7 @@ class SdxlFamily(DdpmFamily):
 
     def sample_images(self, args, models: TrainModels, prompts, output_dir: str, output_name: str, step, epoch, device, dtype):
         from library.sampling import sample_sdxl_images
-        from library.sd_train_utils import make_noise_scheduler
-
-        scheduler_config = dict(make_noise_scheduler(args.v_parameterization, args.zero_terminal_snr).config)
-        scheduler_config["steps_offset"] = 1
+        scheduler_config = self.sampling_scheduler_config(args)
 
         def encode_prompts(texts: list[str]) -> dict:
             with torch.no_grad():

@@ -39,3 +39,27 @@ def tool_family(argv: list[str] | None) -> ModelFamily:
     from library.family_sd import SdFamily
 
     return SdFamily()
+
+
+def parse_tool_args(argv: list[str] | None, description: str):
+    """(family, args) for a cache tool: the training script's flags of the detected family, plus --sdxl."""
+    import logging
+
+    from library.train_args import parse_args_with_config, setup_network_parser
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    family = tool_family(argv)
+    parser = setup_network_parser(description)
+    family.add_arguments(parser)
+    parser.add_argument("--sdxl", action="store_true", help="the model is SDXL (detected from the model when not given)")
+    return family, parse_args_with_config(parser, argv)
+
+
+def tool_errors() -> tuple[type[Exception], ...]:
+    """The failures a tool reports as one error line (bad config, dataset, model or arguments)."""
+    from library.checkpoint_files import ModelLoadError
+    from library.config_util import ConfigError
+    from library.datasets import DatasetError
+    from library.trainer import TrainingError
+
+    return (ConfigError, DatasetError, TrainingError, ModelLoadError, FileNotFoundError)

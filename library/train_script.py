@@ -9,12 +9,10 @@ from library.family import ModelFamily
 
 
 def run_network_training(family: ModelFamily, description: str, argv: list[str] | None = None) -> None:
-    from library.config_util import ConfigError
-    from library.datasets import DatasetError
     from library.saving import SaveError
-    from library.sd_models import ModelLoadError
+    from library.tool_family import tool_errors
     from library.train_args import parse_args_with_config, setup_network_parser
-    from library.trainer import TrainingError, train
+    from library.trainer import train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = setup_network_parser(description)
@@ -22,6 +20,6 @@ def run_network_training(family: ModelFamily, description: str, argv: list[str] 
     args = parse_args_with_config(parser, argv)
     try:
         train(args, family)
-    except (ConfigError, DatasetError, TrainingError, SaveError, ModelLoadError, FileNotFoundError) as e:
+    except (*tool_errors(), SaveError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

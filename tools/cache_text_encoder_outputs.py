@@ -10,7 +10,6 @@ versions of each caption are encoded.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -20,19 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
 
-    from library.checkpoint_files import ModelLoadError
-    from library.config_util import ConfigError
-    from library.datasets import DatasetError
-    from library.tool_family import tool_family
-    from library.train_args import parse_args_with_config, setup_network_parser
-    from library.trainer import TrainingError, cache_all_text_outputs, load_datasets
+    from library.tool_family import parse_tool_args, tool_errors
+    from library.trainer import cache_all_text_outputs, load_datasets
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    family = tool_family(argv)
-    parser = setup_network_parser(__doc__)
-    family.add_arguments(parser)
-    parser.add_argument("--sdxl", action="store_true", help="the model is SDXL (detected from the model when not given)")
-    args = parse_args_with_config(parser, argv)
+    family, args = parse_tool_args(argv, __doc__)
     if not family.caches_text_encoder_outputs:
         print("error: SD 1.x/2.x has no text-encoder output cache; pass --sdxl with an SDXL model", file=sys.stderr)
         return 1
@@ -44,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         for te in models.text_encoders:
             te.to(accelerator.device).requires_grad_(False).eval()
         cache_all_text_outputs(args, family, models, group, accelerator)
-    except (ConfigError, DatasetError, TrainingError, ModelLoadError, FileNotFoundError) as e:
+    except tool_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
