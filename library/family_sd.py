@@ -55,6 +55,7 @@ class SdFamily(DdpmFamily):
 
     def sample_images(self, args, models: TrainModels, prompts, output_dir: str, output_name: str, step, epoch, device, dtype):
         from library.sampling import sample_sd_images
+
         scheduler_config = self.sampling_scheduler_config(args)
 
         def encode_prompts(texts: list[str]) -> torch.Tensor:

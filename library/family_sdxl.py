@@ -12,6 +12,7 @@ from library.strategy_sdxl import TE_OUTPUT_KEYS, SdxlTextEncodingStrategy, Sdxl
 
 logger = logging.getLogger(__name__)
 
+
 class SdxlFamily(DdpmFamily):
     script_name = "sdxl_train_network.py"
     arch = "sdxl"
@@ -50,7 +51,9 @@ class SdxlFamily(DdpmFamily):
         if args.cache_text_encoder_outputs_to_disk:
             args.cache_text_encoder_outputs = True
         if args.cache_text_encoder_outputs and not args.network_train_unet_only:
-            raise ValueError("--cache_text_encoder_outputs needs --network_train_unet_only: a trained text encoder changes its outputs")
+            raise ValueError(
+                "--cache_text_encoder_outputs needs --network_train_unet_only: a trained text encoder changes its outputs"
+            )
         if args.v2:
             raise ValueError("--v2 is for SD 2.x; SDXL needs no model-version flag")
         if args.clip_skip:
@@ -90,7 +93,9 @@ class SdxlFamily(DdpmFamily):
     def call_denoiser(self, args, models, noisy, timesteps, conds, batch):
         hidden1, hidden2, pool2 = conds
         context = torch.cat([hidden1, hidden2], dim=2).to(noisy.dtype)
-        time_ids = size_conditioning(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]).to(noisy.device)
+        time_ids = size_conditioning(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]).to(
+            noisy.device
+        )
         added = {"text_embeds": pool2.to(noisy.dtype), "time_ids": time_ids.to(noisy.dtype)}
         return models.denoiser(noisy, timesteps, context, added_cond_kwargs=added).sample
 
@@ -110,6 +115,7 @@ class SdxlFamily(DdpmFamily):
 
     def sample_images(self, args, models: TrainModels, prompts, output_dir: str, output_name: str, step, epoch, device, dtype):
         from library.sampling import sample_sdxl_images
+
         scheduler_config = self.sampling_scheduler_config(args)
 
         def encode_prompts(texts: list[str]) -> dict:
@@ -117,5 +123,17 @@ class SdxlFamily(DdpmFamily):
                 hidden1, hidden2, pool2 = self.encode_text(args, models, texts)
             return {"prompt_embeds": torch.cat([hidden1, hidden2], dim=2), "pooled": pool2}
 
-        return sample_sdxl_images(models, scheduler_config, prompts, encode_prompts, output_dir, output_name, step=step, epoch=epoch,
-                                  device=device, dtype=dtype, default_sampler=args.sample_sampler, v_prediction=args.v_parameterization)
+        return sample_sdxl_images(
+            models,
+            scheduler_config,
+            prompts,
+            encode_prompts,
+            output_dir,
+            output_name,
+            step=step,
+            epoch=epoch,
+            device=device,
+            dtype=dtype,
+            default_sampler=args.sample_sampler,
+            v_prediction=args.v_parameterization,
+        )

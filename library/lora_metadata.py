@@ -154,5 +154,3 @@ def training_metadata(
 
 
 ESSENTIAL_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
-
-

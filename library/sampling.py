@@ -195,8 +195,16 @@ def sample_sd_images(
     from diffusers import StableDiffusionPipeline
 
     def make_pipe(scheduler):
-        return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
 
     def embed_kwargs(prompt: SamplePrompt) -> dict:
         embeds = encode_prompts([prompt.prompt, prompt.negative_prompt])
@@ -206,8 +214,21 @@ def sample_sd_images(
         embeds = embeds.to(device)
         return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
 
-    return _sample_with_pipeline(make_pipe, embed_kwargs, (unet, vae, text_encoder), scheduler_config, prompts, output_dir, output_name,
-                                 step, epoch, device, dtype, default_sampler, v_prediction)
+    return _sample_with_pipeline(
+        make_pipe,
+        embed_kwargs,
+        (unet, vae, text_encoder),
+        scheduler_config,
+        prompts,
+        output_dir,
+        output_name,
+        step,
+        epoch,
+        device,
+        dtype,
+        default_sampler,
+        v_prediction,
+    )
 
 
 def sample_sdxl_images(
@@ -233,21 +254,59 @@ def sample_sdxl_images(
     tok1, tok2 = models.tokenizers
 
     def make_pipe(scheduler):
-        return StableDiffusionXLPipeline(vae=models.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
-                                         unet=models.denoiser, scheduler=scheduler, force_zeros_for_empty_prompt=False)
+        return StableDiffusionXLPipeline(
+            vae=models.vae,
+            text_encoder=te1,
+            text_encoder_2=te2,
+            tokenizer=tok1,
+            tokenizer_2=tok2,
+            unet=models.denoiser,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=False,
+        )
 
     def embed_kwargs(prompt: SamplePrompt) -> dict:
         out = encode_prompts([prompt.prompt, prompt.negative_prompt])
         embeds, pooled = out["prompt_embeds"].to(device), out["pooled"].to(device)
-        return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:], "pooled_prompt_embeds": pooled[:1],
-                "negative_pooled_prompt_embeds": pooled[1:]}
+        return {
+            "prompt_embeds": embeds[:1],
+            "negative_prompt_embeds": embeds[1:],
+            "pooled_prompt_embeds": pooled[:1],
+            "negative_pooled_prompt_embeds": pooled[1:],
+        }
 
-    return _sample_with_pipeline(make_pipe, embed_kwargs, (models.denoiser, models.vae, te1, te2), scheduler_config, prompts,
-                                 output_dir, output_name, step, epoch, device, dtype, default_sampler, v_prediction)
+    return _sample_with_pipeline(
+        make_pipe,
+        embed_kwargs,
+        (models.denoiser, models.vae, te1, te2),
+        scheduler_config,
+        prompts,
+        output_dir,
+        output_name,
+        step,
+        epoch,
+        device,
+        dtype,
+        default_sampler,
+        v_prediction,
+    )
 
 
-def _sample_with_pipeline(make_pipe, embed_kwargs, modules, scheduler_config, prompts, output_dir, output_name, step, epoch,
-                          device, dtype, default_sampler, v_prediction) -> list[str]:
+def _sample_with_pipeline(
+    make_pipe,
+    embed_kwargs,
+    modules,
+    scheduler_config,
+    prompts,
+    output_dir,
+    output_name,
+    step,
+    epoch,
+    device,
+    dtype,
+    default_sampler,
+    v_prediction,
+) -> list[str]:
     """The loop shared by the families: one image per prompt, seeded, written atomically, RNG and modes restored."""
     device = torch.device(device)
     if epoch is None and step is None:
@@ -264,8 +323,15 @@ def _sample_with_pipeline(make_pipe, embed_kwargs, modules, scheduler_config, pr
             seed = p.seed if p.seed is not None else secrets.randbelow(2**32)
             generator = torch.Generator("cpu").manual_seed(seed)
             with autocast:
-                image = pipe(**embed_kwargs(p), height=p.height, width=p.width, num_inference_steps=p.steps,
-                             guidance_scale=p.scale, generator=generator, output_type="pil").images[0]
+                image = pipe(
+                    **embed_kwargs(p),
+                    height=p.height,
+                    width=p.width,
+                    num_inference_steps=p.steps,
+                    guidance_scale=p.scale,
+                    generator=generator,
+                    output_type="pil",
+                ).images[0]
             path = sample_image_path(output_dir, output_name, step, epoch, index=p.index, seed=seed)
             _save_png_atomic(image, path)
             logger.info("sample image %d: %s", p.index, path)

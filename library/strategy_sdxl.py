@@ -61,11 +61,19 @@ class SdxlTextEncodingStrategy(TextEncodingStrategy):
         pool2 = out2.text_embeds.reshape(b, n, -1)[:, 0]
         return [hidden1, hidden2, pool2]
 
-    def encode_tokens_with_weights(self, models: list, tokens: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    def encode_tokens_with_weights(
+        self, models: list, tokens: list[torch.Tensor], weights: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         hidden1, hidden2, pool2 = self.encode_tokens(models, tokens)
-        return [apply_token_weights(hidden1, weights[0].to(hidden1.device)), apply_token_weights(hidden2, weights[1].to(hidden2.device)), pool2]
+        return [
+            apply_token_weights(hidden1, weights[0].to(hidden1.device)),
+            apply_token_weights(hidden2, weights[1].to(hidden2.device)),
+            pool2,
+        ]
 
 
-def size_conditioning(original_sizes_hw: torch.Tensor, crop_top_lefts: torch.Tensor, target_sizes_hw: torch.Tensor) -> torch.Tensor:
+def size_conditioning(
+    original_sizes_hw: torch.Tensor, crop_top_lefts: torch.Tensor, target_sizes_hw: torch.Tensor
+) -> torch.Tensor:
     """SDXL's micro-conditioning: (B, 6) = original (h, w), crop (top, left), target (h, w), as diffusers' time_ids."""
     return torch.cat([original_sizes_hw, crop_top_lefts, target_sizes_hw], dim=1).float()

@@ -1,8 +1,12 @@
-"""Entry point shared by the LoRA training scripts: parse, train, turn known failures into clear exit messages."""
+"""Entry points shared by the training scripts and the cache tools: picking the model family, parsing, and turning
+known failures into one clear error line and a non-zero exit."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import os
 import sys
 
 from library.family import ModelFamily
@@ -10,7 +14,6 @@ from library.family import ModelFamily
 
 def run_network_training(family: ModelFamily, description: str, argv: list[str] | None = None) -> None:
     from library.saving import SaveError
-    from library.tool_family import tool_errors
     from library.train_args import parse_args_with_config, setup_network_parser
     from library.trainer import train
 
@@ -23,3 +26,57 @@ def run_network_training(family: ModelFamily, description: str, argv: list[str] 
     except (*tool_errors(), SaveError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def detect_model_family(path: str | None) -> str:
+    """ "sdxl" or "sd" for a model path or built-in name (single files by their keys, folders by model_index.json)."""
+    from library.checkpoint_files import detect_family, read_key_shapes
+    from library.tiny_models import TINY_SDXL
+
+    if not path:
+        return "sd"
+    if path == TINY_SDXL:
+        return "sdxl"
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json")):
+        with open(os.path.join(path, "model_index.json")) as f:
+            return "sdxl" if "XL" in json.load(f).get("_class_name", "") else "sd"
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        return "sdxl" if detect_family(read_key_shapes(path)) == "sdxl" else "sd"
+    return "sd"
+
+
+def tool_family(argv: list[str] | None) -> ModelFamily:
+    """The family a cache tool works for, from `--sdxl` or the model given with --pretrained_model_name_or_path."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--sdxl", action="store_true")
+    pre.add_argument("--pretrained_model_name_or_path", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.sdxl or detect_model_family(known.pretrained_model_name_or_path) == "sdxl":
+        from library.family_sdxl import SdxlFamily
+
+        return SdxlFamily()
+    from library.family_sd import SdFamily
+
+    return SdFamily()
+
+
+def parse_tool_args(argv: list[str] | None, description: str):
+    """(family, args) for a cache tool: the training script's flags of the detected family, plus --sdxl."""
+    from library.train_args import parse_args_with_config, setup_network_parser
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    family = tool_family(argv)
+    parser = setup_network_parser(description)
+    family.add_arguments(parser)
+    parser.add_argument("--sdxl", action="store_true", help="the model is SDXL (detected from the model when not given)")
+    return family, parse_args_with_config(parser, argv)
+
+
+def tool_errors() -> tuple[type[Exception], ...]:
+    """The failures a tool reports as one error line (bad config, dataset, model or arguments)."""
+    from library.checkpoint_files import ModelLoadError
+    from library.config_util import ConfigError
+    from library.datasets import DatasetError
+    from library.trainer import TrainingError
+
+    return (ConfigError, DatasetError, TrainingError, ModelLoadError, FileNotFoundError)

@@ -74,7 +74,7 @@ def check_args(args, family: ModelFamily) -> None:
         if importlib.util.find_spec("wandb") is None:
             problems.append("--log_with wandb needs the wandb package (pip install wandb); or use --log_with tensorboard")
     if args.pretrained_model_name_or_path:
-        from library.tool_family import detect_model_family
+        from library.train_script import detect_model_family
 
         kind = detect_model_family(args.pretrained_model_name_or_path)
         if kind != family.arch:
@@ -401,14 +401,20 @@ class TrainingRun:
             max_train_steps=args.max_train_steps,
             batches_per_step=args.gradient_accumulation_steps,
             persistent_workers=args.persistent_data_loader_workers,
-            latent_cache=self.latent_cache, te_cache=self.te_cache,
+            latent_cache=self.latent_cache,
+            te_cache=self.te_cache,
             num_processes=n_proc,
             process_index=rank,
         )
         self.val_loader = None
         if any(ds.validation for ds in self.group.datasets):
             self.val_loader = make_data_loader(
-                self.group, validation=True, latent_cache=self.latent_cache, te_cache=self.te_cache, num_processes=n_proc, process_index=rank
+                self.group,
+                validation=True,
+                latent_cache=self.latent_cache,
+                te_cache=self.te_cache,
+                num_processes=n_proc,
+                process_index=rank,
             )
         self.batches_per_epoch = len(self.loader.batch_sampler)
         steps_per_epoch = math.ceil(self.batches_per_epoch / args.gradient_accumulation_steps)
@@ -729,8 +735,14 @@ def cache_all_text_outputs(args, family: ModelFamily, models: TrainModels, group
         return dict(zip(keys, outputs))
 
     batch_size = args.text_encoder_batch_size or 8
-    cache = TextEncoderOutputCache(family.arch, encode, family.text_cache_identity(args, models), args.cache_text_encoder_outputs_to_disk,
-                                   batch_size=batch_size, variants=args.text_encoder_cache_variants)
+    cache = TextEncoderOutputCache(
+        family.arch,
+        encode,
+        family.text_cache_identity(args, models),
+        args.cache_text_encoder_outputs_to_disk,
+        batch_size=batch_size,
+        variants=args.text_encoder_cache_variants,
+    )
     try:
         cache.fill(group, accelerator.process_index, accelerator.num_processes, accelerator.is_local_main_process)
     except ValueError as e:

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import Accelerator
 
-    from library.tool_family import parse_tool_args, tool_errors
+    from library.train_script import parse_tool_args, tool_errors
     from library.trainer import cache_all_latents, load_datasets
 
     family, args = parse_tool_args(argv, __doc__)

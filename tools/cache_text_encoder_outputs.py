@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
 
-    from library.tool_family import parse_tool_args, tool_errors
+    from library.train_script import parse_tool_args, tool_errors
     from library.trainer import cache_all_text_outputs, load_datasets
 
     family, args = parse_tool_args(argv, __doc__)

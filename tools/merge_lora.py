@@ -24,7 +24,7 @@ from networks.merge import merge_into_models, merge_loras_concat, merge_loras_sv
 
 def load_base(path: str, v2: bool, dtype):
     """(model, its text encoders, LoRA naming options, single-file writer) for an SD 1.x/2.x or SDXL base."""
-    from library.tool_family import detect_model_family
+    from library.train_script import detect_model_family
 
     family = detect_model_family(path)
     if family == "sdxl":
@@ -52,7 +52,9 @@ def _save_folder(modules: dict, others: dict, dtype, folder: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sd_model", type=str, default=None, help="SD 1.x/2.x or SDXL base (single file or diffusers folder); none: merge LoRAs")
+    parser.add_argument(
+        "--sd_model", type=str, default=None, help="SD 1.x/2.x or SDXL base (single file or diffusers folder); none: merge LoRAs"
+    )
     parser.add_argument("--models", type=str, nargs="+", required=True, help="LoRA files to merge")
     parser.add_argument("--ratios", type=float, nargs="*", default=None, help="one weight per LoRA (default 1 each)")
     parser.add_argument("--save_to", type=str, required=True, help="output file (.safetensors/.ckpt) or diffusers folder")
@@ -81,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             merged, error = merge_loras_svd(loras, ratios, args.new_rank)
             print(f"largest relative error of the rank-limited merge: {error:.2e}")
-        metadata = None if args.no_metadata else {"ss_network_module": "networks.lora", "ss_merged_from": ", ".join(map(os.path.basename, args.models))}
+        metadata = (
+            None
+            if args.no_metadata
+            else {"ss_network_module": "networks.lora", "ss_merged_from": ", ".join(map(os.path.basename, args.models))}
+        )
         save_weights(args.save_to, merged, metadata, save_dtype)
         print(f"wrote {args.save_to}")
         return 0
@@ -104,8 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         parts = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder, "text_encoder_2": model.text_encoder_2}
         _save_folder(parts, {"tokenizer": model.tokenizer, "tokenizer_2": model.tokenizer_2}, save_dtype, args.save_to)
     else:
-        _save_folder({"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}, {"tokenizer": model.tokenizer},
-                     save_dtype, args.save_to)
+        _save_folder(
+            {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder},
+            {"tokenizer": model.tokenizer},
+            save_dtype,
+            args.save_to,
+        )
     print(f"wrote {args.save_to}")
     return 0
 
