@@ -40,6 +40,7 @@ from library.checkpoint_files import (
 from library.ldm_names import text_encoder_ldm_param_names, unet_ldm_module_names
 from library.sd_models import (
     CLIP_L_HUB_ID,
+    SD15_TEXT_ENCODER,
     _build_and_load,
     _cast,
     _check_tokenizer,
@@ -59,6 +60,7 @@ from library.sd_models import (
     vae_to_ldm_state_dict,
     write_single_file,
 )
+from library.tiny_models import sdxl_scheduler_config
 
 logger = logging.getLogger(__name__)
 
@@ -125,20 +127,7 @@ SDXL_VAE = {
     "scaling_factor": 0.13025,
     "force_upcast": True,
 }
-SDXL_TEXT_ENCODER = {  # CLIP ViT-L/14 text tower (as SD 1.x)
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-05,
-    "projection_dim": 768,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
-}
+SDXL_TEXT_ENCODER = dict(SD15_TEXT_ENCODER)  # CLIP ViT-L/14 text tower, as SD 1.x
 SDXL_TEXT_ENCODER_2 = {  # OpenCLIP ViT-bigG/14 text tower, all 32 layers (SDXL reads the penultimate hidden states)
     **SDXL_TEXT_ENCODER,
     "hidden_size": 1280,
@@ -148,17 +137,7 @@ SDXL_TEXT_ENCODER_2 = {  # OpenCLIP ViT-bigG/14 text tower, all 32 layers (SDXL 
     "hidden_act": "gelu",
     "projection_dim": 1280,
 }
-SDXL_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "interpolation_type": "linear",
-    "prediction_type": "epsilon",
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "use_karras_sigmas": False,
-}
+SDXL_SCHEDULER = sdxl_scheduler_config()
 REFERENCE_CONFIGS = {
     "unet": SDXL_BASE_UNET,
     "vae": SDXL_VAE,
