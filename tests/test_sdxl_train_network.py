@@ -162,3 +162,33 @@ def test_cached_text_outputs_need_unet_only_and_v2_is_refused(tiny_sdxl, dataset
     res = launch("train_network.py", "--pretrained_model_name_or_path", tiny_sdxl, "--train_data_dir", os.path.dirname(config),
                  "--resolution", 64, "--output_dir", tmp_path, *BASE, check=False)
     assert res.returncode != 0 and "sdxl_train_network.py" in res.stderr
+
+
+def test_merge_into_diffusers_folder(tiny_sdxl, tmp_path):
+    """merge_lora.py --save_to FOLDER writes a diffusers SDXL pipeline with the LoRA merged into the U-Net."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from library.sdxl_models import sdxl_unet_lora_name_map
+    from networks.lora import create_network
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    net = create_network(1.0, 4, 2, [pipe.text_encoder, pipe.text_encoder_2], pipe.unet,
+                         unet_name_map=sdxl_unet_lora_name_map(pipe.unet), te_prefixes=["lora_te1", "lora_te2"])
+    torch.manual_seed(2)
+    for m in net.loras:
+        torch.nn.init.normal_(m.lora_up.weight, std=0.02)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "l.safetensors"))
+    folder = tmp_path / "merged"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "merge_lora.py"), "--sd_model", tiny_sdxl, "--models",
+                          str(tmp_path / "l.safetensors"), "--save_to", str(folder)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 0, res.stderr
+    merged = StableDiffusionXLPipeline.from_pretrained(str(folder))
+    net.apply_to()
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
+    ctx = torch.randn(1, 77, pipe.unet.config.cross_attention_dim)
+    added = {"text_embeds": torch.randn(1, pipe.text_encoder_2.config.projection_dim), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    with torch.no_grad():
+        a, b = pipe.unet(x, t, ctx, added_cond_kwargs=added).sample, merged.unet(x, t, ctx, added_cond_kwargs=added).sample
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
