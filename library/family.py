@@ -146,11 +146,11 @@ class DdpmFamily(ModelFamily):
     def sample_losses(self, args, models, batch, latents, conds, generators, timesteps=None):
         sched = self.noise_scheduler(args)
         device = latents.device
-        cpu_latents = latents.detach().float().cpu()
+        x0 = latents.detach().float()  # random draws happen on the CPU generators, the arithmetic where the latents are
         noise = per_sample(
             ddpm.sample_noise,
             generators,
-            cpu_latents,
+            x0,
             noise_offset=args.noise_offset,
             noise_offset_random_strength=args.noise_offset_random_strength,
             adaptive_noise_scale=args.adaptive_noise_scale,
@@ -169,7 +169,7 @@ class DdpmFamily(ModelFamily):
             [
                 ddpm.noisy_latents(
                     sched,
-                    cpu_latents[i : i + 1],
+                    x0[i : i + 1],
                     noise[i : i + 1],
                     timesteps[i : i + 1],
                     args.ip_noise_gamma,
@@ -179,8 +179,8 @@ class DdpmFamily(ModelFamily):
                 for i, g in enumerate(generators)
             ]
         )
-        target = ddpm.training_target(sched, cpu_latents, noise, timesteps, args.v_parameterization)
-        noisy, target, t_dev = noisy.to(device, latents.dtype), target.to(device), timesteps.to(device)
+        target = ddpm.training_target(sched, x0, noise, timesteps, args.v_parameterization)
+        noisy, t_dev = noisy.to(latents.dtype), timesteps.to(device)
         pred = self.call_denoiser(args, models, noisy, t_dev, conds, batch)
         c = ddpm.huber_c(timesteps, sched, args.huber_schedule, args.huber_c, args.huber_scale).to(device)
         loss = ddpm.conditional_loss(pred.float(), target.float(), args.loss_type, c)

@@ -635,8 +635,7 @@ def batch_latents(
     else:
         with torch.no_grad():
             mean, std = family.encode_images(models, batch["images"].to(device, models.vae.dtype))
-        mean, std = mean.float().cpu(), std.float().cpu()
-    eps = torch.cat([torch.randn((1,) + mean.shape[1:], generator=g) for g in generators])
+    eps = torch.cat([torch.randn((1,) + mean.shape[1:], generator=g) for g in generators]).to(mean.device)
     latents = family.scale_latents(mean.float() + std.float() * eps)
     return torch.nan_to_num(latents).to(device, dtype)
 

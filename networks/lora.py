@@ -92,7 +92,11 @@ class LoRAModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._org_forward(x)
-        if self.multiplier == 0 or (self.training and self.module_dropout and torch.rand(()) < self.module_dropout):
+        if self.multiplier == 0:
+            return out
+        if not self.training or not (self.dropout or self.rank_dropout or self.module_dropout):
+            return out + self._plain_delta(x, out.dtype)
+        if self.module_dropout and torch.rand(()) < self.module_dropout:
             return out
         h = self.lora_down(x.to(self.lora_down.weight.dtype))
         if self.training and self.dropout:
@@ -107,6 +111,19 @@ class LoRAModule(nn.Module):
             h = h * mask
             scale = scale / (1.0 - self.rank_dropout)
         return out + (self.lora_up(h) * (self.multiplier * scale)).to(out.dtype)
+
+    def _plain_delta(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """up(down(x)) * multiplier * scale without dropouts: functional calls, no submodule dispatch (hot path)."""
+        down, up = self.lora_down.weight, self.lora_up.weight
+        if x.dtype != down.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(down.dtype)
+        if down.dim() == 2:
+            y = nn.functional.linear(nn.functional.linear(x, down), up)
+        else:
+            conv = self.lora_down
+            y = nn.functional.conv2d(nn.functional.conv2d(x, down, None, conv.stride, conv.padding), up)
+        y = y * (self.multiplier * self.scale)
+        return y if y.dtype == dtype else y.to(dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """up @ down * alpha / rank, shaped like the wrapped weight."""

@@ -1,0 +1,334 @@
+"""Latent packing, timesteps, noisy inputs, targets and loss weights of FLUX (rectified-flow / flow-matching) training.
+
+Pure torch functions, no training-loop state. Every random draw takes an explicit ``generator`` so that a run can be
+replayed exactly; with ``generator=None`` the global CPU RNG is used. Draws happen on the generator's device (CPU
+without one) and results are moved to the device of the tensors they are combined with (or ``device``).
+
+Notation: ``x0`` = clean latents, ``eps`` = noise, ``sigma`` in [0, 1] the noise level (0 = clean, 1 = pure noise),
+``T`` = 1000 training timesteps, ``timestep = sigma * T``.
+
+Forward process (rectified flow): ``x_t = (1 - sigma) * x0 + sigma * eps``; the velocity ``dx_t/dsigma = eps - x0`` is the
+loss target. Semantics follow sd-scripts' FLUX flags (``--timestep_sampling``, ``--sigmoid_scale``,
+``--discrete_flow_shift``, ``--weighting_scheme``/``--logit_mean``/``--logit_std``/``--mode_scale``,
+``--model_prediction_type``, ``--guidance_scale``, ``--ip_noise_gamma``); each function documents its formula.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+TIMESTEP_SAMPLING_METHODS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
+WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform")
+MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
+
+# flux_shift: mu is the line through (BASE_SEQ_LEN, BASE_SHIFT) and (MAX_SEQ_LEN, MAX_SHIFT) (FLUX's dynamic shifting)
+BASE_SEQ_LEN = 256
+MAX_SEQ_LEN = 4096
+BASE_SHIFT = 0.5
+MAX_SHIFT = 1.15
+
+# sd-scripts flags that only mean something for the DDPM (epsilon / v-prediction) families
+DDPM_ONLY_OPTIONS = (
+    "min_snr_gamma",
+    "v_parameterization",
+    "scale_v_pred_loss_like_noise_pred",
+    "v_pred_like_loss",
+    "debiased_estimation_loss",
+    "zero_terminal_snr",
+    "noise_offset",
+    "multires_noise_iterations",
+    "adaptive_noise_scale",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# latent packing and position ids
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) latents -> (B, (H/2)*(W/2), C*4) tokens of 2x2 patches, FLUX's layout (diffusers'
+    ``FluxPipeline._pack_latents``): token ``i*(W/2) + j`` is the patch at patch row ``i``, patch column ``j`` (row-major),
+    and its feature ``c*4 + ph*2 + pw`` is ``latents[b, c, 2i + ph, 2j + pw]`` -- channels outermost, then the 2x2
+    positions row by row. H and W must be even."""
+    if latents.ndim != 4:
+        raise ValueError(f"pack_latents needs (B, C, H, W) latents, got shape {tuple(latents.shape)}")
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"latent height and width must be even to pack 2x2 patches, got {h}x{w}")
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2)  # b c i ph j pw
+    x = x.permute(0, 2, 4, 1, 3, 5)  # b i j c ph pw
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents`: (B, (H/2)*(W/2), C*4) -> (B, C, H, W), ``height``/``width`` being the latent H, W
+    (not image pixels)."""
+    if packed.ndim != 3:
+        raise ValueError(f"unpack_latents needs (B, tokens, features) input, got shape {tuple(packed.shape)}")
+    b, n, f = packed.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"latent height and width must be even, got {height}x{width}")
+    if n != (height // 2) * (width // 2) or f % 4:
+        raise ValueError(f"packed shape {tuple(packed.shape)} does not match a {height}x{width} latent of 2x2 patches")
+    x = packed.reshape(b, height // 2, width // 2, f // 4, 2, 2)  # b i j c ph pw
+    x = x.permute(0, 3, 1, 4, 2, 5)  # b c i ph j pw
+    return x.reshape(b, f // 4, height, width)
+
+
+def image_position_ids(
+    height: int, width: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Position ids of the packed image tokens of a ``height`` x ``width`` latent: shape ((H/2)*(W/2), 3), row
+    ``i*(W/2) + j`` is ``(0, i, j)`` (patch row, patch column), in the token order of :func:`pack_latents`."""
+    if height % 2 or width % 2:
+        raise ValueError(f"latent height and width must be even, got {height}x{width}")
+    hp, wp = height // 2, width // 2
+    rows = torch.arange(hp, dtype=dtype, device=device).repeat_interleave(wp)
+    cols = torch.arange(wp, dtype=dtype, device=device).repeat(hp)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=1)
+
+
+def text_position_ids(length: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Position ids of ``length`` text (T5) tokens: ``zeros(length, 3)``."""
+    return torch.zeros(length, 3, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# schedule and timestep sampling
+
+
+def make_noise_scheduler(discrete_flow_shift: float = 3.0) -> FlowMatchEulerDiscreteScheduler:
+    """FLUX's training schedule (``--discrete_flow_shift``): diffusers' ``FlowMatchEulerDiscreteScheduler`` with 1000
+    steps and ``shift = s``, whose discrete sigmas are ``sigma_i = s*t / (1 + (s-1)*t)`` with ``t = (1000 - i) / 1000``,
+    ``i = 0 .. 999`` (1 down to ``shift(0.001)``), and timesteps ``sigma_i * 1000``."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=discrete_flow_shift)
+
+
+def flux_shift_mu(image_seq_len: int | float) -> float:
+    """FLUX's resolution-dependent shift: ``mu = m * seq_len + b``, the line through (256, 0.5) and (4096, 1.15), i.e.
+    ``m = (1.15 - 0.5) / (4096 - 256)``, ``b = 0.5 - 256 m``. ``image_seq_len`` is the packed token count
+    ``(H/2)*(W/2)`` of the latent (1024x1024 image -> 128x128 latent -> 4096)."""
+    m = (MAX_SHIFT - BASE_SHIFT) / (MAX_SEQ_LEN - BASE_SEQ_LEN)
+    b = BASE_SHIFT - m * BASE_SEQ_LEN
+    return float(image_seq_len) * m + b
+
+
+def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
+    """``e^mu / (e^mu + (1/sigma - 1))``: the logit of sigma moved by ``mu`` (``logit(out) = logit(sigma) + mu``)."""
+    return math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """``s * sigma / (1 + (s - 1) * sigma)`` (identity for s = 1; s > 1 moves mass toward noise)."""
+    return sigmas * shift / (1.0 + (shift - 1.0) * sigmas)
+
+
+def density_for_timestep_sampling(
+    weighting_scheme: str,
+    batch: int,
+    generator: torch.Generator | None = None,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+) -> torch.Tensor:
+    """``batch`` draws of ``u`` in [0, 1] (float32, on the generator's device) from the density of ``weighting_scheme``
+    (SD3 paper, arXiv:2403.03206, section 3.1):
+
+    - ``logit_normal``: ``u = sigmoid(n)``, ``n ~ N(logit_mean, logit_std^2)`` (drawn as ``logit_mean + logit_std * N(0,1)``);
+    - ``mode``: ``u0 ~ U[0, 1)``, ``u = 1 - u0 - mode_scale * (cos(pi * u0 / 2)^2 - 1 + u0)``;
+    - anything else (``uniform``, ``none``, ``sigma_sqrt``, ``cosmap``): ``u ~ U[0, 1)``.
+    """
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+    if weighting_scheme == "logit_normal":
+        n = torch.randn((batch,), generator=generator, device=draw_device, dtype=torch.float32)
+        return torch.sigmoid(n * logit_std + logit_mean)
+    u = torch.rand((batch,), generator=generator, device=draw_device, dtype=torch.float32)
+    if weighting_scheme == "mode":
+        u = 1.0 - u - mode_scale * (torch.cos(math.pi * u / 2.0) ** 2 - 1.0 + u)
+    return u
+
+
+def sample_sigmas(
+    batch: int,
+    method: str = "sigma",
+    generator: torch.Generator | None = None,
+    sigmoid_scale: float = 1.0,
+    discrete_flow_shift: float = 3.0,
+    image_seq_len: int | None = None,
+    weighting_scheme: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``batch`` noise levels sigma (float32, shape (B,)) per ``--timestep_sampling``; timesteps are ``sigma * 1000``
+    (:func:`timesteps_from_sigmas`). With ``n ~ N(0, 1)`` and ``s`` = ``discrete_flow_shift``:
+
+    - ``uniform``: ``sigma ~ U[0, 1)``;
+    - ``sigmoid``: ``sigma = sigmoid(sigmoid_scale * n)``;
+    - ``shift``: ``t = sigmoid(sigmoid_scale * n)``, ``sigma = s*t / (1 + (s-1)*t)`` (``s = 1`` gives ``sigmoid``);
+    - ``flux_shift``: ``t = sigmoid(sigmoid_scale * n)``, ``mu = flux_shift_mu(image_seq_len)`` (0.5 at 256 tokens, 1.15 at
+      4096), ``sigma = e^mu / (e^mu + (1/t - 1))``; needs ``image_seq_len`` (packed tokens, ``(H/2)*(W/2)``);
+    - ``sigma`` (sd-scripts' default): ``u`` from :func:`density_for_timestep_sampling` (``weighting_scheme``,
+      ``logit_mean``, ``logit_std``, ``mode_scale``), then the discrete sigma ``sigmas[floor(u * 1000)]`` of
+      :func:`make_noise_scheduler` (``discrete_flow_shift``), i.e. ``shift_s((1000 - floor(1000 u)) / 1000)``. The index is
+      clamped to [0, 999]: the ``mode`` density reaches u = 1 exactly when ``u0 = 0``, where sd-scripts would index past
+      the end.
+
+    ``sigmoid_scale`` applies to sigmoid, shift and flux_shift (as sd-scripts). Draws: one ``rand``/``randn`` of (B,) on
+    the generator's device (CPU without one); the result is returned on ``device`` (default: where drawn).
+    """
+    if method not in TIMESTEP_SAMPLING_METHODS:
+        raise ValueError(f"unknown timestep_sampling {method!r}; expected one of {', '.join(TIMESTEP_SAMPLING_METHODS)}")
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+
+    if method == "uniform":
+        sigmas = torch.rand((batch,), generator=generator, device=draw_device, dtype=torch.float32)
+    elif method in ("sigmoid", "shift", "flux_shift"):
+        if method == "flux_shift" and image_seq_len is None:
+            raise ValueError("timestep_sampling 'flux_shift' needs image_seq_len (the packed latent token count)")
+        n = torch.randn((batch,), generator=generator, device=draw_device, dtype=torch.float32)
+        sigmas = torch.sigmoid(n * sigmoid_scale)
+        if method == "shift":
+            sigmas = shift_sigmas(sigmas, discrete_flow_shift)
+        elif method == "flux_shift":
+            sigmas = time_shift(sigmas, flux_shift_mu(image_seq_len))
+    else:  # "sigma"
+        u = density_for_timestep_sampling(weighting_scheme, batch, generator, logit_mean, logit_std, mode_scale)
+        table = make_noise_scheduler(discrete_flow_shift).sigmas.to(device=u.device, dtype=torch.float32)
+        indices = (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
+        sigmas = table[indices]
+    return sigmas if device is None else sigmas.to(device)
+
+
+def timesteps_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """The model's timestep input: ``sigma * 1000`` (float)."""
+    return sigmas * NUM_TRAIN_TIMESTEPS
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# forward process and target
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) (or already broadcastable) ``values`` reshaped to (B, 1, ..., 1) on ``like``'s device, float32."""
+    values = values.to(device=like.device, dtype=torch.float32)
+    if values.ndim == 1:
+        values = values.reshape(-1, *([1] * (like.ndim - 1)))
+    return values
+
+
+def noisy_model_input(
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    ip_noise_gamma: float | None = None,
+    ip_noise_gamma_random_strength: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The model input ``x_t = (1 - sigma) * x0 + sigma * n`` (``sigmas`` (B,) broadcast per sample; computed in float32,
+    returned in ``latents``' dtype).
+
+    ``n = noise``, or with input perturbation (``ip_noise_gamma``, arXiv:2301.11706) ``n = noise + g * N(0, 1)``, where
+    ``g = ip_noise_gamma`` or, with random strength, ``u * ip_noise_gamma`` with one ``u ~ U[0, 1)`` for the batch. The
+    loss target (:func:`flow_matching_target`) still uses the unperturbed ``noise``. Draw order: [u]; perturbation noise
+    (on the generator's device, CPU without one).
+    """
+    input_noise = noise.float()
+    if ip_noise_gamma:
+        draw_device = generator.device if generator is not None else torch.device("cpu")
+        strength: torch.Tensor | float = ip_noise_gamma
+        if ip_noise_gamma_random_strength:
+            strength = torch.rand((), generator=generator, device=draw_device).to(latents.device) * ip_noise_gamma
+        xi = torch.randn(tuple(latents.shape), generator=generator, device=draw_device, dtype=torch.float32)
+        input_noise = input_noise + strength * xi.to(latents.device)
+    s = _per_sample(sigmas, latents)
+    return ((1.0 - s) * latents.float() + s * input_noise).to(latents.dtype)
+
+
+def flow_matching_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The loss target of FLUX training, the flow velocity ``eps - x0`` (``noise - latents``)."""
+    return noise - latents
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# loss weighting and model prediction types
+
+
+def loss_weighting(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss weight for ``--weighting_scheme`` (float32, same shape as ``sigmas``):
+
+    - ``sigma_sqrt``: ``sigma^-2``;
+    - ``cosmap``: ``2 / (pi * (1 - 2 sigma + 2 sigma^2))``;
+    - anything else (``uniform``, ``none``, ``logit_normal``, ``mode``): 1 (those schemes act through the sampling density).
+    """
+    sigmas = sigmas.float()
+    if weighting_scheme == "sigma_sqrt":
+        return sigmas**-2.0
+    if weighting_scheme == "cosmap":
+        return 2.0 / (math.pi * (1.0 - 2.0 * sigmas + 2.0 * sigmas**2))
+    return torch.ones_like(sigmas)
+
+
+def apply_model_prediction_type(
+    kind: str,
+    model_pred: torch.Tensor,
+    noisy_input: torch.Tensor,
+    sigmas: torch.Tensor,
+    weighting_scheme: str = "uniform",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``--model_prediction_type``: returns ``(prediction to compare with the target, loss weight or None)``. ``sigmas``
+    (B,) are broadcast per sample; the weight is (B, 1, ..., 1) to multiply the elementwise loss.
+
+    - ``raw``: ``model_pred`` unchanged, no weight (sd-scripts docs recommend this for FLUX);
+    - ``additive``: ``model_pred + x_t``, no weight;
+    - ``sigma_scaled`` (sd-scripts' default): ``model_pred * (-sigma) + x_t`` with weight
+      ``loss_weighting(weighting_scheme, sigma)``.
+
+    Note on ``sigma_scaled``: it is SD3's x0 preconditioning (``x_t - sigma * v`` is x0 when ``v = eps - x0``), but
+    sd-scripts' FLUX trainer keeps the velocity target ``eps - x0`` with it (reference section 4: "sigma_scaled:
+    pred=model*(-sigma)+x_t with weighting; target eps-x0"). kiln reproduces that pairing for compatibility; ``raw`` is
+    the consistent choice for velocity training.
+    """
+    if kind == "raw":
+        return model_pred, None
+    if kind == "additive":
+        return model_pred + noisy_input, None
+    if kind == "sigma_scaled":
+        s = _per_sample(sigmas, model_pred)
+        pred = (model_pred.float() * (-s) + noisy_input.float()).to(model_pred.dtype)
+        return pred, loss_weighting(weighting_scheme, s)
+    raise ValueError(f"unknown model_prediction_type {kind!r}; expected one of {', '.join(MODEL_PREDICTION_TYPES)}")
+
+
+def guidance_vector(
+    batch: int, guidance_scale: float, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The embedded-guidance input of guidance-distilled FLUX (dev): ``guidance_scale`` repeated, shape (B,)."""
+    return torch.full((batch,), float(guidance_scale), device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# argument checks
+
+
+def refuse_ddpm_only_options(args: Any) -> None:
+    """Raise ``ValueError`` naming every DDPM-only option that is set (truthy) on ``args`` (an argparse namespace or
+    any object; missing attributes count as unset): ``--min_snr_gamma``, ``--v_parameterization``,
+    ``--scale_v_pred_loss_like_noise_pred``, ``--v_pred_like_loss``, ``--debiased_estimation_loss``,
+    ``--zero_terminal_snr``, ``--noise_offset``, ``--multires_noise_iterations``, ``--adaptive_noise_scale``. They rely on
+    an SNR / alphas_cumprod schedule or epsilon noise tweaks that flow matching does not have; sd-scripts silently ignores
+    them for FLUX, kiln refuses them."""
+    set_flags = [name for name in DDPM_ONLY_OPTIONS if getattr(args, name, None)]
+    if set_flags:
+        listed = ", ".join(f"--{name}" for name in set_flags)
+        raise ValueError(
+            f"{listed}: DDPM-only option(s) that mean nothing for flow-matching (FLUX) training; remove them"
+            " (they would be silently ignored by sd-scripts)"
+        )
