@@ -137,6 +137,8 @@ class DdpmFamily(ModelFamily):
             raise ValueError("--scale_v_pred_loss_like_noise_pred needs --v_parameterization")
         if args.v_pred_like_loss and args.v_parameterization:
             raise ValueError("--v_pred_like_loss is for epsilon models; the model already predicts v")
+        if args.huber_scale != 1.0 and (args.loss_type not in ("huber", "smooth_l1") or args.huber_schedule == "snr"):
+            raise ValueError("--huber_scale applies to --loss_type huber/smooth_l1 with --huber_schedule constant or exponential only")
 
     @abstractmethod
     def call_denoiser(
