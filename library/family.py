@@ -137,6 +137,10 @@ class DdpmFamily(ModelFamily):
             raise ValueError("--scale_v_pred_loss_like_noise_pred needs --v_parameterization")
         if args.v_pred_like_loss and args.v_parameterization:
             raise ValueError("--v_pred_like_loss is for epsilon models; the model already predicts v")
+        for flag, needs in (("adaptive_noise_scale", "noise_offset"), ("noise_offset_random_strength", "noise_offset"),
+                            ("ip_noise_gamma_random_strength", "ip_noise_gamma")):
+            if getattr(args, flag) and not getattr(args, needs):
+                raise ValueError(f"--{flag} works together with --{needs}, which is not set")
         if args.huber_scale != 1.0 and (args.loss_type not in ("huber", "smooth_l1") or args.huber_schedule == "snr"):
             raise ValueError("--huber_scale applies to --loss_type huber/smooth_l1 with --huber_schedule constant or exponential only")
 

@@ -98,6 +98,8 @@ def check_args(args, family: ModelFamily) -> None:
 
 def load_datasets(args, family: ModelFamily, seed: int) -> DatasetGroup:
     configs = config_util.load_dataset_configs(args)
+    if getattr(args, "masked_loss", False) and not any(s.alpha_mask for cfg in configs for s in cfg.subsets):
+        raise config_util.ConfigError("--masked_loss needs subsets with alpha_mask = true (the mask is the images' alpha channel)")
     for cfg in configs:
         if cfg.enable_bucket and cfg.bucket_reso_steps % family.bucket_reso_multiple:
             raise config_util.ConfigError(
