@@ -96,9 +96,13 @@ def merged_outputs(lora: str, base: str, tmp_path):
 def test_unet_lora_with_cached_text_outputs_matches_diffusers(tiny_sdxl, dataset, tmp_path):
     config, img_dir = dataset
     out = tmp_path / "o"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red shape --w 64 --h 64 --s 2 --d 1 --n blurry\n")
     launch("sdxl_train_network.py", "--pretrained_model_name_or_path", tiny_sdxl, "--dataset_config", config, "--output_dir", out,
            "--output_name", "x", "--max_train_steps", 4, "--network_train_unet_only", "--cache_latents_to_disk",
-           "--cache_text_encoder_outputs_to_disk", "--text_encoder_cache_variants", 3, *BASE)
+           "--cache_text_encoder_outputs_to_disk", "--text_encoder_cache_variants", 3, "--sample_prompts", prompts,
+           "--sample_every_n_steps", 4, "--validation_split", "0.25", *BASE)
+    assert [n.split("_")[1] for n in os.listdir(out / "sample")] == ["000004"]
     lora = str(out / "x.safetensors")
     with safe_open(lora, framework="pt") as f:
         keys, md = list(f.keys()), f.metadata()
