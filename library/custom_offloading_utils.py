@@ -1,0 +1,251 @@
+"""Block swap: keep the frozen weights of a transformer's last blocks in host memory and stream them in.
+
+`BlockSwapper(blocks, blocks_to_swap, device)` takes a model's list of blocks (FLUX double/single blocks, SD3
+joint blocks, ...). The first `len(blocks) - blocks_to_swap` blocks live on `device` for good. The frozen
+parameters (requires_grad=False) of the last `blocks_to_swap` blocks live in host memory (pinned on CUDA), one
+flat buffer per block, and are copied into a fixed set of `num_slots` (default 2) preallocated device buffers
+just before the block runs. Block j always uses slot (j - first_swapped) % num_slots: its parameters' `.data`
+are permanent views into that slot, so nothing is rebound or allocated per step and the device footprint is
+fixed at (resident blocks + num_slots swapped blocks). Frozen weights never change, so evicting a block is free:
+nothing is copied back to the host (sd-scripts copies every weight back on each swap).
+
+Mechanism (module hooks, no change to the model's code):
+- forward pre-hook of block 0: `prepare_for_forward()` (prefetch the first swapped blocks while the resident
+  blocks compute);
+- forward pre-hook of a swapped block j: make sure j is in its slot (issue the copy if it is not there) and make
+  the compute stream wait for the copy's event;
+- forward hook of j: record "slot free" on the compute stream and prefetch block j + num_slots into it;
+- full backward pre-hook of block i (backward visits blocks in reverse; it fires once the gradient of i's
+  output, i.e. of block i+1's input, is complete): record "slot free" for block i+1, prefetch block
+  i+1 - num_slots, and, if i is swapped, make sure i is back in its slot.
+Only forward pre/post hooks and full backward *pre* hooks are used: they work whether a block is called with
+positional or keyword arguments (full backward post-hooks misfire when a block's inputs are keywords).
+Copies run on a side CUDA stream that waits on the "slot free" event of the previous occupant, so they overlap
+with the compute of other blocks; the compute stream waits on the "loaded" event only when it needs the block.
+Correctness never depends on the prefetch schedule: every use of a block goes through `_ensure(j)`, which loads
+it when its slot holds another block. Autograd's saved tensors of block j alias its slot; they are only read
+in j's backward, after `_ensure(j)` has brought j's (unchanged) weights back. Copies write the slot's raw byte
+buffer, so parameter version counters are untouched.
+
+Gradient checkpointing (torch.utils.checkpoint, use_reentrant=False, around each block) works: the recompute
+of block j runs inside the autograd engine during j's backward, when j is resident; the hooks detect that they
+run inside the engine and then only check residency (no prefetch, which would evict j).
+
+Assumption: a block's frozen weights are used only on gradient paths that lead to the block's inputs (true for
+Linear/attention/MLP blocks with LoRA adapters), so "input gradient computed" means "weights no longer needed".
+
+On CPU (device.type == "cpu") the same code runs synchronously with plain copies (no streams, no pinning), so
+tests prove that swapping changes no number. Trainable parameters (adapters with requires_grad=True) and
+buffers of the swapped blocks are moved to `device` and stay resident; adapter modules that are not submodules
+of the blocks (kiln's LoRA network) are not touched.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_ALIGN = 256  # bytes; keeps every parameter view aligned for any dtype and for fast copies
+
+
+def _in_autograd_engine() -> bool:
+    """True while the autograd engine runs a node (e.g. a non-reentrant checkpoint recompute)."""
+    fn = getattr(torch._C, "_current_autograd_node", None)
+    return fn is not None and fn() is not None
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+class BlockSwapper:
+    def __init__(
+        self, blocks: list[nn.Module] | nn.ModuleList, blocks_to_swap: int, device: torch.device | str, num_slots: int = 2
+    ):
+        blocks = list(blocks)
+        n = len(blocks)
+        if blocks_to_swap < 0 or blocks_to_swap > n - 2:
+            raise ValueError(f"blocks_to_swap must be between 0 and len(blocks) - 2 = {n - 2}, got {blocks_to_swap}")
+        if num_slots < 1:
+            raise ValueError("num_slots must be >= 1")
+        self.blocks = blocks
+        self.blocks_to_swap = blocks_to_swap
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.first_swapped = n - blocks_to_swap
+        self.num_slots = min(num_slots, blocks_to_swap)
+        self._handles: list = []
+        self.loads = 0  # block transfers issued (host -> device)
+        self.host_bytes = 0
+        self.slot_bytes = 0
+
+        for block in blocks[: self.first_swapped]:
+            block.to(self.device)
+        if blocks_to_swap == 0:
+            return
+
+        # Per swapped block: its frozen parameters and their byte offsets in a flat layout.
+        layouts: list[list[tuple[nn.Parameter, int, int]]] = []
+        self._layouts = layouts
+        sizes: list[int] = []
+        for block in blocks[self.first_swapped :]:
+            layout, off = [], 0
+            seen: set[int] = set()
+            for p in block.parameters():
+                if p.requires_grad or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                nbytes = p.numel() * p.element_size()
+                layout.append((p, off, nbytes))
+                off = _align(off + nbytes)
+            layouts.append(layout)
+            sizes.append(max(off, _ALIGN))
+
+        slot_sizes = [0] * self.num_slots
+        for i, size in enumerate(sizes):
+            slot_sizes[i % self.num_slots] = max(slot_sizes[i % self.num_slots], size)
+        self._slots = [torch.empty(s, dtype=torch.uint8, device=self.device) for s in slot_sizes]
+        self.slot_bytes = sum(slot_sizes)
+
+        self._host: list[torch.Tensor] = []
+        for i, (block, layout) in enumerate(zip(blocks[self.first_swapped :], layouts)):
+            host = torch.empty(sizes[i], dtype=torch.uint8, pin_memory=self.cuda)
+            slot = self._slots[i % self.num_slots]
+            for p, off, nbytes in layout:
+                src = p.detach().contiguous().cpu()
+                host[off : off + nbytes].copy_(src.reshape(-1).view(torch.uint8))
+                p.data = slot[off : off + nbytes].view(p.dtype).view(p.shape)  # permanent view into the slot
+            self._host.append(host)
+            self.host_bytes += sizes[i]
+            # everything else of the block (buffers, trainable parameters) lives on the device
+            for mod in block.modules():
+                for p in mod._parameters.values():
+                    if p is not None and p.requires_grad and p.device != self.device:
+                        p.data = p.data.to(self.device)
+                for name, b in mod._buffers.items():
+                    if b is not None and b.device != self.device:
+                        mod._buffers[name] = b.to(self.device)
+
+        self._slot_block: list[int | None] = [None] * self.num_slots  # which block each slot holds
+        if self.cuda:
+            self._stream = torch.cuda.Stream(device=self.device)
+            self._loaded = [torch.cuda.Event() for _ in range(self.num_slots)]
+            self._free = [torch.cuda.Event() for _ in range(self.num_slots)]
+        self._released = [True] * self.num_slots  # the slot's occupant has had its last use recorded
+        self._install_hooks()
+        self.prepare_for_forward()
+        logger.info(
+            "block swap: %d of %d blocks in host memory (%.1f MiB), %d device slots (%.1f MiB)",
+            blocks_to_swap,
+            n,
+            self.host_bytes / 2**20,
+            self.num_slots,
+            self.slot_bytes / 2**20,
+        )
+
+    # --- slots -------------------------------------------------------------------------------------------
+    def _slot(self, j: int) -> int:
+        return (j - self.first_swapped) % self.num_slots
+
+    def _load(self, j: int) -> None:
+        """Issue the copy of block j's frozen weights into its slot (asynchronous on CUDA)."""
+        k = self._slot(j)
+        host = self._host[j - self.first_swapped]
+        dst = self._slots[k][: host.numel()]
+        if self.cuda:
+            if self._released[k]:
+                self._stream.wait_event(self._free[k])
+            else:  # occupant used since its last release: order after all work queued so far
+                self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                dst.copy_(host, non_blocking=True)
+                self._loaded[k].record(self._stream)
+        else:
+            dst.copy_(host)
+        self._slot_block[k] = j
+        self.loads += 1
+
+    def _ensure(self, j: int) -> None:
+        """Block j's weights are in its slot, and the compute stream will see them."""
+        k = self._slot(j)
+        if self._slot_block[k] != j:
+            self._load(j)
+        self._released[k] = False
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self._loaded[k])
+
+    def _release(self, j: int) -> None:
+        """The compute stream has queued its last use of block j (until it is loaded again)."""
+        k = self._slot(j)
+        if self._slot_block[k] != j:
+            return
+        if self.cuda:
+            self._free[k].record(torch.cuda.current_stream(self.device))
+        self._released[k] = True
+
+    def _prefetch(self, j: int) -> None:
+        if self.first_swapped <= j < len(self.blocks) and self._slot_block[self._slot(j)] != j:
+            self._load(j)
+
+    def prepare_for_forward(self) -> None:
+        """Put the first swapped blocks in the slots (the layout a forward starts from).
+
+        Called automatically when block 0 runs; call it yourself after a forward without backward (validation,
+        sampling) to start the next transfers early. Never needed for correctness.
+        """
+        if self.blocks_to_swap == 0:
+            return
+        for j in range(self.first_swapped, self.first_swapped + self.num_slots):
+            self._prefetch(j)
+
+    # --- hooks ---------------------------------------------------------------------------------------------
+    def _install_hooks(self) -> None:
+        def first_pre(module, args):
+            if not _in_autograd_engine():
+                self.prepare_for_forward()
+
+        self._handles.append(self.blocks[0].register_forward_pre_hook(first_pre))
+        n = len(self.blocks)
+        for j in range(self.first_swapped, n):
+            block = self.blocks[j]
+
+            def fwd_pre(module, args, j=j):
+                self._ensure(j)
+
+            def fwd_post(module, args, output, j=j):
+                if _in_autograd_engine():  # checkpoint recompute inside j's backward: keep j resident
+                    return
+                self._release(j)
+                self._prefetch(j + self.num_slots)
+
+            self._handles.append(block.register_forward_pre_hook(fwd_pre))
+            self._handles.append(block.register_forward_hook(fwd_post))
+        for i in range(self.first_swapped - 1, n - 1):
+
+            def bwd_pre(module, grad_output, i=i):
+                self._release(i + 1)  # block i+1's backward has produced its input gradient: done with it
+                self._prefetch(i + 1 - self.num_slots)
+                if i >= self.first_swapped:
+                    self._ensure(i)
+
+            self._handles.append(self.blocks[i].register_full_backward_pre_hook(bwd_pre))
+
+    def remove(self) -> None:
+        """Remove the hooks and give every swapped block its own device copy of its weights again."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self.blocks_to_swap == 0:
+            return
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        for host, layout in zip(self._host, self._layouts):
+            for p, off, nbytes in layout:
+                p.data = host[off : off + nbytes].view(p.dtype).view(p.shape).to(self.device, copy=True)
+        self._host.clear()
+        self._slots.clear()
+        self.blocks_to_swap = 0

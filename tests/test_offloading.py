@@ -1,0 +1,251 @@
+"""Block swap (library/custom_offloading_utils.py) and fp8 base storage (library/fp8_utils.py), on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from library.custom_offloading_utils import BlockSwapper
+from library.fp8_utils import Fp8Linear, store_linear_weights_fp8
+from networks.lora import LoRAModule
+
+DIM = 16
+
+
+class MLPBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(DIM)
+        self.fc1 = nn.Linear(DIM, 2 * DIM)
+        self.fc2 = nn.Linear(2 * DIM, DIM)
+
+    def forward(self, x, scale=None):
+        h = self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return x + (h if scale is None else h * scale)
+
+
+class AttnBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(DIM)
+        self.fc1 = nn.Linear(DIM, 3 * DIM)  # qkv
+        self.out = nn.Linear(DIM, DIM)
+        self.register_buffer("gain", torch.full((DIM,), 0.5))
+
+    def forward(self, x, scale=None):
+        b, t, _ = x.shape
+        q, k, v = self.fc1(self.norm(x)).view(b, t, 3, 2, DIM // 2).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, DIM)
+        return x + self.out(a) * self.gain
+
+
+class Toy(nn.Module):
+    def __init__(self, n_blocks=6, checkpointing=False, fp8=False):
+        super().__init__()
+        self.inp = nn.Linear(4, DIM)
+        self.blocks = nn.ModuleList([MLPBlock() if i % 2 == 0 else AttnBlock() for i in range(n_blocks)])
+        self.head = nn.Linear(DIM, 4)
+        self.checkpointing = checkpointing
+        self.requires_grad_(False)
+        if fp8:
+            store_linear_weights_fp8(self.blocks, compute_dtype=torch.float32)
+        # a LoRA-like trainable adapter on one Linear per block (not a submodule of the block)
+        self.adapters = nn.ModuleList(LoRAModule(f"b{i}", blk.fc1, rank=2, alpha=1.0) for i, blk in enumerate(self.blocks))
+        for a in self.adapters:
+            nn.init.normal_(a.lora_up.weight, std=0.1)
+            a.apply()
+
+    def forward(self, x):
+        h = self.inp(x)
+        for i, blk in enumerate(self.blocks):
+            if self.checkpointing and torch.is_grad_enabled():
+                # MLP blocks get a keyword argument: full-backward-hook machinery must cope with kwargs
+                h = checkpoint(blk, h, use_reentrant=False, **({"scale": 1.0} if i % 2 == 0 else {}))
+            else:
+                h = blk(h)
+        return self.head(h)
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)) for _ in range(3)]
+
+
+def _train(blocks_to_swap, checkpointing, fp8=False, eval_between=False):
+    torch.manual_seed(0)
+    model = Toy(checkpointing=checkpointing, fp8=fp8)
+    frozen_before = {k: v.clone() for k, v in model.blocks.state_dict().items()}
+    swapper = BlockSwapper(model.blocks, blocks_to_swap, torch.device("cpu"))
+    opt = torch.optim.AdamW(model.adapters.parameters(), lr=1e-2)
+    losses = []
+    for x, y in _data():
+        if eval_between:
+            with torch.no_grad():
+                model(x)
+            swapper.prepare_for_forward()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    loads = getattr(swapper, "loads", 0)
+    swapper.remove()
+    frozen_after = model.blocks.state_dict()
+    for k, v in frozen_before.items():
+        assert torch.equal(frozen_after[k], v), k  # frozen weights are never changed by swapping
+    return losses, {k: v.clone() for k, v in model.adapters.state_dict().items()}, loads
+
+
+@pytest.mark.parametrize("checkpointing", [False, True, "no_early_stop"])
+def test_block_swap_changes_no_number(checkpointing):
+    if checkpointing == "no_early_stop":  # the recompute runs each block to its end (forward hooks fire in backward)
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            return test_block_swap_changes_no_number(True)
+    ref_losses, ref_weights, _ = _train(0, checkpointing)
+    for n in (2, 4):
+        losses, weights, loads = _train(n, checkpointing)
+        assert loads > 0
+        assert all(torch.equal(a, b) for a, b in zip(losses, ref_losses)), (n, losses, ref_losses)
+        assert weights.keys() == ref_weights.keys()
+        for k in ref_weights:
+            assert torch.equal(weights[k], ref_weights[k]), (n, k)
+    # checkpointing itself changes nothing either
+    if checkpointing:
+        plain, _, _ = _train(0, False)
+        assert all(torch.equal(a, b) for a, b in zip(plain, ref_losses))
+
+
+def test_block_swap_slots_alias_and_footprint():
+    torch.manual_seed(0)
+    model = Toy()
+    swapper = BlockSwapper(model.blocks, 4, "cpu")
+    # blocks 2..5 swapped, two slots: 2 & 4 share one, 3 & 5 the other (fixed footprint)
+    assert model.blocks[2].norm.weight.data_ptr() == model.blocks[4].norm.weight.data_ptr()
+    assert model.blocks[3].fc1.weight.data_ptr() == model.blocks[5].fc1.weight.data_ptr()
+    assert model.blocks[2].norm.weight.data_ptr() != model.blocks[3].norm.weight.data_ptr()
+    # trainable adapters are untouched and resident; buffers stay with their block
+    assert all(p.requires_grad for p in model.adapters.parameters())
+    assert model.blocks[5].gain.data_ptr() != model.blocks[3].gain.data_ptr()
+    assert swapper.host_bytes > 0 and len(swapper._slots) == 2
+    swapper.remove()
+
+
+def test_block_swap_rejects_too_many():
+    blocks = [nn.Linear(2, 2) for _ in range(6)]
+    with pytest.raises(ValueError):
+        BlockSwapper(blocks, 5, "cpu")
+    with pytest.raises(ValueError):
+        BlockSwapper(blocks, -1, "cpu")
+    BlockSwapper(blocks, 4, "cpu").remove()
+
+
+def test_prepare_for_forward_after_no_grad_forward():
+    ref_losses, ref_weights, _ = _train(0, False)
+    losses, weights, _ = _train(4, False, eval_between=True)
+    assert all(torch.equal(a, b) for a, b in zip(losses, ref_losses))
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+    # a no-grad forward with swap gives the same output as without
+    torch.manual_seed(0)
+    m = Toy()
+    x = _data()[0][0]
+    with torch.no_grad():
+        expected = m(x)
+        s = BlockSwapper(m.blocks, 3, "cpu")
+        assert torch.equal(m(x), expected)
+        s.prepare_for_forward()
+        assert torch.equal(m(x), expected)
+
+
+def test_block_swap_with_fp8_weights():
+    ref_losses, ref_weights, _ = _train(0, True, fp8=True)
+    losses, weights, _ = _train(4, True, fp8=True)
+    assert all(torch.equal(a, b) for a, b in zip(losses, ref_losses))
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+
+
+# --- fp8 -------------------------------------------------------------------------------------------------
+
+
+def _linear_bf16():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48).to(torch.bfloat16).requires_grad_(False)
+    return lin
+
+
+def test_fp8_linear_error_dtype_and_memory():
+    lin = _linear_bf16()
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    ref = lin(x).float()
+    w_bytes = lin.weight.numel() * lin.weight.element_size()
+    holder = nn.Sequential(lin)
+    report = store_linear_weights_fp8(holder)
+    assert isinstance(lin, Fp8Linear) and lin.weight.dtype == torch.float8_e4m3fn
+    assert not lin.weight.requires_grad
+    assert lin.bias.dtype == torch.bfloat16
+    out = lin(x)
+    assert out.dtype == torch.bfloat16
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 0.06, rel
+    assert report.converted == 1 and report.bytes_before == w_bytes
+    assert lin.weight.numel() * lin.weight.element_size() * 2 == w_bytes  # halves vs bf16
+    assert report.bytes_saved == w_bytes // 2 - 4  # minus the float32 scale
+    # the scale uses the e4m3 range
+    assert lin.weight.float().abs().max() == torch.finfo(torch.float8_e4m3fn).max
+
+
+def test_fp8_skip_and_other_params_in_compute_dtype():
+    m = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.Embedding(4, 8)).requires_grad_(False)
+    report = store_linear_weights_fp8(m, skip=lambda name, mod: name == "2")
+    assert report.converted == 1
+    assert isinstance(m[0], Fp8Linear) and type(m[2]) is nn.Linear
+    assert m[2].weight.dtype == m[1].weight.dtype == m[3].weight.dtype == m[0].bias.dtype == torch.bfloat16
+    # an already wrapped Linear is refused
+    lin = nn.Linear(8, 8).requires_grad_(False)
+    LoRAModule("x", lin, 2, 1.0).apply()
+    with pytest.raises(ValueError):
+        store_linear_weights_fp8(nn.Sequential(lin))
+
+
+def test_fp8_gradients_flow_to_adapter():
+    lin = _linear_bf16()
+    store_linear_weights_fp8(nn.Sequential(lin))
+    lora = LoRAModule("l", lin, rank=4, alpha=4).to(torch.bfloat16)
+    nn.init.normal_(lora.lora_up.weight, std=0.1)
+    lora.apply()
+    x = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
+    out = lin(x)
+    with torch.no_grad():  # the adapter sees the same input as the base path
+        base = F.linear(x, lin.dequantized_weight(torch.bfloat16), lin.bias)
+        expected = base + lora.lora_up(lora.lora_down(x)) * lora.scale
+    assert torch.equal(out, expected)
+    out.float().pow(2).mean().backward()
+    assert lora.lora_down.weight.grad is not None and lora.lora_down.weight.grad.abs().sum() > 0
+    assert lora.lora_up.weight.grad is not None and lora.lora_up.weight.grad.abs().sum() > 0
+    assert x.grad is not None and lin.weight.grad is None
+    # the base path equals the dequantized Linear
+    lora.restore()
+    assert torch.equal(lin(x.detach()), F.linear(x.detach(), lin.dequantized_weight(torch.bfloat16), lin.bias))
+
+
+def test_fp8_state_dict_round_trip(tmp_path):
+    lin = _linear_bf16()
+    store_linear_weights_fp8(nn.Sequential(lin))
+    path = str(tmp_path / "fp8.safetensors")
+    save_file(lin.state_dict(), path)
+    sd = load_file(path)
+    assert sd["weight"].dtype == torch.float8_e4m3fn and set(sd) == {"weight", "bias", "weight_scale"}
+    other = nn.Linear(64, 48).to(torch.bfloat16).requires_grad_(False)
+    torch.nn.init.zeros_(other.weight)
+    store_linear_weights_fp8(nn.Sequential(other))
+    other.load_state_dict(sd)
+    for k, v in lin.state_dict().items():
+        assert torch.equal(
+            other.state_dict()[k].view(torch.uint8) if v.dtype == torch.float8_e4m3fn else other.state_dict()[k],
+            v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v,
+        ), k
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert torch.equal(other(x), lin(x))
