@@ -617,10 +617,10 @@ def _folder_family(path: str) -> tuple[str, bool]:
 
 
 def _load_builtin(name: str, v2: bool) -> tuple:
-    from library.tiny_models import TINY_SD, TINY_SD2, build_tiny_sd
+    from library.tiny_models import BUILTIN_FAMILY, TINY_SD, TINY_SD2, build_tiny_sd
 
     if name not in (TINY_SD, TINY_SD2):
-        raise _family_error(name, "sdxl")  # kiln-tiny-sdxl
+        raise _family_error(name, BUILTIN_FAMILY[name])
     builtin_v2 = name == TINY_SD2
     if builtin_v2 != v2:
         raise _v2_mismatch(name, builtin_v2)

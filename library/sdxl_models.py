@@ -159,7 +159,7 @@ def reference_config(component: str) -> dict:
 
 def _wrong_family(path: str, family: str) -> ModelLoadError:
     if family in FAMILY_SCRIPTS and family != "sdxl":
-        return ModelLoadError(f"{path} is an {FAMILY_NAMES[family]} model, not SDXL: use {FAMILY_SCRIPTS[family]} for it")
+        return ModelLoadError(f"{path} is a {FAMILY_NAMES[family]} checkpoint, not SDXL: use {FAMILY_SCRIPTS[family]} for it")
     return ModelLoadError(
         f"{path} is not an SDXL checkpoint kiln can load: expected the original single-file layout ({UNET_PREFIX}* with "
         f"label_emb, {TE1_PREFIX}text_model.*, {TE2_PREFIX}*, {VAE_PREFIX}*) or a diffusers SDXL folder (with "
@@ -331,10 +331,10 @@ def load_sdxl_tokenizers(tokenizer_cache_dir: str | None = None, vocab_size: int
 
 
 def _load_builtin(name: str) -> tuple:
-    from library.tiny_models import TINY_SD2, TINY_SDXL, build_tiny_sdxl
+    from library.tiny_models import BUILTIN_FAMILY, TINY_SDXL, build_tiny_sdxl
 
     if name != TINY_SDXL:
-        raise _wrong_family(name, "sd2" if name == TINY_SD2 else "sd1")
+        raise _wrong_family(name, BUILTIN_FAMILY[name])
     p = build_tiny_sdxl()
     return p["text_encoder"], p["text_encoder_2"], p["tokenizer"], p["tokenizer_2"], p["vae"], p["unet"]
 

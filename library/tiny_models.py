@@ -1,7 +1,7 @@
 """Built-in tiny models: real architectures (diffusers / transformers classes) with a few thousand parameters.
 
 They serve the README's quick demo and dry runs of a real config on CPU (`--pretrained_model_name_or_path
-kiln-tiny-sd`, `kiln-tiny-sd2`, `kiln-tiny-sdxl`), and the test suite, which saves them in every on-disk format kiln reads. Weights are random but
+kiln-tiny-sd`, `kiln-tiny-sd2`, `kiln-tiny-sdxl`, `kiln-tiny-flux`), and the test suite, which saves them in every on-disk format kiln reads. Weights are random but
 deterministic (seeded), the tokenizer is a byte-level CLIP BPE vocabulary without merges: real CLIPTokenizer code,
 one token per character.
 """
@@ -17,7 +17,9 @@ import torch
 TINY_SD = "kiln-tiny-sd"
 TINY_SD2 = "kiln-tiny-sd2"
 TINY_SDXL = "kiln-tiny-sdxl"
-BUILTIN_MODELS = (TINY_SD, TINY_SD2, TINY_SDXL)
+TINY_FLUX = "kiln-tiny-flux"
+BUILTIN_MODELS = (TINY_SD, TINY_SD2, TINY_SDXL, TINY_FLUX)
+BUILTIN_FAMILY = {TINY_SD: "sd1", TINY_SD2: "sd2", TINY_SDXL: "sdxl", TINY_FLUX: "flux"}  # checkpoint_files family names
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -221,14 +223,20 @@ def build_tiny_sdxl(seed: int = 0) -> dict:
     }
 
 
+
+
 def save_diffusers_folder(components: dict, folder: str) -> None:
-    """Save components as a diffusers pipeline folder (model_index.json and one folder each): a
-    StableDiffusionXLPipeline when they include `text_encoder_2`, else a StableDiffusionPipeline."""
+    """Save components as a diffusers pipeline folder (model_index.json and one folder each): a FluxPipeline when they
+    include `transformer` (build_tiny_flux), a StableDiffusionXLPipeline when they include `text_encoder_2`, else a
+    StableDiffusionPipeline."""
     os.makedirs(folder, exist_ok=True)
-    sdxl = "text_encoder_2" in components
-    index = {"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}
+    flux = "transformer" in components
+    sdxl = not flux and "text_encoder_2" in components
+    class_name = "FluxPipeline" if flux else "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    index = {"_class_name": class_name, "_diffusers_version": "0.42.1"}
     libraries = {
         "unet": "diffusers",
+        "transformer": "diffusers",
         "vae": "diffusers",
         "scheduler": "diffusers",
         "text_encoder": "transformers",
@@ -239,9 +247,164 @@ def save_diffusers_folder(components: dict, folder: str) -> None:
     for name, obj in components.items():
         obj.save_pretrained(os.path.join(folder, name))
         index[name] = [libraries[name], type(obj).__name__]
-    if sdxl:
-        index.update({"image_encoder": [None, None], "feature_extractor": [None, None], "force_zeros_for_empty_prompt": True})
+    if flux or sdxl:
+        index.update({"image_encoder": [None, None], "feature_extractor": [None, None]})
+        if sdxl:
+            index["force_zeros_for_empty_prompt"] = True
     else:
         index.update({"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FLUX.1: a double/single-stream transformer conditioned on T5 hidden states (width = the T5's d_model) and CLIP-L's
+# pooled output (width = the CLIP's hidden size), a 16-channel VAE without quant convs, flow matching.
+# ---------------------------------------------------------------------------------------------------------------------
+
+TINY_FLUX_CLIP_WIDTH = 64
+TINY_T5_WIDTH = 64
+TINY_T5_VOCAB = 384  # >= the tiny T5 tokenizer's pieces + T5's 100 <extra_id_N> tokens; tells kiln's loader "tiny"
+TINY_FLUX_HEAD_DIM = 16
+
+_T5_CORPUS_WORDS = (
+    "a an the of in on under over with and or photo picture painting drawing sketch portrait landscape close up "
+    "cat dog bird horse fish tree flower grass house car road city forest river lake mountain beach sky cloud sun "
+    "moon star night day morning evening red orange yellow green blue purple black white gray brown small large tall "
+    "old new young man woman girl boy child person people sitting standing running walking looking at viewer smiling "
+    "holding wearing hat dress shirt long short hair eyes face hands light dark bright soft sharp detailed high quality "
+    "best masterpiece style anime realistic cinematic lighting background foreground indoors outdoors 1girl 1boy solo"
+).split()
+
+
+def _tiny_t5_corpus() -> list[str]:
+    import random
+
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(_T5_CORPUS_WORDS) for _ in range(9)) for _ in range(400)]
+    lines.append(" ".join(chr(c) for c in range(33, 127)))  # every printable ASCII character gets a piece
+    lines.append("0 1 2 3 4 5 6 7 8 9 10 100 2024")
+    return lines
+
+
+def tiny_t5_spiece_model() -> bytes:
+    """A small sentencepiece unigram model (pad 0, eos 1, unk 2, no bos: T5's ids) trained on a fixed corpus, in well
+    under a second; the same bytes every call."""
+    import io
+
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_tiny_t5_corpus()),
+        model_writer=buffer,
+        vocab_size=256,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return buffer.getvalue()
+
+
+def write_tiny_t5_tokenizer(folder: str) -> None:
+    """Write kiln's tiny T5 tokenizer (tokenizer.json + configs, loadable without sentencepiece) into `folder`."""
+    from transformers import T5Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "spiece.model"), "wb") as f:
+            f.write(tiny_t5_spiece_model())
+        tokenizer = T5Tokenizer.from_pretrained(tmp)
+    tokenizer.save_pretrained(folder)
+
+
+def tiny_t5_tokenizer():
+    """kiln's tiny T5 tokenizer (a transformers T5Tokenizer)."""
+    from transformers import T5Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_t5_tokenizer(tmp)
+        return T5Tokenizer.from_pretrained(tmp)
+
+
+def tiny_t5_config():
+    """A two-layer T5 v1.1-style encoder (gated-gelu, no dropout: train-mode outputs stay deterministic)."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=TINY_T5_VOCAB,
+        d_model=TINY_T5_WIDTH,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_flux_transformer_config(schnell: bool = False) -> dict:
+    """FluxTransformer2DModel config: 2 double + 2 single blocks, two 16-wide heads (rope axes 4+6+6 = 16)."""
+    return {
+        "patch_size": 1,
+        "in_channels": 64,  # 16 latent channels x 2 x 2 packed patches, as the real model
+        "out_channels": 64,
+        "num_layers": 2,
+        "num_single_layers": 2,
+        "attention_head_dim": TINY_FLUX_HEAD_DIM,
+        "num_attention_heads": 2,
+        "joint_attention_dim": TINY_T5_WIDTH,
+        "pooled_projection_dim": TINY_FLUX_CLIP_WIDTH,
+        "guidance_embeds": not schnell,
+        "axes_dims_rope": [4, 6, 6],
+    }
+
+
+def tiny_flux_vae_config() -> dict:
+    """FLUX-style VAE: 16 latent channels, no quant convs, FLUX's scaling and shift factors."""
+    return {
+        **tiny_vae_config(),
+        "latent_channels": 16,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "scaling_factor": 0.3611,
+        "shift_factor": 0.1159,
+    }
+
+
+def flux_scheduler_config() -> dict:
+    return {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
+
+
+def build_tiny_flux(seed: int = 0, schnell: bool = False) -> dict:
+    """Tiny FLUX.1 components: {"transformer", "vae", "text_encoder" (CLIP-L style), "text_encoder_2" (T5 encoder),
+    "tokenizer", "tokenizer_2" (T5, sentencepiece-trained), "scheduler"}; schnell: no guidance embedding."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**tiny_flux_transformer_config(schnell))
+    vae = AutoencoderKL(**tiny_flux_vae_config())
+    text_encoder = CLIPTextModel(tiny_clip_config(v2=False, hidden_size=TINY_FLUX_CLIP_WIDTH))
+    text_encoder_2 = T5EncoderModel(tiny_t5_config())
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_clip_tokenizer(tmp)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tiny_t5_tokenizer(),
+        "scheduler": FlowMatchEulerDiscreteScheduler(**flux_scheduler_config()),
+    }
