@@ -292,6 +292,44 @@ def sample_sdxl_images(
     )
 
 
+def sample_flux_images(
+    models,
+    scheduler_config: Mapping[str, Any],
+    prompts: Sequence[SamplePrompt],
+    encode_prompts: Callable[[list[str]], dict],
+    output_dir: str,
+    output_name: str | None,
+    step: int | None = None,
+    epoch: int | None = None,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> list[str]:
+    """FLUX.1 preview images: flow-matching Euler, embedded guidance from `--g` (default 3.5), true CFG with the negative
+    prompt when `--l` is above 1. `encode_prompts([prompt, negative])` returns {"prompt_embeds": T5 states (2, L, D),
+    "pooled": CLIP-L pooled (2, D2)}."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    te1, te2 = models.text_encoders
+    tok1, tok2 = models.tokenizers
+
+    def make_pipe(scheduler):
+        return FluxPipeline(scheduler=scheduler, vae=models.vae, text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2,
+                            transformer=models.denoiser)
+
+    def embed_kwargs(prompt: SamplePrompt) -> dict:
+        out = encode_prompts([prompt.prompt, prompt.negative_prompt])
+        embeds, pooled = out["prompt_embeds"].to(device), out["pooled"].to(device)
+        kwargs = {"prompt_embeds": embeds[:1], "pooled_prompt_embeds": pooled[:1], "guidance_scale": 3.5 if prompt.guidance is None else prompt.guidance}
+        if prompt.scale > 1.0:
+            kwargs.update({"negative_prompt_embeds": embeds[1:], "negative_pooled_prompt_embeds": pooled[1:], "true_cfg_scale": prompt.scale})
+        return kwargs
+
+    return _sample_with_pipeline(make_pipe, embed_kwargs, (models.denoiser, models.vae, te1, te2),
+                                 lambda name: FlowMatchEulerDiscreteScheduler.from_config(scheduler_config), prompts, output_dir,
+                                 output_name, step, epoch, device, dtype, "euler", False)
+
+
 def _sample_with_pipeline(
     make_pipe,
     embed_kwargs,
@@ -315,23 +353,18 @@ def _sample_with_pipeline(
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     paths: list[str] = []
     with preserved_rng_state(), eval_mode(*modules), on_device(device, *modules), torch.no_grad():
-        pipe = make_pipe(make_scheduler(default_sampler, scheduler_config, v_prediction))
+        schedulers = scheduler_config if callable(scheduler_config) else (lambda name: make_scheduler(name, scheduler_config, v_prediction))
+        pipe = make_pipe(schedulers(default_sampler))
         pipe.set_progress_bar_config(disable=True)
         for p in prompts:
-            pipe.scheduler = make_scheduler(p.sampler or default_sampler, scheduler_config, v_prediction)
+            pipe.scheduler = schedulers(p.sampler or default_sampler)
             # secrets draws from the OS, not from any generator the training run uses.
             seed = p.seed if p.seed is not None else secrets.randbelow(2**32)
             generator = torch.Generator("cpu").manual_seed(seed)
             with autocast:
-                image = pipe(
-                    **embed_kwargs(p),
-                    height=p.height,
-                    width=p.width,
-                    num_inference_steps=p.steps,
-                    guidance_scale=p.scale,
-                    generator=generator,
-                    output_type="pil",
-                ).images[0]
+                kwargs = {"guidance_scale": p.scale, **embed_kwargs(p)}  # a family's embed_kwargs may set the guidance
+                image = pipe(**kwargs, height=p.height, width=p.width, num_inference_steps=p.steps, generator=generator,
+                             output_type="pil").images[0]
             path = sample_image_path(output_dir, output_name, step, epoch, index=p.index, seed=seed)
             _save_png_atomic(image, path)
             logger.info("sample image %d: %s", p.index, path)

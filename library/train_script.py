@@ -29,32 +29,41 @@ def run_network_training(family: ModelFamily, description: str, argv: list[str] 
 
 
 def detect_model_family(path: str | None) -> str:
-    """ "sdxl" or "sd" for a model path or built-in name (single files by their keys, folders by model_index.json)."""
+    """The trainer family ("sd", "sdxl" or "flux") of a model path or built-in name: single files by their keys, folders by
+    model_index.json. Anything else (SD3, unknown) reads as "sd"; the SD loader then names the right script."""
     from library.checkpoint_files import detect_family, read_key_shapes
-    from library.tiny_models import TINY_SDXL
+    from library.tiny_models import BUILTIN_FAMILY
 
+    kinds = {"sdxl": "sdxl", "flux": "flux"}
     if not path:
         return "sd"
-    if path == TINY_SDXL:
-        return "sdxl"
+    if path in BUILTIN_FAMILY:
+        return kinds.get(BUILTIN_FAMILY[path], "sd")
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json")):
         with open(os.path.join(path, "model_index.json")) as f:
-            return "sdxl" if "XL" in json.load(f).get("_class_name", "") else "sd"
+            name = json.load(f).get("_class_name", "")
+        return "sdxl" if "XL" in name else "flux" if "Flux" in name else "sd"
     if os.path.isfile(path) and path.endswith(".safetensors"):
-        return "sdxl" if detect_family(read_key_shapes(path)) == "sdxl" else "sd"
+        return kinds.get(detect_family(read_key_shapes(path)), "sd")
     return "sd"
 
 
 def tool_family(argv: list[str] | None) -> ModelFamily:
-    """The family a cache tool works for, from `--sdxl` or the model given with --pretrained_model_name_or_path."""
+    """The family a cache tool works for, from `--sdxl` / `--flux` or the model given with --pretrained_model_name_or_path."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--sdxl", action="store_true")
+    pre.add_argument("--flux", action="store_true")
     pre.add_argument("--pretrained_model_name_or_path", default=None)
     known, _ = pre.parse_known_args(argv)
-    if known.sdxl or detect_model_family(known.pretrained_model_name_or_path) == "sdxl":
+    kind = "sdxl" if known.sdxl else "flux" if known.flux else detect_model_family(known.pretrained_model_name_or_path)
+    if kind == "sdxl":
         from library.family_sdxl import SdxlFamily
 
         return SdxlFamily()
+    if kind == "flux":
+        from library.family_flux import FluxFamily
+
+        return FluxFamily()
     from library.family_sd import SdFamily
 
     return SdFamily()
@@ -69,6 +78,7 @@ def parse_tool_args(argv: list[str] | None, description: str):
     parser = setup_network_parser(description)
     family.add_arguments(parser)
     parser.add_argument("--sdxl", action="store_true", help="the model is SDXL (detected from the model when not given)")
+    parser.add_argument("--flux", action="store_true", help="the model is FLUX.1 (detected from the model when not given)")
     return family, parse_args_with_config(parser, argv)
 
 

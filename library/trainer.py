@@ -78,8 +78,8 @@ def check_args(args, family: ModelFamily) -> None:
 
         kind = detect_model_family(args.pretrained_model_name_or_path)
         if kind != family.arch:
-            other = {"sd": "train_network.py", "sdxl": "sdxl_train_network.py"}[kind]
-            problems.append(f"{args.pretrained_model_name_or_path} is an {kind.upper()} model: train it with {other}")
+            other = {"sd": "train_network.py", "sdxl": "sdxl_train_network.py", "flux": "flux_train_network.py"}[kind]
+            problems.append(f"{args.pretrained_model_name_or_path} is a model for {other}, not {family.script_name}")
     try:
         family.check_args(args)
     except ValueError as e:
