@@ -68,6 +68,12 @@ class ModelFamily(ABC):
         """The batch's conditioning: from cached text-encoder outputs when the batch has them, else encoded now."""
         return self.encode_text(args, models, batch["captions"])
 
+    def place_models(self, args, models: TrainModels, device: torch.device, dtype: torch.dtype) -> None:
+        """Put the text encoders and the denoiser on the device in the working dtype (families with block swap or fp8
+        storage place their denoiser themselves)."""
+        for m in [*models.text_encoders, models.denoiser]:
+            m.to(device, dtype)
+
     def vae_dtype(self, args, weight_dtype: torch.dtype) -> torch.dtype:
         """float32 under fp16 (SD VAEs overflow there), else the working dtype."""
         return torch.float32 if weight_dtype == torch.float16 else weight_dtype

@@ -327,7 +327,7 @@ def sample_flux_images(
 
     return _sample_with_pipeline(make_pipe, embed_kwargs, (models.denoiser, models.vae, te1, te2),
                                  lambda name: FlowMatchEulerDiscreteScheduler.from_config(scheduler_config), prompts, output_dir,
-                                 output_name, step, epoch, device, dtype, "euler", False)
+                                 output_name, step, epoch, device, dtype, "euler", False, check_sd_prompts=False)
 
 
 def _sample_with_pipeline(
@@ -344,12 +344,14 @@ def _sample_with_pipeline(
     dtype,
     default_sampler,
     v_prediction,
+    check_sd_prompts: bool = True,
 ) -> list[str]:
     """The loop shared by the families: one image per prompt, seeded, written atomically, RNG and modes restored."""
     device = torch.device(device)
     if epoch is None and step is None:
         raise ValueError("sampling needs the step or the epoch (for the image names)")
-    _check_sd_prompts(prompts, default_sampler)
+    if check_sd_prompts:
+        _check_sd_prompts(prompts, default_sampler)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     paths: list[str] = []
     with preserved_rng_state(), eval_mode(*modules), on_device(device, *modules), torch.no_grad():

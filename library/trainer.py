@@ -368,8 +368,10 @@ class TrainingRun:
         self.train_te = not args.network_train_unet_only
         train_unet = not args.network_train_text_encoder_only
         self.network = build_network(args, family, models, self.train_te, train_unet)
-        for m in [*models.text_encoders, models.denoiser]:
-            m.to(device, dtype)
+        try:
+            family.place_models(args, models, device, dtype)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
         self.network.to(device, dtype if (args.full_fp16 or args.full_bf16) else torch.float32)
         if args.gradient_checkpointing:
             models.denoiser.enable_gradient_checkpointing()

@@ -295,7 +295,7 @@ class LoRANetwork(nn.Module):
                 names.append(label)
 
         te_lrs = (text_encoder_lr or [None]) if isinstance(text_encoder_lr, list) else [text_encoder_lr]
-        prefixes = sorted({m.lora_name.split("_text_model")[0] for m in self.text_encoder_loras})
+        prefixes = sorted({self.te_group_prefix(m.lora_name) for m in self.text_encoder_loras})
         for i, prefix in enumerate(prefixes):
             lr = te_lrs[min(i, len(te_lrs) - 1)]
             lr = default_lr if lr is None else lr
@@ -303,6 +303,10 @@ class LoRANetwork(nn.Module):
             add([m for m in self.text_encoder_loras if m.lora_name.startswith(prefix + "_")], lr, self.loraplus_te, label)
         add(self.unet_loras, default_lr if unet_lr is None else unet_lr, self.loraplus_unet, "unet")
         return groups, names
+
+    def te_group_prefix(self, lora_name: str) -> str:
+        """The text-encoder prefix of an adapter name (`lora_te1` of `lora_te1_text_model_...`): one optimizer group each."""
+        return lora_name.split("_text_model")[0]
 
     def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
         """Scale down adapters whose delta-weight norm exceeds max_norm; returns (count scaled, mean norm, max norm)."""

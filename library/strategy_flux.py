@@ -1,0 +1,47 @@
+"""FLUX.1 strategies: CLIP-L (pooled output) and T5-XXL (hidden states) text encoding.
+
+Outputs (reference section 2): `l_pooled` = CLIP-L's pooled output (B, 768), `t5_out` = T5's last hidden state
+(B, L, 4096) with L = --t5xxl_max_token_length (256 for schnell, 512 for dev by default). Text position ids are zeros
+and are made where they are used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from library.strategy_base import TextEncodingStrategy, TokenizeStrategy
+
+TE_OUTPUT_KEYS = ("l_pooled", "t5_out")
+
+
+class FluxTokenizeStrategy(TokenizeStrategy):
+    def __init__(self, clip_tokenizer, t5_tokenizer, t5_max_length: int) -> None:
+        self.clip, self.t5 = clip_tokenizer, t5_tokenizer
+        self.t5_max_length = t5_max_length
+
+    def tokenize(self, texts: list[str]) -> list[torch.Tensor]:
+        clip = self.clip(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        t5 = self.t5(texts, padding="max_length", max_length=self.t5_max_length, truncation=True, return_tensors="pt").input_ids
+        return [clip, t5]
+
+    def tokenize_with_weights(self, texts: list[str]):
+        raise ValueError("--weighted_captions is for SD 1.x/2.x and SDXL; FLUX's T5 encoder has no prompt weighting")
+
+    def settings(self) -> dict:
+        return {
+            "tokenizers": [self.clip.name_or_path, self.t5.name_or_path],
+            "vocab": [len(self.clip), len(self.t5)],
+            "t5_max_length": self.t5_max_length,
+        }
+
+
+class FluxTextEncodingStrategy(TextEncodingStrategy):
+    def encode_tokens(self, models: list, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+        clip, t5 = models
+        clip_ids, t5_ids = tokens
+        l_pooled = clip(clip_ids.to(clip.device), output_hidden_states=False).pooler_output
+        t5_out = t5(t5_ids.to(t5.device)).last_hidden_state
+        return [l_pooled, t5_out]
+
+    def encode_tokens_with_weights(self, models: list, tokens: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise ValueError("--weighted_captions is for SD 1.x/2.x and SDXL; FLUX's T5 encoder has no prompt weighting")

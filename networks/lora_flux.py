@@ -1,0 +1,493 @@
+"""LoRA for FLUX.1 (diffusers FluxTransformer2DModel) + CLIP-L (+ optional T5), in sd-scripts' lora_flux file format.
+
+Adapters carry BFL names (`lora_unet_double_blocks_0_img_attn_qkv`, `lora_unet_single_blocks_0_linear1`, ...). Where BFL
+fuses several projections into one Linear (qkv; single-block linear1 = q, k, v, proj_mlp) and diffusers keeps them apart,
+one `FusedLoRAModule` holds the fused adapter (`lora_down` (r, in), `lora_up` (sum of outs, r)) and wraps every diffusers
+Linear of the group: Linear i outputs `org_i(x) + up[rows of i] @ down @ x * multiplier * alpha / r`. Text encoders:
+CLIP-L `lora_te1_text_model_...`, T5 `lora_te3_encoder_block_...` (only with train_t5xxl=True).
+
+network_args: see KNOWN_ARGS; unsupported sd-scripts arguments are refused (UNSUPPORTED_ARGS), anything else is an error.
+Files in the diffusers/PEFT layout (ai-toolkit: `transformer.<diffusers path>.lora_A.weight` / `.lora_B.weight`) are
+converted to the fused kohya layout exactly on load (`peft_to_kohya`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from library.flux_models import flux_lora_targets
+from networks.lora import (
+    TEXT_ENCODER_TARGETS,
+    LoRAModule,
+    LoRANetwork,
+    _float_arg,
+    _target_modules,
+    dims_from_weights,
+    lora_delta,
+)
+
+T5_TARGETS = ("T5Attention", "T5DenseGatedActDense")
+TE_PREFIXES = ("lora_te1", "lora_te3")  # CLIP-L, T5-XXL (sd-scripts' names, "to make ComfyUI compatible")
+
+TYPE_DIM_ARGS = {  # network_arg -> the BFL module suffixes it sizes
+    "img_attn_dim": ("img_attn_qkv", "img_attn_proj"),
+    "txt_attn_dim": ("txt_attn_qkv", "txt_attn_proj"),
+    "img_mlp_dim": ("img_mlp_0", "img_mlp_2"),
+    "txt_mlp_dim": ("txt_mlp_0", "txt_mlp_2"),
+    "img_mod_dim": ("img_mod_lin",),
+    "txt_mod_dim": ("txt_mod_lin",),
+    "single_dim": ("linear1", "linear2"),
+    "single_mod_dim": ("modulation_lin",),
+}
+IN_DIM_NAMES = {  # in_dims position -> embedder adapter names
+    0: ("img_in",),
+    1: ("time_in_in_layer", "time_in_out_layer"),
+    2: ("vector_in_in_layer", "vector_in_out_layer"),
+    3: ("guidance_in_in_layer", "guidance_in_out_layer"),
+    4: ("txt_in",),
+}
+KNOWN_ARGS = {
+    "train_blocks",
+    "train_double_block_indices",
+    "train_single_block_indices",
+    "in_dims",
+    "train_t5xxl",
+    "dropout",
+    "rank_dropout",
+    "module_dropout",
+    "loraplus_lr_ratio",
+    "loraplus_unet_lr_ratio",
+    "loraplus_text_encoder_lr_ratio",
+    *TYPE_DIM_ARGS,
+}
+UNSUPPORTED_ARGS = {
+    "split_qkv": "split_qkv is not supported yet (kiln trains the fused qkv/linear1 adapter sd-scripts saves)",
+    "ggpo_sigma": "LoRA-GGPO (ggpo_sigma/ggpo_beta) is not supported yet",
+    "ggpo_beta": "LoRA-GGPO (ggpo_sigma/ggpo_beta) is not supported yet",
+    "network_reg_dims": "network_reg_dims is not supported yet",
+    "network_reg_lrs": "network_reg_lrs is not supported yet",
+    "conv_dim": "conv_dim/conv_alpha are not supported for FLUX (its transformer has no convolutions)",
+    "conv_alpha": "conv_dim/conv_alpha are not supported for FLUX (its transformer has no convolutions)",
+    "verbose": "verbose is not supported yet",
+}
+
+
+class FusedLoRAModule(LoRAModule):
+    """One adapter over several Linears that see the same input (BFL's fused qkv / linear1).
+
+    `lora_up` rows are split among the wrapped Linears in order; `down(x)` is computed once per input tensor and shared
+    (with its dropout masks) by all of them."""
+
+    def __init__(self, name: str, org_modules: list[nn.Linear], rank: int, alpha: float | None, **kw) -> None:
+        super().__init__(name, org_modules[0], rank, alpha, **kw)
+        if len({m.in_features for m in org_modules}) != 1:
+            raise ValueError(f"{name}: fused Linears must share their input width")
+        self.splits = [m.out_features for m in org_modules]
+        self.lora_up = nn.Linear(rank, sum(self.splits), bias=False)
+        nn.init.zeros_(self.lora_up.weight)
+        self._org = list(org_modules)
+        self._org_forwards: list | None = None
+        self._cache: tuple | None = None  # (input tensor, (h, scale) or None, parts served)
+
+    @property
+    def org_modules(self) -> list[nn.Linear]:
+        return self._org
+
+    def apply(self) -> None:
+        if self._org_forwards is None:
+            self._org_forwards = [m.forward for m in self._org]
+            for i, m in enumerate(self._org):
+                m.forward = lambda x, i=i: self._part_forward(i, x)
+            self._org_forward = self._org_forwards[0]  # "applied" marker shared with LoRAModule
+
+    def restore(self) -> None:
+        if self._org_forwards is not None:
+            for m, f in zip(self._org, self._org_forwards):
+                m.forward = f
+            self._org_forwards = None
+            self._org_forward = None
+            self._cache = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The concatenated outputs of all wrapped Linears with the adapter (= the fused BFL Linear's output)."""
+        return torch.cat([self._part_forward(i, x) for i in range(len(self._org))], dim=-1)
+
+    def _down(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """(down(x) with dropouts, scale to apply), or None when module dropout skips the adapter."""
+        down = self.lora_down.weight
+        if not self.training or not (self.dropout or self.rank_dropout or self.module_dropout):
+            if x.dtype != down.dtype and not torch.is_autocast_enabled(x.device.type):
+                x = x.to(down.dtype)
+            return nn.functional.linear(x, down), self.scale
+        if self.module_dropout and torch.rand(()) < self.module_dropout:
+            return None
+        h = self.lora_down(x.to(down.dtype))
+        if self.dropout:
+            h = nn.functional.dropout(h, p=self.dropout)
+        scale = self.scale
+        if self.rank_dropout:
+            mask = (torch.rand(h.shape[0], self.rank, device=h.device) > self.rank_dropout).to(h.dtype)
+            if h.dim() == 3:
+                mask = mask[:, None, :]
+            h = h * mask
+            scale = scale / (1.0 - self.rank_dropout)
+        return h, scale
+
+    def _shared_down(self, i: int, x: torch.Tensor):
+        c = self._cache
+        if c is not None and c[0] is x and i not in c[2]:
+            c[2].add(i)
+            if len(c[2]) == len(self._org):
+                self._cache = None  # every part has used it: drop the references
+            return c[1]
+        res = self._down(x)
+        self._cache = (x, res, {i})
+        return res
+
+    def _part_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        out = self._org_forwards[i](x)
+        if self.multiplier == 0:
+            return out
+        res = self._shared_down(i, x)
+        if res is None:
+            return out
+        h, scale = res
+        start = sum(self.splits[:i])
+        y = nn.functional.linear(h, self.lora_up.weight[start : start + self.splits[i]]) * (self.multiplier * scale)
+        return out + (y if y.dtype == out.dtype else y.to(out.dtype))
+
+
+def _parse_bool(value, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", "none", ""):
+        return False
+    raise ValueError(f"network_args {key} must be True or False, got {value!r}")
+
+
+def parse_indices(value, count: int, key: str) -> set[int]:
+    """ "all" / "none" / "0-5,10" (or a list of ints) -> the selected block indices, each < count."""
+    if value is None:
+        return set(range(count))
+    if isinstance(value, (list, tuple)):
+        picked = {int(v) for v in value}
+    else:
+        text = str(value).strip().lower()
+        if text == "all":
+            return set(range(count))
+        if text in ("none", ""):
+            return set()
+        picked = set()
+        for part in text.replace("[", "").replace("]", "").split(","):
+            part = part.strip()
+            if not part:
+                continue
+            m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+            try:
+                picked |= set(range(int(m.group(1)), int(m.group(2)) + 1)) if m else {int(part)}
+            except ValueError:
+                raise ValueError(f"network_args {key}: cannot read {part!r} (use all, none or e.g. 0-5,10)") from None
+    bad = sorted(i for i in picked if i < 0 or i >= count)
+    if bad:
+        raise ValueError(f"network_args {key}: block index {bad[0]} out of range (the model has {count} such blocks)")
+    return picked
+
+
+def check_network_args(args: dict) -> dict:
+    """Refuse unsupported and unknown network_args (kiln never ignores an argument)."""
+    for key in args:
+        if key in UNSUPPORTED_ARGS:
+            raise ValueError(f"network_args {key}: {UNSUPPORTED_ARGS[key]}")
+    unknown = sorted(set(args) - KNOWN_ARGS)
+    if unknown:
+        raise ValueError(
+            f"unknown network_args for networks.lora_flux: {', '.join(unknown)}; valid: {', '.join(sorted(KNOWN_ARGS))}"
+        )
+    return args
+
+
+def _as_list(text_encoders) -> list:
+    if text_encoders is None:
+        return []
+    if isinstance(text_encoders, nn.Module):
+        return [text_encoders]
+    return list(text_encoders)
+
+
+def te_candidates(text_encoders) -> list[tuple[str, nn.Module]]:
+    """(adapter name, Linear) of CLIP-L (`lora_te1_text_model_...`) and T5 (`lora_te3_encoder_block_...`)."""
+    out = []
+    for prefix, te in zip(TE_PREFIXES, _as_list(text_encoders)):
+        if te is None:
+            continue
+        is_t5 = prefix == "lora_te3"
+        for path, module in _target_modules(te, T5_TARGETS if is_t5 else TEXT_ENCODER_TARGETS):
+            if not is_t5 and not path.startswith("text_model."):
+                path = "text_model." + path  # transformers 5 flattens CLIPTextModel; kohya names keep text_model
+            out.append((f"{prefix}_{path}".replace(".", "_"), module))
+    return out
+
+
+def _block_kind(bfl_name: str) -> tuple[str, int | None, str]:
+    """("double"|"single"|"embedder"|"final", block index, suffix) of a BFL adapter name without lora_unet_."""
+    m = re.match(r"(double|single)_blocks_(\d+)_(.+)", bfl_name)
+    if m:
+        return m.group(1), int(m.group(2)), m.group(3)
+    return ("final" if bfl_name.startswith("final_layer") else "embedder"), None, bfl_name
+
+
+def transformer_candidates(transformer) -> list[tuple[str, list[str]]]:
+    """(adapter name `lora_unet_<bfl name>`, [diffusers Linear paths]) of everything a FLUX LoRA can adapt (the final
+    layer is not adapted, as in sd-scripts)."""
+    return [(f"lora_unet_{b}", paths) for b, paths in flux_lora_targets(transformer) if _block_kind(b)[0] != "final"]
+
+
+class FluxLoRANetwork(LoRANetwork):
+    """All LoRA modules of a FLUX transformer and its text encoders; `module_dims` (adapter name -> rank) picks them."""
+
+    def __init__(
+        self,
+        text_encoders,
+        transformer: nn.Module | None,
+        module_dims: dict[str, int],
+        module_alphas: dict[str, float | None] | None = None,
+        multiplier: float = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+        loraplus_lr_ratio: float | None = None,
+        loraplus_unet_lr_ratio: float | None = None,
+        loraplus_text_encoder_lr_ratio: float | None = None,
+    ) -> None:
+        nn.Module.__init__(self)
+        self.multiplier = multiplier
+        self.loraplus_unet = loraplus_unet_lr_ratio or loraplus_lr_ratio
+        self.loraplus_te = loraplus_text_encoder_lr_ratio or loraplus_lr_ratio
+        self.aliases: dict[str, str] = {}
+        alphas = module_alphas or {}
+        common = {"multiplier": multiplier, "dropout": dropout, "rank_dropout": rank_dropout, "module_dropout": module_dropout}
+        self.text_encoder_loras: list[LoRAModule] = []
+        self.unet_loras: list[LoRAModule] = []
+        for name, module in te_candidates(text_encoders):
+            if module_dims.get(name):
+                self.text_encoder_loras.append(LoRAModule(name, module, module_dims[name], alphas.get(name), **common))
+        self._transformer = [transformer]  # a list: not a submodule
+        for name, paths in transformer_candidates(transformer) if transformer is not None else []:
+            if not module_dims.get(name):
+                continue
+            modules = [transformer.get_submodule(p) for p in paths]
+            if len(modules) == 1:
+                self.unet_loras.append(LoRAModule(name, modules[0], module_dims[name], alphas.get(name), **common))
+            else:
+                self.unet_loras.append(FusedLoRAModule(name, modules, module_dims[name], alphas.get(name), **common))
+        for m in self.loras:
+            self.add_module(m.lora_name, m)
+
+    def te_group_prefix(self, lora_name: str) -> str:
+        return "_".join(lora_name.split("_")[:2])  # lora_te1 / lora_te3
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "weights") -> list[str]:
+        """Load kohya FLUX keys, or a diffusers/PEFT-layout file (converted to the fused layout first)."""
+        if is_peft_layout(state_dict):
+            state_dict = peft_to_kohya(state_dict, self._transformer[0])
+        return super().load_weights(state_dict, source)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# diffusers / PEFT layout (ai-toolkit) -> kohya layout
+# ---------------------------------------------------------------------------------------------------------------------
+
+_PEFT_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".alpha": "alpha"}
+_PEFT_TE_PREFIXES = {"text_encoder.": "lora_te1_", "text_encoder_2.": "lora_te3_"}
+_PEFT_TRANSFORMER_PREFIXES = ("transformer.", "diffusion_model.", "base_model.model.")
+
+
+def is_peft_layout(state_dict: dict) -> bool:
+    return any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state_dict)
+
+
+def peft_to_kohya(state_dict: dict[str, torch.Tensor], transformer) -> dict[str, torch.Tensor]:
+    """A diffusers/PEFT-layout LoRA (`<prefix><module path>.lora_A.weight`, `.lora_B.weight`, optional `.alpha`) in kohya
+    FLUX keys. Separate projections of one fused BFL Linear become one adapter exactly: down = cat of the A's (each
+    scaled by its alpha / rank), up = block-diagonal of the B's (zero rows for a projection the file lacks), alpha = total
+    rank (scale 1). `transformer`: the FluxTransformer2DModel (meta is fine). Keys matching no target are kept unchanged."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    passthrough = {}
+    for key, value in state_dict.items():
+        suffix = next((s for s in _PEFT_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            passthrough[key] = value
+            continue
+        modules.setdefault(key[: -len(suffix)], {})[_PEFT_SUFFIXES[suffix]] = value
+    transformer_modules, out = {}, {}
+    for path, parts in modules.items():
+        if "A" not in parts or "B" not in parts:
+            raise ValueError(f"LoRA module {path} lacks its lora_A or lora_B weight")
+        te = next((p for p in _PEFT_TE_PREFIXES if path.startswith(p)), None)
+        if te is not None:
+            inner = path[len(te) :]
+            if te == "text_encoder." and not inner.startswith("text_model."):
+                inner = "text_model." + inner
+            name = _PEFT_TE_PREFIXES[te] + inner.replace(".", "_")
+            out[name + ".lora_down.weight"], out[name + ".lora_up.weight"] = parts["A"], parts["B"]
+            out[name + ".alpha"] = parts.get("alpha", torch.tensor(float(parts["A"].shape[0])))
+            continue
+        inner = next((path[len(p) :] for p in _PEFT_TRANSFORMER_PREFIXES if path.startswith(p)), path)
+        transformer_modules[inner] = (path, parts)
+    for name, paths in transformer_candidates(transformer) if transformer is not None else []:
+        present = [p for p in paths if p in transformer_modules]
+        if not present:
+            continue
+        if len(paths) == 1:
+            parts = transformer_modules.pop(paths[0])[1]
+            out[name + ".lora_down.weight"], out[name + ".lora_up.weight"] = parts["A"], parts["B"]
+            out[name + ".alpha"] = parts.get("alpha", torch.tensor(float(parts["A"].shape[0])))
+            continue
+        downs, blocks = [], []
+        for p in paths:
+            if p in transformer_modules:
+                parts = transformer_modules.pop(p)[1]
+                scale = float(parts["alpha"]) / parts["A"].shape[0] if "alpha" in parts else 1.0
+                downs.append(parts["A"].float())
+                dtype = parts["A"].dtype
+                blocks.append(parts["B"].float() * scale)
+            else:  # a projection the file does not adapt: zero rows
+                blocks.append(torch.zeros(transformer.get_submodule(p).out_features, 0))
+        down = torch.cat(downs, dim=0)
+        up = torch.block_diag(*blocks)
+        out[name + ".lora_down.weight"] = down.to(dtype)
+        out[name + ".lora_up.weight"] = up.to(dtype)
+        out[name + ".alpha"] = torch.tensor(float(down.shape[0]))
+    for path, parts in transformer_modules.values():  # matches nothing: keep under its own name
+        for short, suffix in (("A", ".lora_A.weight"), ("B", ".lora_B.weight"), ("alpha", ".alpha")):
+            if short in parts:
+                out[path + suffix] = parts[short]
+    out.update(passthrough)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _int_or_none(args: dict, key: str) -> int | None:
+    return None if args.get(key) in (None, "None", "none") else int(args[key])
+
+
+def parse_in_dims(value) -> list[int]:
+    """ "[img,time,vector,guidance,txt]" -> five ranks (0 = no adapter)."""
+    if isinstance(value, str):
+        value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+    dims = [int(v) for v in value]
+    if len(dims) != 5:
+        raise ValueError(f"network_args in_dims needs 5 values [img,time,vector,guidance,txt], got {len(dims)}")
+    return dims
+
+
+def flux_module_dims(text_encoders, transformer, network_dim: int, args: dict) -> dict[str, int]:
+    """Adapter name -> rank for create_network's network_args (see the module docstring)."""
+    dims: dict[str, int] = {}
+    train_t5 = _parse_bool(args.get("train_t5xxl", False), "train_t5xxl")
+    for name, _ in te_candidates(text_encoders):
+        if name.startswith("lora_te1_") or train_t5:
+            dims[name] = network_dim
+    if transformer is None:
+        return dims
+    config = getattr(transformer, "config", transformer)
+    train_blocks = str(args.get("train_blocks", "all")).strip().lower()
+    if train_blocks not in ("all", "single", "double"):
+        raise ValueError(f"network_args train_blocks must be all, single or double, got {args['train_blocks']!r}")
+    blocks = {
+        "double": parse_indices(args.get("train_double_block_indices"), config.num_layers, "train_double_block_indices")
+        if train_blocks in ("all", "double")
+        else set(),
+        "single": parse_indices(args.get("train_single_block_indices"), config.num_single_layers, "train_single_block_indices")
+        if train_blocks in ("all", "single")
+        else set(),
+    }
+    type_dims = {}
+    for key, suffixes in TYPE_DIM_ARGS.items():
+        dim = _int_or_none(args, key)
+        for suffix in suffixes:
+            type_dims[suffix] = network_dim if dim is None else dim
+    in_dims = parse_in_dims(args["in_dims"]) if args.get("in_dims") not in (None, "None") else [0] * 5
+    embedder_dims = {n: in_dims[i] for i, names in IN_DIM_NAMES.items() for n in names}
+    for name, _ in transformer_candidates(transformer):
+        kind, index, suffix = _block_kind(name[len("lora_unet_") :])
+        if kind == "embedder":
+            dims[name] = embedder_dims.get(suffix, 0)
+        elif index in blocks[kind]:
+            dims[name] = type_dims[suffix]
+    return {k: v for k, v in dims.items() if v}
+
+
+def _network_kwargs(args: dict, neuron_dropout: float | None = None) -> dict:
+    return {
+        "dropout": _float_arg(args, "dropout") if "dropout" in args else neuron_dropout,
+        "rank_dropout": _float_arg(args, "rank_dropout"),
+        "module_dropout": _float_arg(args, "module_dropout"),
+        "loraplus_lr_ratio": _float_arg(args, "loraplus_lr_ratio"),
+        "loraplus_unet_lr_ratio": _float_arg(args, "loraplus_unet_lr_ratio"),
+        "loraplus_text_encoder_lr_ratio": _float_arg(args, "loraplus_text_encoder_lr_ratio"),
+    }
+
+
+def create_network(
+    multiplier: float,
+    network_dim: int | None,
+    network_alpha: float | None,
+    text_encoders,
+    transformer: nn.Module,
+    neuron_dropout: float | None = None,
+    **network_args,
+) -> FluxLoRANetwork:
+    """sd-scripts' entry point: text_encoders = [CLIP-L, T5] (either may be None); network_args as strings or values."""
+    args = check_network_args(dict(network_args))
+    dim = network_dim or 4
+    dims = flux_module_dims(text_encoders, transformer, dim, args)
+    alphas = dict.fromkeys(dims, network_alpha)
+    return FluxLoRANetwork(
+        text_encoders, transformer, dims, alphas, multiplier=multiplier, **_network_kwargs(args, neuron_dropout)
+    )
+
+
+def create_network_from_weights(
+    multiplier: float, state_dict: dict[str, torch.Tensor], text_encoders, transformer, **network_args
+) -> FluxLoRANetwork:
+    """A network shaped like the file (kohya FLUX or diffusers/PEFT layout); loads nothing yet."""
+    args = check_network_args(dict(network_args))
+    if is_peft_layout(state_dict):
+        state_dict = peft_to_kohya(state_dict, transformer)
+    dims, alphas = dims_from_weights(state_dict)
+    return FluxLoRANetwork(text_encoders, transformer, dims, alphas, multiplier=multiplier, **_network_kwargs(args))
+
+
+def merge_into_transformer(state_dict: dict[str, torch.Tensor], ratio: float, transformer: nn.Module, text_encoders=None) -> int:
+    """Add ratio x each adapter's delta to the weights it adapts (a fused adapter: each Linear gets its rows); returns
+    the number of adapters merged. Keys matching no module of these models are an error."""
+    if is_peft_layout(state_dict):
+        state_dict = peft_to_kohya(state_dict, transformer)
+    dims, alphas = dims_from_weights(state_dict)
+    network = FluxLoRANetwork(text_encoders, transformer, dims, alphas)
+    found = {m.lora_name: m for m in network.loras}
+    missing = sorted(set(dims) - set(found))
+    if missing:
+        raise ValueError(
+            f"{len(missing)} LoRA modules match nothing in this model, e.g. {missing[0]}; is it a LoRA for another model?"
+        )
+    with torch.no_grad():
+        for name, m in found.items():
+            down = state_dict[name + ".lora_down.weight"].float()
+            up = state_dict[name + ".lora_up.weight"].float()
+            delta = lora_delta(down, up, alphas[name] / dims[name]) * ratio
+            orgs = m.org_modules if isinstance(m, FusedLoRAModule) else [m.org_module]
+            for org, rows in zip(orgs, torch.split(delta, [o.out_features for o in orgs], dim=0)):
+                org.weight += rows.to(org.weight.dtype)
+    return len(found)
