@@ -162,3 +162,48 @@ def load_state(folder: str) -> dict:
         "rng": torch.load(os.path.join(folder, "rng.pt"), map_location="cpu", weights_only=True),
         "train_state": train_state,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Streaming safetensors writer: a file far larger than RAM, one tensor in memory at a time.
+
+ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def stream_safetensors(path: str, layout: list[tuple[str, tuple[int, ...], torch.dtype]], produce, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose tensors are made one at a time by `produce(name)`, in `layout` order
+    (name, shape, dtype): the header is written first from the layout, then each tensor's bytes. Atomic like every
+    other write here (temporary file, then rename)."""
+    import json as _json
+
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, shape, dtype in layout:
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = _json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for name, shape, dtype in layout:
+                tensor = produce(name)
+                if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                    raise ValueError(f"{name}: made {tuple(tensor.shape)} {tensor.dtype}, the header says {tuple(shape)} {dtype}")
+                f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise SaveError(f"cannot write {path}: {e}; the previous file (if any) is unchanged") from e
+        raise

@@ -84,3 +84,47 @@ def merge_into_models(state_dict: dict[str, torch.Tensor], ratio: float, text_en
             weight = found[name].org_module.weight
             weight += (lora_delta(down, up, scale) * ratio).to(weight.dtype).reshape(weight.shape)
     return len(parsed)
+
+
+def merge_into_bfl_file(src: str, dst: str, loras: list[tuple[dict[str, torch.Tensor], float]], save_dtype: torch.dtype | None = None) -> int:
+    """Merge FLUX LoRAs (kohya BFL names) into a BFL single-file transformer, streaming: one tensor in memory at a time,
+    so merging into the 12B model needs a few GB of RAM, not the model's size. Returns the number of weights changed.
+
+    Only `lora_unet_*` modules are merged (a text-encoder LoRA is an error: merge it into clip_l/t5xxl separately)."""
+    from safetensors import safe_open
+
+    from library.saving import ST_DTYPES, stream_safetensors
+
+    parsed = [(_modules(sd), ratio) for sd, ratio in loras]
+    te = sorted(n for p, _ in parsed for n in p if not n.startswith("lora_unet_"))
+    if te:
+        raise ValueError(f"{te[0]} is a text-encoder LoRA module; this merge writes the transformer only (use a U-Net-only LoRA)")
+    with safe_open(src, framework="pt") as f:
+        keys = list(f.keys())
+        prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in keys) else ""
+        targets = {f"lora_unet_{k[len(prefix):-len('.weight')].replace('.', '_')}": k for k in keys if k.endswith(".weight")}
+        missing = sorted({n for p, _ in parsed for n in p} - set(targets))
+        if missing:
+            raise ValueError(f"{len(missing)} LoRA modules match nothing in {src}, e.g. {missing[0]}; is it a FLUX.1 LoRA?")
+        by_key = {targets[n]: n for p, _ in parsed for n in p}
+        codes = {code: dtype for dtype, code in ST_DTYPES.items()}
+        layout = []
+        for k in keys:
+            sl = f.get_slice(k)
+            dtype = codes[sl.get_dtype()]
+            layout.append((k, tuple(sl.get_shape()), save_dtype if save_dtype is not None and dtype.is_floating_point else dtype))
+
+        def produce(key: str) -> torch.Tensor:
+            tensor = f.get_tensor(key)
+            out_dtype = save_dtype if save_dtype is not None and tensor.is_floating_point() else tensor.dtype
+            if key in by_key:
+                name = by_key[key]
+                weight = tensor.float()
+                for p, ratio in parsed:
+                    if name in p:
+                        weight += lora_delta(*p[name]).reshape(weight.shape) * ratio
+                tensor = weight
+            return tensor.to(out_dtype)
+
+        stream_safetensors(dst, layout, produce, f.metadata())
+    return len(by_key)

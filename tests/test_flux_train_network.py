@@ -72,3 +72,42 @@ def test_fp8_base_trains_and_ddpm_options_are_refused(dataset, tmp_path):
     assert res.returncode != 0 and "--min_snr_gamma" in res.stderr
     res = launch(*BASE, *dataset, "--output_dir", tmp_path / "x", "--blocks_to_swap", "99", check=False)
     assert res.returncode != 0 and "blocks_to_swap" in res.stderr
+
+
+def test_merge_into_bfl_file_streaming(tmp_path):
+    """tools/merge_lora.py --flux_model: the merged BFL file, read back, gives the transformer output of the LoRA applied."""
+    from safetensors.torch import save_file
+
+    from library.flux_models import save_flux_transformer_bfl, transformer_from_bfl
+    from library.tiny_models import build_tiny_flux
+    from networks.lora_flux import create_network
+
+    transformer = build_tiny_flux()["transformer"]
+    base = tmp_path / "flux.safetensors"
+    save_flux_transformer_bfl(str(base), transformer)
+    net = create_network(1.0, 4, 2, [None, None], transformer)
+    torch.manual_seed(3)
+    for m in net.loras:
+        torch.nn.init.normal_(m.lora_up.weight, std=0.05)
+    lora = tmp_path / "l.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(lora))
+    out = tmp_path / "merged.safetensors"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "merge_lora.py"), "--flux_model", str(base), "--models", str(lora),
+                          "--ratios", "0.7", "--save_to", str(out)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 0, res.stderr
+    merged = transformer_from_bfl(load_file(str(out)), dtype=torch.float32)
+    net.set_multiplier(0.7)
+    net.apply_to(False, True)
+    torch.manual_seed(0)
+    cfg = transformer.config
+    h = w = 4
+    inputs = dict(hidden_states=torch.randn(1, h * w, cfg.in_channels), encoder_hidden_states=torch.randn(1, 6, cfg.joint_attention_dim),
+                  pooled_projections=torch.randn(1, cfg.pooled_projection_dim), timestep=torch.tensor([0.5]),
+                  img_ids=torch.zeros(h * w, 3), txt_ids=torch.zeros(6, 3), guidance=torch.tensor([3.5]), return_dict=False)
+    with torch.no_grad():
+        a, b = transformer(**inputs)[0], merged(**inputs)[0]
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "merge_lora.py"), "--flux_model", str(base), "--models", str(lora),
+                          "--save_to", str(tmp_path / "m8.safetensors"), "--save_precision", "fp8"], capture_output=True, text=True, env=ENV)
+    assert res.returncode == 0, res.stderr
+    assert {v.dtype for v in load_file(str(tmp_path / "m8.safetensors")).values()} == {torch.float8_e4m3fn}

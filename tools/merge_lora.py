@@ -2,11 +2,13 @@
 
     python tools/merge_lora.py --sd_model base.safetensors --models a.safetensors b.safetensors --ratios 1 0.5 --save_to merged.safetensors
     python tools/merge_lora.py --models a.safetensors b.safetensors --ratios 1 0.5 --save_to ab.safetensors [--concat]
+    python tools/merge_lora.py --flux_model flux1-dev.safetensors --models f.safetensors --save_to merged.safetensors [--save_precision fp8]
 
 Into a model: each LoRA's weight change times its ratio is added to the base weights; `--save_to` is a single file
 (.safetensors, original layout) or, for any other name, a diffusers folder. Into one LoRA: `--concat` puts the
 ranks side by side (exactly the weighted sum); without it, each module's sum is fitted back to the largest input
 rank by SVD (exact when the ranks allow, else the nearest; the largest relative error is printed).
+FLUX (`--flux_model`, a BFL transformer file) is merged tensor by tensor, so the 12B model needs a few GB of RAM.
 An existing --save_to is never overwritten.
 """
 
@@ -18,8 +20,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+
 from library.saving import SAVE_DTYPES, load_weights_file, save_weights  # noqa: E402
-from networks.merge import merge_into_models, merge_loras_concat, merge_loras_svd  # noqa: E402
+from networks.merge import merge_into_bfl_file, merge_into_models, merge_loras_concat, merge_loras_svd  # noqa: E402
 
 
 def load_base(path: str, v2: bool, dtype):
@@ -55,10 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sd_model", type=str, default=None, help="SD 1.x/2.x or SDXL base (single file or diffusers folder); none: merge LoRAs"
     )
+    parser.add_argument(
+        "--flux_model",
+        type=str,
+        default=None,
+        help="FLUX.1 BFL transformer file (flux1-dev.safetensors): merged tensor by tensor into --save_to",
+    )
     parser.add_argument("--models", type=str, nargs="+", required=True, help="LoRA files to merge")
     parser.add_argument("--ratios", type=float, nargs="*", default=None, help="one weight per LoRA (default 1 each)")
     parser.add_argument("--save_to", type=str, required=True, help="output file (.safetensors/.ckpt) or diffusers folder")
-    parser.add_argument("--save_precision", type=str, default=None, choices=["float", "fp16", "bf16"], help="dtype of the output")
+    parser.add_argument(
+        "--save_precision",
+        type=str,
+        default=None,
+        choices=["float", "fp16", "bf16", "fp8"],
+        help="dtype of the output (fp8: FLUX only)",
+    )
     parser.add_argument("--precision", type=str, default="float", choices=["float", "fp16", "bf16"], help="dtype while merging")
     parser.add_argument("--v2", action="store_true", help="the base model is SD 2.x")
     parser.add_argument("--concat", action="store_true", help="LoRA merge: keep the ranks side by side (exact)")
@@ -75,7 +91,20 @@ def main(argv: list[str] | None = None) -> int:
         loras = [load_weights_file(path)[0] for path in args.models]
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
-    save_dtype = SAVE_DTYPES[args.save_precision] if args.save_precision else None
+    save_dtype = {**SAVE_DTYPES, "fp8": torch.float8_e4m3fn}[args.save_precision] if args.save_precision else None
+    if args.save_precision == "fp8" and not args.flux_model:
+        parser.error("--save_precision fp8 is for --flux_model merges")
+    if args.flux_model:
+        if args.sd_model:
+            parser.error("give --flux_model or --sd_model, not both")
+        if not args.save_to.endswith(".safetensors"):
+            parser.error("--save_to must be a .safetensors file for --flux_model")
+        try:
+            n = merge_into_bfl_file(args.flux_model, args.save_to, list(zip(loras, ratios)), save_dtype)
+        except (ValueError, FileNotFoundError) as e:
+            parser.error(str(e))
+        print(f"merged {n} weights; wrote {args.save_to}")
+        return 0
 
     if args.sd_model is None:
         if args.concat:
