@@ -1,6 +1,9 @@
 """Seconds per training step and peak GPU memory of kiln's LoRA training step at full model size (random weights).
 
-    python benchmarks/gpu_train_step.py --family sdxl [--steps 20] [--resolution 1024]
+    python benchmarks/gpu_train_step.py --family sdxl|flux [--steps 20] [--resolution 1024]
+
+FLUX: the FLUX.1 dev transformer (random weights), 1024x1024, batch 1, LoRA dim 16 alpha 16, AdamW, gradient
+checkpointing, cached latents and text outputs, in three configurations: bf16, --fp8_base, --blocks_to_swap 18.
 
 SDXL: the real SDXL base U-Net (diffusers class, random weights) on the GPU, 1024x1024, batch 1, bf16 mixed precision,
 LoRA dim 32 alpha 16 on the U-Net, AdamW, cached latents and text-encoder outputs (random tensors of the real
@@ -70,20 +73,79 @@ def bench_sdxl(steps: int, resolution: int, checkpointing: bool, smoke: bool = F
     network = create_network(1.0, 32, 16, [], unet, unet_name_map=sdxl_unet_lora_name_map(unet), te_prefixes=[])
     network.apply_to(False, True)
     network.to(device, torch.float32)
-    params = [p for p in network.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=1e-4))
-
     h, w = resolution // 8, resolution // 8
-    batch = {
-        "latents_mean": torch.randn(1, 4, h, w),
-        "latents_std": torch.full((1, 4, h, w), 0.01),
-        "text_outputs": {
-            "hidden_state1": torch.randn(1, 77, te_widths[0], device=device, dtype=dtype),
-            "hidden_state2": torch.randn(1, 77, te_widths[1], device=device, dtype=dtype),
-            "pool2": torch.randn(1, pooled, device=device, dtype=dtype),
-        },
+    batch = _common_batch(resolution, 4, h, w)
+    batch["text_outputs"] = {
+        "hidden_state1": torch.randn(1, 77, te_widths[0], device=device, dtype=dtype),
+        "hidden_state2": torch.randn(1, 77, te_widths[1], device=device, dtype=dtype),
+        "pool2": torch.randn(1, pooled, device=device, dtype=dtype),
+    }
+    return _time_steps(args, family, models, network, batch, accelerator, steps, dtype, batch_loss)
+
+
+# FLUX.1 dev's transformer (diffusers FluxTransformer2DModel config; facts about the published model)
+FLUX_DEV_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+
+
+def bench_flux(steps: int, resolution: int, mode: str, smoke: bool = False) -> tuple[float, float]:
+    """FLUX.1 dev LoRA dim 16 alpha 16 on the transformer, gradient checkpointing; mode: bf16, fp8_base or blocks_to_swap."""
+    from accelerate import Accelerator
+    from diffusers import FluxTransformer2DModel
+
+    from library.family import TrainModels
+    from library.family_flux import FluxFamily
+    from library.trainer import batch_loss
+    from networks.lora_flux import create_network
+
+    family = FluxFamily()
+    dtype = torch.float32 if smoke else torch.bfloat16
+    args = training_args(family, mixed_precision="no" if smoke else "bf16", network_dim=16, network_alpha=16, network_train_unet_only=True,
+                         gradient_checkpointing=True, learning_rate=1e-4, max_grad_norm=1.0, timestep_sampling="flux_shift",
+                         model_prediction_type="raw", guidance_scale=1.0, fp8_base=mode == "fp8_base",
+                         blocks_to_swap=(2 if smoke else 18) if mode == "blocks_to_swap" else None)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=smoke)
+    device = accelerator.device
+    if smoke:
+        from library.tiny_models import build_tiny_flux
+
+        config = {k: v for k, v in build_tiny_flux()["transformer"].config.items() if not k.startswith("_")}
+    else:
+        config = FLUX_DEV_TRANSFORMER
+    build_on = "cpu" if mode == "blocks_to_swap" else device  # swapped blocks start in host memory
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(**config)
+    transformer = transformer.to_empty(device=build_on).to(dtype)
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.normal_(0.0, 0.02)
+    transformer.requires_grad_(False)
+    transformer.enable_gradient_checkpointing()
+    transformer.train()
+    if mode == "fp8_base":
+        from library.fp8_utils import store_linear_weights_fp8
+
+        store_linear_weights_fp8(transformer, compute_dtype=dtype)
+    models = TrainModels([], [], torch.nn.Identity(), transformer)
+    network = create_network(1.0, 16, 16, [None, None], transformer)
+    network.apply_to(False, True)
+    family.place_models(args, models, device, dtype)
+    network.to(device, torch.float32)
+    h = w = resolution // 8
+    t5_len, t5_width, pooled = (512, config["joint_attention_dim"], config["pooled_projection_dim"])
+    batch = _common_batch(resolution, 16, h, w)
+    batch["text_outputs"] = {"l_pooled": torch.randn(1, pooled, device=device, dtype=dtype),
+                             "t5_out": torch.randn(1, 16 if smoke else t5_len, t5_width, device=device, dtype=dtype)}
+    return _time_steps(args, family, models, network, batch, accelerator, steps, dtype, batch_loss)
+
+
+def _common_batch(resolution: int, channels: int, h: int, w: int) -> dict:
+    return {
+        "latents_mean": torch.randn(1, channels, h, w),
+        "latents_std": torch.full((1, channels, h, w), 0.01),
         "captions": ["benchmark"],
         "original_sizes_hw": torch.tensor([[resolution, resolution]]),
         "crop_top_lefts": torch.tensor([[0, 0]]),
@@ -93,6 +155,15 @@ def bench_sdxl(steps: int, resolution: int, checkpointing: bool, smoke: bool = F
         "positions": torch.zeros(1, dtype=torch.long),
         "alpha_masks": None,
     }
+
+
+def _time_steps(args, family, models, network, batch, accelerator, steps: int, dtype, batch_loss) -> tuple[float, float]:
+    """Run `steps` training steps through kiln's step function; (median s/step over steps 6..N, peak allocated GiB)."""
+    device = accelerator.device
+    params = list(network.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=1e-4))
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -115,23 +186,27 @@ def bench_sdxl(steps: int, resolution: int, checkpointing: bool, smoke: bool = F
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=["sdxl"], default="sdxl")
+    parser.add_argument("--family", choices=["sdxl", "flux"], default="sdxl")
     parser.add_argument("--steps", type=int, default=20, help="steps per configuration (the median is over steps 6..N)")
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the benchmark code, measures nothing useful")
     args = parser.parse_args()
     if args.smoke:
-        sec, _ = bench_sdxl(7, 64, True, smoke=True)
-        print(f"smoke run: {sec:.3f} s/step on CPU")
-        return
-    if not torch.cuda.is_available():
+        runs = [("smoke", lambda: bench_sdxl(7, 64, True, smoke=True))] if args.family == "sdxl" else [
+            (f"smoke {mode}", lambda mode=mode: bench_flux(7, 64, mode, smoke=True)) for mode in ("bf16", "fp8_base", "blocks_to_swap")]
+    elif not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
-    print(f"GPU: {torch.cuda.get_device_name()}; {args.family}, {args.resolution}x{args.resolution}, batch 1, bf16, LoRA 32/16, AdamW")
-    for checkpointing in (True, False):
-        sec, mem = bench_sdxl(args.steps, args.resolution, checkpointing)
-        label = "with gradient checkpointing" if checkpointing else "without gradient checkpointing"
-        print(f"{label:32s} {sec:.3f} s/step  peak {mem:.2f} GiB")
-        torch.cuda.empty_cache()
+    else:
+        print(f"GPU: {torch.cuda.get_device_name()}; {args.family}, {args.resolution}x{args.resolution}, batch 1, bf16, AdamW, cached latents/text")
+        if args.family == "sdxl":
+            runs = [(f"LoRA 32/16, checkpointing {c}", lambda c=c: bench_sdxl(args.steps, args.resolution, c)) for c in (True, False)]
+        else:
+            runs = [(f"LoRA 16/16, checkpointing, {m}", lambda m=m: bench_flux(args.steps, args.resolution, m)) for m in ("bf16", "fp8_base", "blocks_to_swap")]
+    for label, run in runs:
+        sec, mem = run()
+        print(f"{label:42s} {sec:.3f} s/step  peak {mem:.2f} GiB")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

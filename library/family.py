@@ -66,6 +66,9 @@ class ModelFamily(ABC):
 
     def text_conditioning(self, args, models: TrainModels, batch: dict) -> list[torch.Tensor]:
         """The batch's conditioning: from cached text-encoder outputs when the batch has them, else encoded now."""
+        cached = batch.get("text_outputs")
+        if cached is not None:
+            return [cached[k].to(models.denoiser.device) for k in self.text_output_keys]
         return self.encode_text(args, models, batch["captions"])
 
     def place_models(self, args, models: TrainModels, device: torch.device, dtype: torch.dtype) -> None:

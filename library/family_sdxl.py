@@ -74,12 +74,6 @@ class SdxlFamily(DdpmFamily):
             self._encode = SdxlTextEncodingStrategy()
         return self._tokenize, self._encode
 
-    def text_conditioning(self, args, models, batch):
-        cached = batch.get("text_outputs")
-        if cached is not None:
-            return [cached[k].to(models.denoiser.device) for k in TE_OUTPUT_KEYS]
-        return self.encode_text(args, models, batch["captions"])
-
     def text_cache_identity(self, args, models: TrainModels) -> dict:
         from library.strategy_base import module_fingerprint
 

@@ -22,4 +22,11 @@ def test_gpu_train_step_benchmark_code_runs_on_cpu_smoke():
     res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_train_step.py"), "--smoke"],
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert "smoke run:" in res.stdout
+    assert "smoke " in res.stdout and "s/step" in res.stdout
+
+
+def test_gpu_train_step_benchmark_flux_configurations_run_on_cpu_smoke():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_train_step.py"), "--family", "flux", "--smoke"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert all(f"smoke {mode}" in res.stdout for mode in ("bf16", "fp8_base", "blocks_to_swap"))
