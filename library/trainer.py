@@ -372,6 +372,9 @@ class TrainingRun:
             family.place_models(args, models, device, dtype)
         except ValueError as e:
             raise TrainingError(str(e)) from None
+        if self.te_cache is not None and not self.prompts:
+            for te in models.text_encoders:  # every caption is cached and nothing samples: free their device memory
+                te.to("cpu")
         self.network.to(device, dtype if (args.full_fp16 or args.full_bf16) else torch.float32)
         if args.gradient_checkpointing:
             models.denoiser.enable_gradient_checkpointing()
