@@ -111,3 +111,14 @@ def test_merge_into_bfl_file_streaming(tmp_path):
                           "--save_to", str(tmp_path / "m8.safetensors"), "--save_precision", "fp8"], capture_output=True, text=True, env=ENV)
     assert res.returncode == 0, res.stderr
     assert {v.dtype for v in load_file(str(tmp_path / "m8.safetensors")).values()} == {torch.float8_e4m3fn}
+
+
+def test_cache_tools_with_flux(dataset, tmp_path):
+    common = ["--pretrained_model_name_or_path", "kiln-tiny-flux", "--t5xxl_max_token_length", "16", *map(str, dataset)]
+    for tool in ("cache_text_encoder_outputs.py", "cache_latents.py"):
+        res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), "--flux", *common], capture_output=True, text=True,
+                             env=ENV, timeout=300)
+        assert res.returncode == 0, res.stderr
+    names = os.listdir(tmp_path / "2_shapes")
+    assert sum(n.endswith("_flux_te.safetensors") for n in names) == 4
+    assert sum(n.endswith("_0064x0064_flux.safetensors") for n in names) == 4
