@@ -45,6 +45,7 @@ from library.checkpoint_files import (
 )
 from library.sd_models import (
     CLIP_L_HUB_ID,
+    SD_VAE_COMMON,
     _build_and_load,
     _cast,
     _check_tokenizer,
@@ -63,16 +64,9 @@ logger = logging.getLogger(__name__)
 T5_HUB_ID = "google/t5-v1_1-xxl"
 MLP_RATIO = 4  # FluxTransformer2DModel's fixed MLP width: 4 x hidden
 
-FLUX_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
+FLUX_VAE = {  # ae.safetensors: SD's autoencoder layout with 16 latent channels and no quant convs
+    **SD_VAE_COMMON,
     "latent_channels": 16,
-    "act_fn": "silu",
-    "norm_num_groups": 32,
     "sample_size": 1024,
     "scaling_factor": 0.3611,
     "shift_factor": 0.1159,

@@ -101,7 +101,7 @@ SD2_BASE_UNET = {
 }
 SD2_V_UNET = {**SD2_BASE_UNET, "sample_size": 96}
 
-_SD_VAE_COMMON = {
+SD_VAE_COMMON = {
     "in_channels": 3,
     "out_channels": 3,
     "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -113,9 +113,9 @@ _SD_VAE_COMMON = {
     "norm_num_groups": 32,
     "scaling_factor": 0.18215,
 }
-SD15_VAE = {**_SD_VAE_COMMON, "sample_size": 512}
-SD2_BASE_VAE = {**_SD_VAE_COMMON, "sample_size": 512}
-SD2_V_VAE = {**_SD_VAE_COMMON, "sample_size": 768}
+SD15_VAE = {**SD_VAE_COMMON, "sample_size": 512}
+SD2_BASE_VAE = {**SD_VAE_COMMON, "sample_size": 512}
+SD2_V_VAE = {**SD_VAE_COMMON, "sample_size": 768}
 
 SD15_TEXT_ENCODER = {  # CLIP ViT-L/14 text tower
     "vocab_size": 49408,

@@ -41,6 +41,7 @@ from library.ldm_names import text_encoder_ldm_param_names, unet_ldm_module_name
 from library.sd_models import (
     CLIP_L_HUB_ID,
     SD15_TEXT_ENCODER,
+    SD_VAE_COMMON,
     _build_and_load,
     _cast,
     _check_tokenizer,
@@ -113,20 +114,7 @@ SDXL_BASE_UNET = {
     "norm_eps": 1e-05,
     "norm_num_groups": 32,
 }
-SDXL_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "act_fn": "silu",
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-    "scaling_factor": 0.13025,
-    "force_upcast": True,
-}
+SDXL_VAE = {**SD_VAE_COMMON, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
 SDXL_TEXT_ENCODER = dict(SD15_TEXT_ENCODER)  # CLIP ViT-L/14 text tower, as SD 1.x
 SDXL_TEXT_ENCODER_2 = {  # OpenCLIP ViT-bigG/14 text tower, all 32 layers (SDXL reads the penultimate hidden states)
     **SDXL_TEXT_ENCODER,
