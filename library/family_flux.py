@@ -37,38 +37,68 @@ class FluxFamily(ModelFamily):
         g.add_argument("--clip_l", type=str, default=None, help="CLIP-L text encoder file (with a BFL single-file transformer)")
         g.add_argument("--t5xxl", type=str, default=None, help="T5-XXL text encoder file (fp16, bf16 or fp8)")
         g.add_argument("--ae", type=str, default=None, help="autoencoder file (ae.safetensors)")
-        g.add_argument("--t5xxl_max_token_length", type=int, default=None, help="T5 tokens (default 256 for schnell, 512 for dev)")
-        g.add_argument("--guidance_scale", type=float, default=3.5, help="embedded guidance during training (1.0 is usual for dev LoRAs)")
-        g.add_argument("--timestep_sampling", type=str, default="sigma", choices=["sigma", "uniform", "sigmoid", "shift", "flux_shift"],
-                       help="how noise levels are drawn (flux_shift recommended)")
+        g.add_argument(
+            "--t5xxl_max_token_length", type=int, default=None, help="T5 tokens (default 256 for schnell, 512 for dev)"
+        )
+        g.add_argument(
+            "--guidance_scale", type=float, default=3.5, help="embedded guidance during training (1.0 is usual for dev LoRAs)"
+        )
+        g.add_argument(
+            "--timestep_sampling",
+            type=str,
+            default="sigma",
+            choices=["sigma", "uniform", "sigmoid", "shift", "flux_shift"],
+            help="how noise levels are drawn (flux_shift recommended)",
+        )
         g.add_argument("--sigmoid_scale", type=float, default=1.0, help="scale of the sigmoid/shift/flux_shift samplers")
-        g.add_argument("--model_prediction_type", type=str, default="sigma_scaled", choices=["raw", "additive", "sigma_scaled"],
-                       help="how the model output is read (raw recommended)")
+        g.add_argument(
+            "--model_prediction_type",
+            type=str,
+            default="sigma_scaled",
+            choices=["raw", "additive", "sigma_scaled"],
+            help="how the model output is read (raw recommended)",
+        )
         g.add_argument("--discrete_flow_shift", type=float, default=3.0, help="shift of the flow-matching schedule")
-        g.add_argument("--weighting_scheme", type=str, default="uniform",
-                       choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"], help="loss weighting / density")
+        g.add_argument(
+            "--weighting_scheme",
+            type=str,
+            default="uniform",
+            choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"],
+            help="loss weighting / density",
+        )
         g.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal mean")
         g.add_argument("--logit_std", type=float, default=1.0, help="logit_normal standard deviation")
         g.add_argument("--mode_scale", type=float, default=1.29, help="mode weighting scale")
-        g.add_argument("--apply_t5_attn_mask", action="store_true", help="mask T5 padding (not supported yet: refused)")
-        g.add_argument("--cache_text_encoder_outputs", action="store_true",
-                       help="encode every caption once before training (needs --network_train_unet_only); caption augmentation "
-                       "is kept by encoding --text_encoder_cache_variants versions per image")
+        g.add_argument(
+            "--apply_t5_attn_mask",
+            action="store_true",
+            help="T5 attends only to real tokens and the transformer's attention ignores T5 padding",
+        )
+        g.add_argument(
+            "--cache_text_encoder_outputs",
+            action="store_true",
+            help="encode every caption once before training (needs --network_train_unet_only); caption augmentation "
+            "is kept by encoding --text_encoder_cache_variants versions per image",
+        )
         g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true", help="keep the caches next to the images")
         g.add_argument("--text_encoder_cache_variants", type=int, default=8, help="versions of each random caption to encode")
         g.add_argument("--text_encoder_batch_size", type=int, default=None, help="captions per text-encoder call when caching")
         g = parser.add_argument_group("FLUX.1 memory")
-        g.add_argument("--fp8_base", action="store_true", help="store the frozen transformer and T5 weights in float8 (compute in bf16/fp16)")
+        g.add_argument(
+            "--fp8_base", action="store_true", help="store the frozen transformer and T5 weights in float8 (compute in bf16/fp16)"
+        )
         g.add_argument("--fp8_base_unet", action="store_true", help="store only the frozen transformer weights in float8")
-        g.add_argument("--blocks_to_swap", type=int, default=None,
-                       help="keep the weights of this many transformer blocks in host memory and stream them in per block "
-                       "(less GPU memory, slower; at most the block count minus 2)")
+        g.add_argument(
+            "--blocks_to_swap",
+            type=int,
+            default=None,
+            help="keep the weights of this many transformer blocks in host memory and stream them in per block "
+            "(less GPU memory, slower; at most the block count minus 2)",
+        )
         g.add_argument("--cpu_offload_checkpointing", action="store_true", help="not supported yet (refused)")
 
     def check_args(self, args) -> None:
         flow.refuse_ddpm_only_options(args)
-        if args.apply_t5_attn_mask:
-            raise ValueError("--apply_t5_attn_mask is not supported yet by kiln's FLUX trainer")
         if args.v2 or args.clip_skip:
             raise ValueError("--v2 and --clip_skip are for SD models, not FLUX")
         if args.loss_type in ("huber", "smooth_l1") and args.huber_schedule == "snr":
@@ -76,7 +106,9 @@ class FluxFamily(ModelFamily):
         if args.cache_text_encoder_outputs_to_disk:
             args.cache_text_encoder_outputs = True
         if args.cache_text_encoder_outputs and not args.network_train_unet_only:
-            raise ValueError("--cache_text_encoder_outputs needs --network_train_unet_only: a trained text encoder changes its outputs")
+            raise ValueError(
+                "--cache_text_encoder_outputs needs --network_train_unet_only: a trained text encoder changes its outputs"
+            )
         if args.weighted_captions:
             raise ValueError("--weighted_captions is for SD 1.x/2.x and SDXL")
         if args.cpu_offload_checkpointing:
@@ -87,8 +119,14 @@ class FluxFamily(ModelFamily):
     def load_models(self, args) -> TrainModels:
         from library.flux_models import load_flux_model
 
-        m = load_flux_model(args.pretrained_model_name_or_path, clip_l=args.clip_l, t5xxl=args.t5xxl, ae=args.ae,
-                            tokenizer_cache_dir=args.tokenizer_cache_dir, dtype=torch.float32)
+        m = load_flux_model(
+            args.pretrained_model_name_or_path,
+            clip_l=args.clip_l,
+            t5xxl=args.t5xxl,
+            ae=args.ae,
+            tokenizer_cache_dir=args.tokenizer_cache_dir,
+            dtype=torch.float32,
+        )
         self.is_schnell = m.is_schnell
         if args.t5xxl_max_token_length is None:
             args.t5xxl_max_token_length = 256 if m.is_schnell else 512
@@ -129,7 +167,7 @@ class FluxFamily(ModelFamily):
     def strategies(self, args, models: TrainModels):
         if not hasattr(self, "_tokenize"):
             self._tokenize = FluxTokenizeStrategy(*models.tokenizers, args.t5xxl_max_token_length)
-            self._encode = FluxTextEncodingStrategy()
+            self._encode = FluxTextEncodingStrategy(args.apply_t5_attn_mask)
         return self._tokenize, self._encode
 
     def scale_latents(self, latents):
@@ -139,7 +177,11 @@ class FluxFamily(ModelFamily):
         from library.strategy_base import module_fingerprint
 
         tokenize, _ = self.strategies(args, models)
-        return {"text_encoders": [module_fingerprint(te) for te in models.text_encoders], "tokens": tokenize.settings()}
+        return {
+            "text_encoders": [module_fingerprint(te) for te in models.text_encoders],
+            "tokens": tokenize.settings(),
+            "apply_t5_attn_mask": bool(args.apply_t5_attn_mask),
+        }
 
     def validation_timesteps(self, args) -> list[int]:
         return sd_train_utils.validation_timesteps(0, 1000)
@@ -150,23 +192,46 @@ class FluxFamily(ModelFamily):
         b, c, h, w = x0.shape
         noise = torch.cat([torch.randn((1, c, h, w), generator=g) for g in generators]).to(device)
         if timesteps is None:
-            sigmas = torch.cat([
-                flow.sample_sigmas(1, args.timestep_sampling, g, sigmoid_scale=args.sigmoid_scale, discrete_flow_shift=args.discrete_flow_shift,
-                                   image_seq_len=h * w // 4, weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean,
-                                   logit_std=args.logit_std, mode_scale=args.mode_scale)
-                for g in generators
-            ])
+            sigmas = torch.cat(
+                [
+                    flow.sample_sigmas(
+                        1,
+                        args.timestep_sampling,
+                        g,
+                        sigmoid_scale=args.sigmoid_scale,
+                        discrete_flow_shift=args.discrete_flow_shift,
+                        image_seq_len=h * w // 4,
+                        weighting_scheme=args.weighting_scheme,
+                        logit_mean=args.logit_mean,
+                        logit_std=args.logit_std,
+                        mode_scale=args.mode_scale,
+                    )
+                    for g in generators
+                ]
+            )
         else:
             sigmas = timesteps.float() / 1000.0
         sigmas = sigmas.to(device)
-        noisy = torch.cat([
-            flow.noisy_model_input(x0[i : i + 1], noise[i : i + 1], sigmas[i : i + 1], args.ip_noise_gamma,
-                                   args.ip_noise_gamma_random_strength, generator=g)
-            for i, g in enumerate(generators)
-        ])
-        l_pooled, t5_out = conds
+        noisy = torch.cat(
+            [
+                flow.noisy_model_input(
+                    x0[i : i + 1],
+                    noise[i : i + 1],
+                    sigmas[i : i + 1],
+                    args.ip_noise_gamma,
+                    args.ip_noise_gamma_random_strength,
+                    generator=g,
+                )
+                for i, g in enumerate(generators)
+            ]
+        )
+        l_pooled, t5_out, t5_mask = conds
         transformer = models.denoiser
-        guidance = flow.guidance_vector(b, args.guidance_scale, device=device, dtype=dtype) if transformer.config.guidance_embeds else None
+        guidance = (
+            flow.guidance_vector(b, args.guidance_scale, device=device, dtype=dtype)
+            if transformer.config.guidance_embeds
+            else None
+        )
         pred = transformer(
             hidden_states=flow.pack_latents(noisy.to(dtype)),
             encoder_hidden_states=t5_out.to(device, dtype),
@@ -175,14 +240,18 @@ class FluxFamily(ModelFamily):
             img_ids=flow.image_position_ids(h, w, device=device),
             txt_ids=flow.text_position_ids(t5_out.shape[1], device=device),
             guidance=guidance,
+            joint_attention_kwargs=flow.joint_attention_mask(t5_mask, h * w // 4) if args.apply_t5_attn_mask else None,
             return_dict=False,
         )[0]
-        pred, weighting = flow.apply_model_prediction_type(args.model_prediction_type, flow.unpack_latents(pred, h, w).float(), noisy,
-                                                           sigmas, args.weighting_scheme)
+        pred, weighting = flow.apply_model_prediction_type(
+            args.model_prediction_type, flow.unpack_latents(pred, h, w).float(), noisy, sigmas, args.weighting_scheme
+        )
         c_huber = None
         if args.loss_type in ("huber", "smooth_l1"):
             schedule = flow.make_noise_scheduler(args.discrete_flow_shift)
-            c_huber = sd_train_utils.huber_c(timesteps_for_huber(sigmas), schedule, args.huber_schedule, args.huber_c, args.huber_scale).to(device)
+            c_huber = sd_train_utils.huber_c(
+                timesteps_for_huber(sigmas), schedule, args.huber_schedule, args.huber_c, args.huber_scale
+            ).to(device)
         loss = sd_train_utils.conditional_loss(pred, flow.flow_matching_target(x0, noise), args.loss_type, c_huber)
         if weighting is not None:
             loss = loss * weighting
@@ -203,8 +272,17 @@ class FluxFamily(ModelFamily):
             "ss_model_type": "flux",
             "ss_apply_t5_attn_mask": str(args.apply_t5_attn_mask),
         }
-        for key in ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale", "timestep_sampling", "sigmoid_scale",
-                    "model_prediction_type", "discrete_flow_shift"):
+        for key in (
+            "weighting_scheme",
+            "logit_mean",
+            "logit_std",
+            "mode_scale",
+            "guidance_scale",
+            "timestep_sampling",
+            "sigmoid_scale",
+            "model_prediction_type",
+            "discrete_flow_shift",
+        ):
             md[f"ss_{key}"] = str(getattr(args, key))
         return md
 
@@ -213,11 +291,24 @@ class FluxFamily(ModelFamily):
 
         def encode_prompts(texts: list[str]) -> dict:
             with torch.no_grad():
-                l_pooled, t5_out = self.encode_text(args, models, texts)
-            return {"prompt_embeds": t5_out, "pooled": l_pooled}
+                l_pooled, t5_out, t5_mask = self.encode_text(args, models, texts)
+            out = {"prompt_embeds": t5_out, "pooled": l_pooled}
+            if args.apply_t5_attn_mask:  # one mask for both CFG passes: the tokens real in the prompt or the negative
+                out["mask"] = t5_mask.amax(dim=0, keepdim=True)
+            return out
 
-        return sample_flux_images(models, flow.make_noise_scheduler(args.discrete_flow_shift).config, prompts, encode_prompts, output_dir,
-                                  output_name, step=step, epoch=epoch, device=device, dtype=dtype)
+        return sample_flux_images(
+            models,
+            flow.make_noise_scheduler(args.discrete_flow_shift).config,
+            prompts,
+            encode_prompts,
+            output_dir,
+            output_name,
+            step=step,
+            epoch=epoch,
+            device=device,
+            dtype=dtype,
+        )
 
 
 def timesteps_for_huber(sigmas: torch.Tensor) -> torch.Tensor:

@@ -307,6 +307,14 @@ def apply_model_prediction_type(
     raise ValueError(f"unknown model_prediction_type {kind!r}; expected one of {', '.join(MODEL_PREDICTION_TYPES)}")
 
 
+def joint_attention_mask(t5_mask: torch.Tensor, image_tokens: int) -> dict:
+    """The transformer's attention mask for [text; image] tokens: T5 padding is never attended, image tokens always.
+    Shape (B, 1, 1, L + N), broadcast over heads and queries (diffusers' Flux attention takes it as attention_mask)."""
+    text = t5_mask.bool()
+    image = torch.ones(text.shape[0], image_tokens, dtype=torch.bool, device=text.device)
+    return {"attention_mask": torch.cat([text, image], dim=1)[:, None, None, :]}
+
+
 def guidance_vector(
     batch: int, guidance_scale: float, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:

@@ -314,20 +314,55 @@ def sample_flux_images(
     tok1, tok2 = models.tokenizers
 
     def make_pipe(scheduler):
-        return FluxPipeline(scheduler=scheduler, vae=models.vae, text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2,
-                            transformer=models.denoiser)
+        return FluxPipeline(
+            scheduler=scheduler,
+            vae=models.vae,
+            text_encoder=te1,
+            tokenizer=tok1,
+            text_encoder_2=te2,
+            tokenizer_2=tok2,
+            transformer=models.denoiser,
+        )
 
     def embed_kwargs(prompt: SamplePrompt) -> dict:
         out = encode_prompts([prompt.prompt, prompt.negative_prompt])
         embeds, pooled = out["prompt_embeds"].to(device), out["pooled"].to(device)
-        kwargs = {"prompt_embeds": embeds[:1], "pooled_prompt_embeds": pooled[:1], "guidance_scale": 3.5 if prompt.guidance is None else prompt.guidance}
+        kwargs = {
+            "prompt_embeds": embeds[:1],
+            "pooled_prompt_embeds": pooled[:1],
+            "guidance_scale": 3.5 if prompt.guidance is None else prompt.guidance,
+        }
+        if "mask" in out:
+            from library.flux_train_utils import joint_attention_mask
+
+            image_tokens = (prompt.height // 16) * (prompt.width // 16)
+            kwargs["joint_attention_kwargs"] = joint_attention_mask(out["mask"].to(device), image_tokens)
         if prompt.scale > 1.0:
-            kwargs.update({"negative_prompt_embeds": embeds[1:], "negative_pooled_prompt_embeds": pooled[1:], "true_cfg_scale": prompt.scale})
+            kwargs.update(
+                {
+                    "negative_prompt_embeds": embeds[1:],
+                    "negative_pooled_prompt_embeds": pooled[1:],
+                    "true_cfg_scale": prompt.scale,
+                }
+            )
         return kwargs
 
-    return _sample_with_pipeline(make_pipe, embed_kwargs, (models.denoiser, models.vae, te1, te2),
-                                 lambda name: FlowMatchEulerDiscreteScheduler.from_config(scheduler_config), prompts, output_dir,
-                                 output_name, step, epoch, device, dtype, "euler", False, check_sd_prompts=False)
+    return _sample_with_pipeline(
+        make_pipe,
+        embed_kwargs,
+        (models.denoiser, models.vae, te1, te2),
+        lambda name: FlowMatchEulerDiscreteScheduler.from_config(scheduler_config),
+        prompts,
+        output_dir,
+        output_name,
+        step,
+        epoch,
+        device,
+        dtype,
+        "euler",
+        False,
+        check_sd_prompts=False,
+    )
 
 
 def _sample_with_pipeline(
@@ -355,7 +390,11 @@ def _sample_with_pipeline(
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     paths: list[str] = []
     with preserved_rng_state(), eval_mode(*modules), on_device(device, *modules), torch.no_grad():
-        schedulers = scheduler_config if callable(scheduler_config) else (lambda name: make_scheduler(name, scheduler_config, v_prediction))
+        schedulers = (
+            scheduler_config
+            if callable(scheduler_config)
+            else (lambda name: make_scheduler(name, scheduler_config, v_prediction))
+        )
         pipe = make_pipe(schedulers(default_sampler))
         pipe.set_progress_bar_config(disable=True)
         for p in prompts:
@@ -365,8 +404,9 @@ def _sample_with_pipeline(
             generator = torch.Generator("cpu").manual_seed(seed)
             with autocast:
                 kwargs = {"guidance_scale": p.scale, **embed_kwargs(p)}  # a family's embed_kwargs may set the guidance
-                image = pipe(**kwargs, height=p.height, width=p.width, num_inference_steps=p.steps, generator=generator,
-                             output_type="pil").images[0]
+                image = pipe(
+                    **kwargs, height=p.height, width=p.width, num_inference_steps=p.steps, generator=generator, output_type="pil"
+                ).images[0]
             path = sample_image_path(output_dir, output_name, step, epoch, index=p.index, seed=seed)
             _save_png_atomic(image, path)
             logger.info("sample image %d: %s", p.index, path)

@@ -64,6 +64,16 @@ def test_block_swap_changes_no_number(dataset, tmp_path):
     assert runs[0].keys() == runs[2].keys() and all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
 
 
+def test_t5_attention_mask_trains_with_cached_outputs(dataset, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red shape --w 64 --h 64 --s 2 --d 1 --l 2.0 --n dull\n")
+    launch(*BASE, *dataset, "--output_dir", tmp_path / "m", "--max_train_steps", 2, "--network_train_unet_only", "--apply_t5_attn_mask",
+           "--cache_text_encoder_outputs", "--sample_prompts", prompts, "--sample_every_n_steps", 2)
+    with safe_open(str(tmp_path / "m" / "last.safetensors"), framework="pt") as f:
+        assert f.metadata()["ss_apply_t5_attn_mask"] == "True"
+    assert len(os.listdir(tmp_path / "m" / "sample")) == 1
+
+
 def test_fp8_base_trains_and_ddpm_options_are_refused(dataset, tmp_path):
     launch(*BASE, *dataset, "--output_dir", tmp_path / "f8", "--max_train_steps", 2, "--network_train_unet_only", "--fp8_base",
            "--mixed_precision", "bf16")

@@ -296,3 +296,26 @@ def test_refusal_names_each_set_flag():
         with pytest.raises(ValueError) as e:
             ftu.refuse_ddpm_only_options(one)
         assert str(e.value).split(":")[0] == f"--{name}"  # only the set flag is listed
+
+
+def test_joint_attention_mask_hides_t5_padding_from_the_transformer():
+    """With the mask, what T5 put at padding positions cannot change the transformer's output; without it, it does."""
+    from library.flux_train_utils import joint_attention_mask
+    from library.tiny_models import build_tiny_flux
+
+    transformer = build_tiny_flux()["transformer"].eval()
+    cfg = transformer.config
+    torch.manual_seed(0)
+    h = w = 4
+    text = torch.randn(1, 6, cfg.joint_attention_dim)
+    other = text.clone()
+    other[:, 4:] = torch.randn(1, 2, cfg.joint_attention_dim)  # different content in the two padding slots
+    mask = torch.tensor([[1.0, 1, 1, 1, 0, 0]])
+    common = dict(hidden_states=torch.randn(1, h * w, cfg.in_channels), pooled_projections=torch.randn(1, cfg.pooled_projection_dim),
+                  timestep=torch.tensor([0.4]), img_ids=torch.zeros(h * w, 3), txt_ids=torch.zeros(6, 3), guidance=torch.tensor([3.5]),
+                  return_dict=False)
+    with torch.no_grad():
+        masked = [transformer(encoder_hidden_states=t, joint_attention_kwargs=joint_attention_mask(mask, h * w), **common)[0] for t in (text, other)]
+        plain = [transformer(encoder_hidden_states=t, **common)[0] for t in (text, other)]
+    assert torch.allclose(masked[0], masked[1], atol=1e-6)
+    assert not torch.allclose(plain[0], plain[1], atol=1e-4)
