@@ -138,7 +138,8 @@ def bench_flux(steps: int, resolution: int, mode: str, smoke: bool = False) -> t
     t5_len, t5_width, pooled = (512, config["joint_attention_dim"], config["pooled_projection_dim"])
     batch = _common_batch(resolution, 16, h, w)
     batch["text_outputs"] = {"l_pooled": torch.randn(1, pooled, device=device, dtype=dtype),
-                             "t5_out": torch.randn(1, 16 if smoke else t5_len, t5_width, device=device, dtype=dtype)}
+                             "t5_out": torch.randn(1, 16 if smoke else t5_len, t5_width, device=device, dtype=dtype),
+                             "t5_attn_mask": torch.ones(1, 16 if smoke else t5_len, device=device, dtype=dtype)}
     return _time_steps(args, family, models, network, batch, accelerator, steps, dtype, batch_loss)
 
 
