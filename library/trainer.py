@@ -298,13 +298,11 @@ class TrainingRun:
         self.args, self.family = args, family
         args.output_name = args.output_name or "last"
         resume = saving.load_state(args.resume) if args.resume else None
-        self.seed = (
-            resume["train_state"]["seed"] if resume else (args.seed if args.seed is not None else random.randint(0, 2**31 - 1))
-        )
+        self._setup_accelerator()
+        self.seed = resume["train_state"]["seed"] if resume else (args.seed if args.seed is not None else self._shared_random_seed())
         set_seed(self.seed)  # adapter initialisation and dropout draw from torch's global RNG
         self.group = load_datasets(args, family, self.seed)
         self.prompts = self._load_prompts()
-        self._setup_accelerator()
         self._setup_models()
         self._setup_optimizer()
         self.state = RunState()
@@ -325,6 +323,16 @@ class TrainingRun:
         self.last_sampled = self.last_validated = None
 
     # -- set-up ---------------------------------------------------------------------------------------------------
+
+    def _shared_random_seed(self) -> int:
+        """A random seed for a run without --seed, the same in every process (they must draw the same numbers)."""
+        from accelerate.utils import broadcast_object_list
+
+        seed = [random.randint(0, 2**31 - 1)]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(seed)
+        logger.info(f"no --seed given: this run uses seed {seed[0]}")
+        return seed[0]
 
     def _load_prompts(self) -> list:
         from library.sample_prompts import SamplePromptError, load_sample_prompts
