@@ -86,8 +86,14 @@ class ModelFamily(ABC):
     text_output_keys: tuple[str, ...] = ()
 
     def text_cache_identity(self, args, models: TrainModels) -> dict:
-        """Everything besides the caption that changes the text-encoder outputs (for the cache's validity)."""
-        raise NotImplementedError(f"{type(self).__name__} does not cache text-encoder outputs")
+        """Everything besides the caption that changes the text-encoder outputs (for the cache's validity): the
+        encoders' weights and the tokenizer settings; families add their own encoding options."""
+        from library.strategy_base import module_fingerprint
+
+        if not self.caches_text_encoder_outputs:
+            raise NotImplementedError(f"{type(self).__name__} does not cache text-encoder outputs")
+        tokenize, _ = self.strategies(args, models)
+        return {"text_encoders": [module_fingerprint(te) for te in models.text_encoders], "tokens": tokenize.settings()}
 
     @abstractmethod
     def sample_losses(
@@ -146,12 +152,17 @@ class DdpmFamily(ModelFamily):
             raise ValueError("--scale_v_pred_loss_like_noise_pred needs --v_parameterization")
         if args.v_pred_like_loss and args.v_parameterization:
             raise ValueError("--v_pred_like_loss is for epsilon models; the model already predicts v")
-        for flag, needs in (("adaptive_noise_scale", "noise_offset"), ("noise_offset_random_strength", "noise_offset"),
-                            ("ip_noise_gamma_random_strength", "ip_noise_gamma")):
+        for flag, needs in (
+            ("adaptive_noise_scale", "noise_offset"),
+            ("noise_offset_random_strength", "noise_offset"),
+            ("ip_noise_gamma_random_strength", "ip_noise_gamma"),
+        ):
             if getattr(args, flag) and not getattr(args, needs):
                 raise ValueError(f"--{flag} works together with --{needs}, which is not set")
         if args.huber_scale != 1.0 and (args.loss_type not in ("huber", "smooth_l1") or args.huber_schedule == "snr"):
-            raise ValueError("--huber_scale applies to --loss_type huber/smooth_l1 with --huber_schedule constant or exponential only")
+            raise ValueError(
+                "--huber_scale applies to --loss_type huber/smooth_l1 with --huber_schedule constant or exponential only"
+            )
 
     @abstractmethod
     def call_denoiser(
@@ -212,3 +223,36 @@ class DdpmFamily(ModelFamily):
         if args.debiased_estimation_loss:
             loss = ddpm.apply_debiased_estimation(loss, timesteps, snr, args.v_parameterization)
         return loss
+
+
+def add_text_cache_arguments(group) -> None:
+    """The text-encoder output cache flags of the families that have one (SDXL, FLUX)."""
+    group.add_argument(
+        "--cache_text_encoder_outputs",
+        action="store_true",
+        help="encode every caption once before training and keep the outputs in memory (needs --network_train_unet_only). "
+        "With caption shuffling, tag dropout or wildcards, --text_encoder_cache_variants processed captions are encoded "
+        "per image and one is drawn each step; caption dropout draws a cached empty caption",
+    )
+    group.add_argument(
+        "--cache_text_encoder_outputs_to_disk",
+        action="store_true",
+        help="keep the text-encoder caches next to the images (implies --cache_text_encoder_outputs)",
+    )
+    group.add_argument(
+        "--text_encoder_cache_variants",
+        type=int,
+        default=8,
+        help="captions that change every step (shuffle, tag dropout, wildcards): how many versions to encode per image",
+    )
+    group.add_argument("--text_encoder_batch_size", type=int, default=None, help="captions per text-encoder call when caching")
+
+
+def check_text_cache_args(args) -> None:
+    """--cache_text_encoder_outputs_to_disk implies caching; caching needs frozen text encoders."""
+    if args.cache_text_encoder_outputs_to_disk:
+        args.cache_text_encoder_outputs = True
+    if args.cache_text_encoder_outputs and not args.network_train_unet_only:
+        raise ValueError(
+            "--cache_text_encoder_outputs needs --network_train_unet_only: a trained text encoder changes its outputs"
+        )

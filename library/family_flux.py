@@ -9,7 +9,7 @@ import torch
 
 from library import flux_train_utils as flow
 from library import sd_train_utils
-from library.family import ModelFamily, TrainModels
+from library.family import ModelFamily, TrainModels, add_text_cache_arguments, check_text_cache_args
 from library.sample_prompts import FLUX_DEFAULTS
 from library.strategy_flux import TE_OUTPUT_KEYS, FluxTextEncodingStrategy, FluxTokenizeStrategy
 
@@ -74,15 +74,7 @@ class FluxFamily(ModelFamily):
             action="store_true",
             help="T5 attends only to real tokens and the transformer's attention ignores T5 padding",
         )
-        g.add_argument(
-            "--cache_text_encoder_outputs",
-            action="store_true",
-            help="encode every caption once before training (needs --network_train_unet_only); caption augmentation "
-            "is kept by encoding --text_encoder_cache_variants versions per image",
-        )
-        g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true", help="keep the caches next to the images")
-        g.add_argument("--text_encoder_cache_variants", type=int, default=8, help="versions of each random caption to encode")
-        g.add_argument("--text_encoder_batch_size", type=int, default=None, help="captions per text-encoder call when caching")
+        add_text_cache_arguments(g)
         g = parser.add_argument_group("FLUX.1 memory")
         g.add_argument(
             "--fp8_base", action="store_true", help="store the frozen transformer and T5 weights in float8 (compute in bf16/fp16)"
@@ -103,12 +95,7 @@ class FluxFamily(ModelFamily):
             raise ValueError("--v2 and --clip_skip are for SD models, not FLUX")
         if args.loss_type in ("huber", "smooth_l1") and args.huber_schedule == "snr":
             raise ValueError("--huber_schedule snr needs a DDPM noise schedule; use constant or exponential with FLUX")
-        if args.cache_text_encoder_outputs_to_disk:
-            args.cache_text_encoder_outputs = True
-        if args.cache_text_encoder_outputs and not args.network_train_unet_only:
-            raise ValueError(
-                "--cache_text_encoder_outputs needs --network_train_unet_only: a trained text encoder changes its outputs"
-            )
+        check_text_cache_args(args)
         if args.weighted_captions:
             raise ValueError("--weighted_captions is for SD 1.x/2.x and SDXL")
         if args.cpu_offload_checkpointing:
@@ -174,14 +161,7 @@ class FluxFamily(ModelFamily):
         return (latents - AE_SHIFT) * AE_SCALE
 
     def text_cache_identity(self, args, models: TrainModels) -> dict:
-        from library.strategy_base import module_fingerprint
-
-        tokenize, _ = self.strategies(args, models)
-        return {
-            "text_encoders": [module_fingerprint(te) for te in models.text_encoders],
-            "tokens": tokenize.settings(),
-            "apply_t5_attn_mask": bool(args.apply_t5_attn_mask),
-        }
+        return {**super().text_cache_identity(args, models), "apply_t5_attn_mask": bool(args.apply_t5_attn_mask)}
 
     def validation_timesteps(self, args) -> list[int]:
         return sd_train_utils.validation_timesteps(0, 1000)

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from library.family import DdpmFamily, TrainModels
+from library.family import DdpmFamily, TrainModels, add_text_cache_arguments, check_text_cache_args
 from library.sample_prompts import SD_UNSUPPORTED_OPTIONS
 from library.strategy_sdxl import TE_OUTPUT_KEYS, SdxlTextEncodingStrategy, SdxlTokenizeStrategy, size_conditioning
 
@@ -26,34 +26,11 @@ class SdxlFamily(DdpmFamily):
     def add_arguments(self, parser) -> None:
         g = parser.add_argument_group("SDXL")
         g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 (the SDXL VAE overflows in fp16)")
-        g.add_argument(
-            "--cache_text_encoder_outputs",
-            action="store_true",
-            help="encode every caption once before training and keep the outputs in memory (needs --network_train_unet_only). "
-            "With caption shuffling, tag dropout or wildcards, --text_encoder_cache_variants processed captions are encoded "
-            "per image and one is drawn each step; caption dropout draws a cached empty caption",
-        )
-        g.add_argument(
-            "--cache_text_encoder_outputs_to_disk",
-            action="store_true",
-            help="keep the text-encoder caches next to the images (implies --cache_text_encoder_outputs)",
-        )
-        g.add_argument(
-            "--text_encoder_cache_variants",
-            type=int,
-            default=8,
-            help="captions that change every step (shuffle, tag dropout, wildcards): how many versions to encode per image",
-        )
-        g.add_argument("--text_encoder_batch_size", type=int, default=None, help="captions per text-encoder call when caching")
+        add_text_cache_arguments(g)
 
     def check_args(self, args) -> None:
         super().check_args(args)
-        if args.cache_text_encoder_outputs_to_disk:
-            args.cache_text_encoder_outputs = True
-        if args.cache_text_encoder_outputs and not args.network_train_unet_only:
-            raise ValueError(
-                "--cache_text_encoder_outputs needs --network_train_unet_only: a trained text encoder changes its outputs"
-            )
+        check_text_cache_args(args)
         if args.v2:
             raise ValueError("--v2 is for SD 2.x; SDXL needs no model-version flag")
         if args.clip_skip:
@@ -75,14 +52,7 @@ class SdxlFamily(DdpmFamily):
         return self._tokenize, self._encode
 
     def text_cache_identity(self, args, models: TrainModels) -> dict:
-        from library.strategy_base import module_fingerprint
-
-        tokenize, _ = self.strategies(args, models)
-        return {
-            "text_encoders": [module_fingerprint(te) for te in models.text_encoders],
-            "tokens": tokenize.settings(),
-            "weighted_captions": bool(args.weighted_captions),
-        }
+        return {**super().text_cache_identity(args, models), "weighted_captions": bool(args.weighted_captions)}
 
     def call_denoiser(self, args, models, noisy, timesteps, conds, batch):
         hidden1, hidden2, pool2 = conds
