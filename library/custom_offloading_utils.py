@@ -249,3 +249,51 @@ class BlockSwapper:
         self._host.clear()
         self._slots.clear()
         self.blocks_to_swap = 0
+
+
+# --- activation offload (--cpu_offload_checkpointing) ------------------------------------------------------------
+
+
+class HostActivationOffload:
+    """Saved-tensor hooks that keep what autograd saves in host memory until backward needs it.
+
+    Used around a non-reentrant `torch.utils.checkpoint` call, the only tensors autograd saves are the block's
+    inputs (the recompute keeps its own tensors), so a checkpointed transformer keeps one block-input set per block
+    in host memory instead of on the GPU. On CUDA the device -> host copy runs on a side stream into pinned memory
+    (overlapping the next block's compute) and the host -> device copy is queued on the compute stream when the
+    recompute needs it; no host synchronisation. On CPU the tensors are copied into fresh host tensors, so tests
+    exercise the same path. `packed` counts the tensors offloaded (for tests and logs)."""
+
+    def __init__(self) -> None:
+        self.packed = 0
+        self._stream = None
+
+    def _side_stream(self, device: torch.device):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        return self._stream
+
+    def pack(self, tensor: torch.Tensor):
+        self.packed += 1
+        if tensor.device.type != "cuda":
+            return tensor.device, tensor.detach().clone()
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        stream = self._side_stream(tensor.device)
+        stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(stream):
+            host.copy_(tensor, non_blocking=True)
+        tensor.record_stream(stream)  # the allocator keeps the device memory until the copy is done
+        return tensor.device, host
+
+    def unpack(self, packed) -> torch.Tensor:
+        device, host = packed
+        if device.type != "cuda":
+            return host
+        torch.cuda.current_stream(device).wait_stream(self._side_stream(device))
+        return host.to(device, non_blocking=True)
+
+    def checkpoint(self, module: nn.Module, *args):
+        """A `gradient_checkpointing_func` for diffusers' `enable_gradient_checkpointing`: checkpoint one block and
+        keep its saved inputs in host memory."""
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+            return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)

@@ -77,6 +77,10 @@ class ModelFamily(ABC):
         for m in [*models.text_encoders, models.denoiser]:
             m.to(device, dtype)
 
+    def gradient_checkpointing_func(self, args):
+        """The per-block checkpoint function for the denoiser's enable_gradient_checkpointing (None: diffusers' own)."""
+        return None
+
     def vae_dtype(self, args, weight_dtype: torch.dtype) -> torch.dtype:
         """float32 under fp16 (SD VAEs overflow there), else the working dtype."""
         return torch.float32 if weight_dtype == torch.float16 else weight_dtype

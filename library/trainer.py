@@ -385,7 +385,7 @@ class TrainingRun:
                 te.to("cpu")
         self.network.to(device, dtype if (args.full_fp16 or args.full_bf16) else torch.float32)
         if args.gradient_checkpointing:
-            models.denoiser.enable_gradient_checkpointing()
+            models.denoiser.enable_gradient_checkpointing(family.gradient_checkpointing_func(args))
             if self.train_te:
                 for te in models.text_encoders:
                     te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

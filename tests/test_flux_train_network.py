@@ -53,15 +53,26 @@ def test_flux_lora_file_caches_and_samples(dataset, tmp_path):
     assert len(os.listdir(out / "sample")) == 1
 
 
-def test_block_swap_changes_no_number(dataset, tmp_path):
+def test_block_swap_and_activation_offload_change_no_number(dataset, tmp_path):
     runs = {}
-    for swap in (0, 2):
-        out = tmp_path / f"s{swap}"
-        extra = ["--blocks_to_swap", swap] if swap else []
+    for name, extra in {
+        "plain": [],
+        "swap": ["--blocks_to_swap", 2],
+        "offload": ["--cpu_offload_checkpointing"],
+        "both": ["--blocks_to_swap", 2, "--cpu_offload_checkpointing"],
+    }.items():
+        out = tmp_path / name
         launch(*BASE, *dataset, "--output_dir", out, "--output_name", "b", "--max_train_steps", 2, "--network_train_unet_only",
                "--gradient_checkpointing", *extra)
-        runs[swap] = load_file(str(out / "b.safetensors"))
-    assert runs[0].keys() == runs[2].keys() and all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+        runs[name] = load_file(str(out / "b.safetensors"))
+    ref = runs.pop("plain")
+    for name, run in runs.items():
+        assert run.keys() == ref.keys() and all(torch.equal(run[k], ref[k]) for k in ref), name
+
+
+def test_activation_offload_needs_gradient_checkpointing(dataset, tmp_path):
+    res = launch(*BASE, *dataset, "--output_dir", tmp_path / "x", "--cpu_offload_checkpointing", check=False)
+    assert res.returncode != 0 and "add --gradient_checkpointing" in res.stderr
 
 
 def test_t5_attention_mask_trains_with_cached_outputs(dataset, tmp_path):

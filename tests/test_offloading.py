@@ -249,3 +249,47 @@ def test_fp8_state_dict_round_trip(tmp_path):
         ), k
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     assert torch.equal(other(x), lin(x))
+
+
+def test_activation_offload_keeps_only_block_inputs_and_changes_no_gradient():
+    """--cpu_offload_checkpointing on diffusers' FLUX transformer: the saved-tensor hooks see exactly the tensor inputs of
+    each checkpointed block (hidden states, text states, temb), and the LoRA gradients equal plain checkpointing's."""
+    from diffusers import FluxTransformer2DModel
+
+    from library.custom_offloading_utils import HostActivationOffload
+    from library.flux_train_utils import image_position_ids, text_position_ids
+    from library.tiny_models import tiny_flux_transformer_config
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**tiny_flux_transformer_config()).requires_grad_(False)
+    adapters = [LoRAModule(f"a{i}", blk.attn.to_q, rank=2, alpha=1.0) for i, blk in enumerate(model.transformer_blocks)]
+    for a in adapters:
+        nn.init.normal_(a.lora_up.weight, std=0.1)
+        a.apply()
+    cfg = model.config
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, cfg.in_channels, generator=g),
+        "encoder_hidden_states": torch.randn(1, 5, cfg.joint_attention_dim, generator=g),
+        "pooled_projections": torch.randn(1, cfg.pooled_projection_dim, generator=g),
+        "timestep": torch.tensor([0.5]),
+        "img_ids": image_position_ids(8, 8),
+        "txt_ids": text_position_ids(5),
+        "guidance": torch.tensor([3.5]) if cfg.guidance_embeds else None,
+        "return_dict": False,
+    }
+
+    def grads(checkpoint_func):
+        model.enable_gradient_checkpointing(checkpoint_func)
+        for a in adapters:
+            a.lora_up.weight.grad = None
+        model(**inputs)[0].square().mean().backward()
+        return [a.lora_up.weight.grad.clone() for a in adapters]
+
+    reference = grads(None)
+    offload = HostActivationOffload()
+    offloaded = grads(offload.checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(reference, offloaded))
+    # double blocks get (hidden, text, temb), single blocks (hidden, text, temb) in diffusers 0.42
+    blocks = cfg.num_layers + cfg.num_single_layers
+    assert offload.packed == 3 * blocks
