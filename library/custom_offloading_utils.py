@@ -5,7 +5,7 @@ joint blocks, ...). The first `len(blocks) - blocks_to_swap` blocks live on `dev
 parameters (requires_grad=False) of the last `blocks_to_swap` blocks live in host memory (pinned on CUDA), one
 flat buffer per block, and are copied into a fixed set of `num_slots` (default 2) preallocated device buffers
 just before the block runs. Block j always uses slot (j - first_swapped) % num_slots: its parameters' `.data`
-are permanent views into that slot, so nothing is rebound or allocated per step and the device footprint is
+are views into that slot for the swapper's life (except inside `swapping_fewer`, see below), so nothing is rebound or allocated per step and the device footprint is
 fixed at (resident blocks + num_slots swapped blocks). Frozen weights never change, so evicting a block is free:
 nothing is copied back to the host (sd-scripts copies every weight back on each swap).
 
@@ -33,6 +33,10 @@ run inside the engine and then only check residency (no prefetch, which would ev
 
 Assumption: a block's frozen weights are used only on gradient paths that lead to the block's inputs (true for
 Linear/attention/MLP blocks with LoRA adapters), so "input gradient computed" means "weights no longer needed".
+
+`swapping_fewer(n)` (a context manager) streams only the last n blocks for a while: the others get their own
+device copies, freed on exit. Sampling uses it with `blocks_to_swap_for_inference`, which counts how many blocks
+fit in the free device memory (inference keeps no activations for backward, so more blocks fit than in training).
 
 On CPU (device.type == "cpu") the same code runs synchronously with plain copies (no streams, no pinning), so
 tests prove that swapping changes no number. Trainable parameters (adapters with requires_grad=True) and
@@ -62,6 +66,12 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+def _bind(layout: list[tuple[nn.Parameter, int, int]], buffer: torch.Tensor) -> None:
+    """Make each parameter of a block's flat layout a view into `buffer` (a slot, or a block's own copy)."""
+    for p, off, nbytes in layout:
+        p.data = buffer[off : off + nbytes].view(p.dtype).view(p.shape)
+
+
 class BlockSwapper:
     def __init__(
         self, blocks: list[nn.Module] | nn.ModuleList, blocks_to_swap: int, device: torch.device | str, num_slots: int = 2
@@ -77,6 +87,7 @@ class BlockSwapper:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.first_swapped = n - blocks_to_swap
+        self._base = self.first_swapped  # slot of block j: (j - _base) % num_slots, fixed for the swapper's life
         self.num_slots = min(num_slots, blocks_to_swap)
         self._handles: list = []
         self.loads = 0  # block transfers issued (host -> device)
@@ -118,7 +129,7 @@ class BlockSwapper:
             for p, off, nbytes in layout:
                 src = p.detach().contiguous().cpu()
                 host[off : off + nbytes].copy_(src.reshape(-1).view(torch.uint8))
-                p.data = slot[off : off + nbytes].view(p.dtype).view(p.shape)  # permanent view into the slot
+            _bind(layout, slot)  # views into the slot for the swapper's life
             self._host.append(host)
             self.host_bytes += sizes[i]
             # everything else of the block (buffers, trainable parameters) lives on the device
@@ -149,12 +160,12 @@ class BlockSwapper:
 
     # --- slots -------------------------------------------------------------------------------------------
     def _slot(self, j: int) -> int:
-        return (j - self.first_swapped) % self.num_slots
+        return (j - self._base) % self.num_slots
 
     def _load(self, j: int) -> None:
         """Issue the copy of block j's frozen weights into its slot (asynchronous on CUDA)."""
         k = self._slot(j)
-        host = self._host[j - self.first_swapped]
+        host = self._host[j - self._base]
         dst = self._slots[k][: host.numel()]
         if self.cuda:
             if self._released[k]:
@@ -171,6 +182,8 @@ class BlockSwapper:
 
     def _ensure(self, j: int) -> None:
         """Block j's weights are in its slot, and the compute stream will see them."""
+        if j < self.first_swapped:  # resident for now (see swapping_fewer)
+            return
         k = self._slot(j)
         if self._slot_block[k] != j:
             self._load(j)
@@ -180,9 +193,13 @@ class BlockSwapper:
 
     def _release(self, j: int) -> None:
         """The compute stream has queued its last use of block j (until it is loaded again)."""
-        k = self._slot(j)
-        if self._slot_block[k] != j:
+        if j < self.first_swapped:
             return
+        k = self._slot(j)
+        if self._slot_block[k] == j:
+            self._release_slot(k)
+
+    def _release_slot(self, k: int) -> None:
         if self.cuda:
             self._free[k].record(torch.cuda.current_stream(self.device))
         self._released[k] = True
@@ -201,6 +218,16 @@ class BlockSwapper:
             return
         for j in range(self.first_swapped, self.first_swapped + self.num_slots):
             self._prefetch(j)
+
+    def swapping_fewer(self, blocks_to_swap: int) -> "_FewerSwapped":
+        """Context manager: inside it only the last `blocks_to_swap` blocks are streamed; the others swapped so far
+        get device copies of their weights (for sampling and validation, whose activations leave memory free).
+        Numbers do not change. On exit the extra copies are freed and the blocks stream again."""
+        return _FewerSwapped(self, blocks_to_swap)
+
+    def block_bytes(self, j: int) -> int:
+        """Bytes of swapped block j's frozen weights (what making it resident costs on the device)."""
+        return self._host[j - self._base].numel()
 
     # --- hooks ---------------------------------------------------------------------------------------------
     def _install_hooks(self) -> None:
@@ -244,11 +271,76 @@ class BlockSwapper:
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
         for host, layout in zip(self._host, self._layouts):
-            for p, off, nbytes in layout:
-                p.data = host[off : off + nbytes].view(p.dtype).view(p.shape).to(self.device, copy=True)
+            _bind(layout, host.to(self.device, copy=True))
         self._host.clear()
         self._slots.clear()
         self.blocks_to_swap = 0
+
+
+INFERENCE_RESERVE_BYTES = 4 * 2**30  # left free for sampling activations and the autoencoder decode
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Bytes a new allocation can use: free device memory plus what PyTorch's allocator holds unused (CUDA), or the
+    available host memory (CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def blocks_to_swap_for_inference(swapper: BlockSwapper, free_bytes: int, reserve_bytes: int = INFERENCE_RESERVE_BYTES) -> int:
+    """How many blocks still need streaming when the swapped blocks get device copies, first swapped first, while
+    `free_bytes - reserve_bytes` allows."""
+    budget = free_bytes - reserve_bytes
+    first = swapper.first_swapped
+    for j in range(first, len(swapper.blocks)):
+        budget -= swapper.block_bytes(j)
+        if budget < 0:
+            return len(swapper.blocks) - j
+    return 0
+
+
+class _FewerSwapped:
+    """BlockSwapper.swapping_fewer's context manager."""
+
+    def __init__(self, swapper: BlockSwapper, blocks_to_swap: int) -> None:
+        self.swapper = swapper
+        self.target = max(0, blocks_to_swap)
+        self.copies: list[int] = []
+
+    def __enter__(self) -> BlockSwapper:
+        sw = self.swapper
+        new_first = len(sw.blocks) - self.target
+        if sw.blocks_to_swap == 0 or new_first <= sw.first_swapped:
+            return sw
+        if sw.cuda:  # pending slot copies finish before any slot is reassigned
+            torch.cuda.current_stream(sw.device).wait_stream(sw._stream)
+        self.copies = list(range(sw.first_swapped, new_first))
+        for j in self.copies:
+            host = sw._host[j - sw._base]
+            _bind(sw._layouts[j - sw._base], host.to(sw.device, non_blocking=sw.cuda, copy=True))
+            k = sw._slot(j)
+            if sw._slot_block[k] == j:  # the slot's copy of j is no longer what j reads
+                sw._slot_block[k] = None
+                sw._release_slot(k)
+        self.previous_first = sw.first_swapped
+        sw.first_swapped = new_first
+        logger.info("block swap: %d blocks resident while sampling, %d streamed", new_first, self.target)
+        sw.prepare_for_forward()
+        return sw
+
+    def __exit__(self, *exc) -> None:
+        sw = self.swapper
+        if not self.copies:
+            return
+        for j in self.copies:  # back to views into their slots (not holding j: loaded on use); the copies are freed
+            _bind(sw._layouts[j - sw._base], sw._slots[sw._slot(j)])
+        sw.first_swapped = self.previous_first
+        self.copies = []
+        sw.prepare_for_forward()
 
 
 # --- activation offload (--cpu_offload_checkpointing) ------------------------------------------------------------

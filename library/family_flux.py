@@ -3,6 +3,7 @@ block swap and fp8 base weights for the transformer."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -290,18 +291,26 @@ class FluxFamily(ModelFamily):
                 out["mask"] = t5_mask.amax(dim=0, keepdim=True)
             return out
 
-        return sample_flux_images(
-            models,
-            flow.make_noise_scheduler(args.discrete_flow_shift).config,
-            prompts,
-            encode_prompts,
-            output_dir,
-            output_name,
-            step=step,
-            epoch=epoch,
-            device=device,
-            dtype=dtype,
-        )
+        swapper = getattr(self, "swapper", None)
+        if swapper is None:
+            swap_less = contextlib.nullcontext()
+        else:  # sampling keeps no activations for backward: stream only the blocks that do not fit
+            from library.custom_offloading_utils import blocks_to_swap_for_inference, free_memory_bytes
+
+            swap_less = swapper.swapping_fewer(blocks_to_swap_for_inference(swapper, free_memory_bytes(swapper.device)))
+        with swap_less:
+            return sample_flux_images(
+                models,
+                flow.make_noise_scheduler(args.discrete_flow_shift).config,
+                prompts,
+                encode_prompts,
+                output_dir,
+                output_name,
+                step=step,
+                epoch=epoch,
+                device=device,
+                dtype=dtype,
+            )
 
 
 def timesteps_for_huber(sigmas: torch.Tensor) -> torch.Tensor:

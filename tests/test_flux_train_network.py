@@ -54,17 +54,22 @@ def test_flux_lora_file_caches_and_samples(dataset, tmp_path):
 
 
 def test_block_swap_and_activation_offload_change_no_number(dataset, tmp_path):
-    runs = {}
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red shape --w 64 --h 64 --s 2 --d 1\n")
+    sampling = ["--sample_prompts", prompts, "--sample_every_n_steps", 1]
+    runs, logs = {}, {}
     for name, extra in {
         "plain": [],
-        "swap": ["--blocks_to_swap", 2],
+        "swap": ["--blocks_to_swap", 2, *sampling],  # previews in between change no training number
         "offload": ["--cpu_offload_checkpointing"],
         "both": ["--blocks_to_swap", 2, "--cpu_offload_checkpointing"],
     }.items():
         out = tmp_path / name
-        launch(*BASE, *dataset, "--output_dir", out, "--output_name", "b", "--max_train_steps", 2, "--network_train_unet_only",
-               "--gradient_checkpointing", *extra)
-        runs[name] = load_file(str(out / "b.safetensors"))
+        res = launch(*BASE, *dataset, "--output_dir", out, "--output_name", "b", "--max_train_steps", 2,
+                     "--network_train_unet_only", "--gradient_checkpointing", *extra)
+        runs[name], logs[name] = load_file(str(out / "b.safetensors")), res.stderr
+    # the tiny model fits in memory: sampling streams no block
+    assert "0 streamed" in logs["swap"] and len(os.listdir(tmp_path / "swap" / "sample")) == 2
     ref = runs.pop("plain")
     for name, run in runs.items():
         assert run.keys() == ref.keys() and all(torch.equal(run[k], ref[k]) for k in ref), name

@@ -75,7 +75,7 @@ def _data():
     return [(torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)) for _ in range(3)]
 
 
-def _train(blocks_to_swap, checkpointing, fp8=False, eval_between=False):
+def _train(blocks_to_swap, checkpointing, fp8=False, eval_between=False, eval_swapping=None):
     torch.manual_seed(0)
     model = Toy(checkpointing=checkpointing, fp8=fp8)
     frozen_before = {k: v.clone() for k, v in model.blocks.state_dict().items()}
@@ -84,7 +84,7 @@ def _train(blocks_to_swap, checkpointing, fp8=False, eval_between=False):
     losses = []
     for x, y in _data():
         if eval_between:
-            with torch.no_grad():
+            with torch.no_grad(), swapper.swapping_fewer(blocks_to_swap if eval_swapping is None else eval_swapping):
                 model(x)
             swapper.prepare_for_forward()
         loss = F.mse_loss(model(x), y)
@@ -158,6 +158,44 @@ def test_prepare_for_forward_after_no_grad_forward():
         assert torch.equal(m(x), expected)
         s.prepare_for_forward()
         assert torch.equal(m(x), expected)
+
+
+@pytest.mark.parametrize("eval_swapping", [0, 1, 3])
+def test_swapping_fewer_blocks_for_inference_changes_no_number(eval_swapping):
+    ref_losses, ref_weights, _ = _train(0, False)
+    losses, weights, _ = _train(4, True, eval_between=True, eval_swapping=eval_swapping)
+    assert all(torch.equal(a, b) for a, b in zip(losses, ref_losses))
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+
+
+def test_swapping_fewer_blocks_loads_fewer_and_restores_the_slots():
+    from library.custom_offloading_utils import blocks_to_swap_for_inference
+
+    torch.manual_seed(0)
+    m = Toy()
+    x = _data()[0][0]
+    with torch.no_grad():
+        expected = m(x)
+        swapper = BlockSwapper(m.blocks, 4, "cpu")  # blocks 2..5 swapped
+        size = swapper.block_bytes(2)
+        assert blocks_to_swap_for_inference(swapper, free_bytes=10**12) == 0
+        assert blocks_to_swap_for_inference(swapper, free_bytes=size * 2 + 100, reserve_bytes=100) == 2
+        assert blocks_to_swap_for_inference(swapper, free_bytes=size, reserve_bytes=size) == 4
+        loads = swapper.loads
+        with swapper.swapping_fewer(1):
+            assert swapper.loads - loads <= 1  # block 5's prefetch at most
+            # blocks 2..4 have their own copies now, block 5 still reads its slot
+            assert m.blocks[2].norm.weight.data_ptr() != m.blocks[4].norm.weight.data_ptr()
+            for _ in range(2):
+                loads = swapper.loads
+                assert torch.equal(m(x), expected)
+                assert swapper.loads - loads <= 1
+        # back to two shared slots
+        assert m.blocks[2].norm.weight.data_ptr() == m.blocks[4].norm.weight.data_ptr()
+        assert m.blocks[3].fc1.weight.data_ptr() == m.blocks[5].fc1.weight.data_ptr()
+        loads = swapper.loads
+        assert torch.equal(m(x), expected)
+        assert swapper.loads - loads >= 2
 
 
 def test_block_swap_with_fp8_weights():
