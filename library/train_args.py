@@ -84,6 +84,18 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "--mem_eff_attn", action="store_true", help="accepted for sd-scripts command lines; kiln uses PyTorch SDPA instead"
     )
     g.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="compile the denoiser's repeated blocks (transformer blocks) with torch.compile: the first steps of each "
+        "resolution are slow while compiling, the following ones faster; the adapters are compiled with the blocks",
+    )
+    g.add_argument(
+        "--dynamo_backend",
+        type=str,
+        default="inductor",
+        help="torch.compile backend for --torch_compile (inductor; eager and aot_eager only trace, for debugging)",
+    )
+    g.add_argument(
         "--cache_latents", action="store_true", help="encode every image once before training, keep the latents in memory"
     )
     g.add_argument(

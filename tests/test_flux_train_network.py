@@ -63,21 +63,28 @@ def test_block_swap_and_activation_offload_change_no_number(dataset, tmp_path):
         "swap": ["--blocks_to_swap", 2, *sampling],  # previews in between change no training number
         "offload": ["--cpu_offload_checkpointing"],
         "both": ["--blocks_to_swap", 2, "--cpu_offload_checkpointing"],
+        # compiled blocks (aot_eager traces forward and backward like inductor, without code generation) with swap hooks
+        "compiled": ["--torch_compile", "--dynamo_backend", "aot_eager", "--blocks_to_swap", 2],
     }.items():
         out = tmp_path / name
         res = launch(*BASE, *dataset, "--output_dir", out, "--output_name", "b", "--max_train_steps", 2,
                      "--network_train_unet_only", "--gradient_checkpointing", *extra)
         runs[name], logs[name] = load_file(str(out / "b.safetensors")), res.stderr
     # the tiny model fits in memory: sampling streams no block
+    assert "blocks compiled with aot_eager" in logs["compiled"]
     assert "0 streamed" in logs["swap"] and len(os.listdir(tmp_path / "swap" / "sample")) == 2
     ref = runs.pop("plain")
     for name, run in runs.items():
         assert run.keys() == ref.keys() and all(torch.equal(run[k], ref[k]) for k in ref), name
 
 
-def test_activation_offload_needs_gradient_checkpointing(dataset, tmp_path):
+def test_activation_offload_and_compile_flags_are_checked(dataset, tmp_path):
     res = launch(*BASE, *dataset, "--output_dir", tmp_path / "x", "--cpu_offload_checkpointing", check=False)
     assert res.returncode != 0 and "add --gradient_checkpointing" in res.stderr
+    res = launch(*BASE, *dataset, "--output_dir", tmp_path / "x", "--torch_compile", "--dynamo_backend", "nope", check=False)
+    assert res.returncode != 0 and "--dynamo_backend nope is not a torch.compile backend" in res.stderr
+    res = launch(*BASE, *dataset, "--output_dir", tmp_path / "x", "--dynamo_backend", "eager", check=False)
+    assert res.returncode != 0 and "add --torch_compile" in res.stderr
 
 
 def test_t5_attention_mask_trains_with_cached_outputs(dataset, tmp_path):
