@@ -3,13 +3,24 @@
     python tools/merge_lora.py --sd_model base.safetensors --models a.safetensors b.safetensors --ratios 1 0.5 --save_to merged.safetensors
     python tools/merge_lora.py --models a.safetensors b.safetensors --ratios 1 0.5 --save_to ab.safetensors [--concat]
     python tools/merge_lora.py --flux_model flux1-dev.safetensors --models f.safetensors --save_to merged.safetensors [--save_precision fp8]
+    python tools/merge_lora.py --models f.safetensors [--flux_model flux1-dev.safetensors --save_to merged.safetensors]
+        --clip_l clip_l.safetensors --clip_l_save_to clip_l_merged.safetensors --t5xxl t5xxl_fp16.safetensors --t5xxl_save_to t5xxl_merged.safetensors
 
 Into a model: each LoRA's weight change times its ratio is added to the base weights; `--save_to` is a single file
 (.safetensors, original layout) or, for any other name, a diffusers folder. Into one LoRA: `--concat` puts the
 ranks side by side (exactly the weighted sum); without it, each module's sum is fitted back to the largest input
 rank by SVD (exact when the ranks allow, else the nearest; the largest relative error is printed).
-FLUX (`--flux_model`, a BFL transformer file) is merged tensor by tensor, so the 12B model needs a few GB of RAM.
-An existing --save_to is never overwritten.
+
+FLUX (sd-scripts' flux_merge_lora flags): each part of a FLUX LoRA goes into its own single file, merged tensor by
+tensor in float32 (the 12B model needs a few GB of RAM): `lora_unet_` modules into `--flux_model` (BFL transformer)
+-> `--save_to`, `lora_te1_` into `--clip_l` (Hugging Face CLIP-L) -> `--clip_l_save_to`, `lora_te3_` into `--t5xxl`
+(Hugging Face T5-XXL encoder) -> `--t5xxl_save_to`; any of the three pairs, at least one. LoRAs in the diffusers/PEFT
+layout (ai-toolkit) are converted first. Modules of a part without its file are an error (nothing is dropped), and so
+is a file of a part no LoRA adapts. `--save_precision` (fp8 included) applies to every file written; the source's
+metadata is kept. Everything is checked before the first file is written.
+
+An existing output (--save_to, --clip_l_save_to, --t5xxl_save_to) is never overwritten; files are written to a
+temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -22,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from library.saving import SAVE_DTYPES, load_weights_file, save_weights  # noqa: E402
-from networks.merge import merge_into_bfl_file, merge_into_models, merge_loras_concat, merge_loras_svd  # noqa: E402
+from library.saving import SAVE_DTYPES, SaveError, load_weights_file, save_weights  # noqa: E402
+from networks.merge import FLUX_PART_FLAGS, merge_into_flux_files, merge_into_models, merge_loras_concat, merge_loras_svd  # noqa: E402
 
 
 def load_base(path: str, v2: bool, dtype):
@@ -54,6 +65,45 @@ def _save_folder(modules: dict, others: dict, dtype, folder: str) -> None:
     save_diffusers_folder(parts, folder)
 
 
+def _flux_files(parser: argparse.ArgumentParser, args) -> dict[str, tuple[str, str]]:
+    """part -> (source, new file) of a FLUX merge from the flags, checked; {} when no FLUX flag is given."""
+    pairs = {
+        "transformer": (args.flux_model, args.save_to if args.flux_model else None),
+        "clip_l": (args.clip_l, args.clip_l_save_to),
+        "t5xxl": (args.t5xxl, args.t5xxl_save_to),
+    }
+    for part in ("clip_l", "t5xxl"):
+        src_flag, dst_flag = FLUX_PART_FLAGS[part]
+        src, dst = pairs[part]
+        if (src is None) != (dst is None):
+            parser.error(f"{src_flag} and {dst_flag} go together (the file to merge into and the new file to write)")
+    if not args.flux_model and not args.clip_l and not args.t5xxl:
+        return {}
+    if args.sd_model:
+        parser.error("--sd_model cannot be merged together with FLUX files (--flux_model, --clip_l, --t5xxl)")
+    if args.flux_model and args.save_to is None:
+        parser.error("--flux_model needs --save_to (the merged transformer file)")
+    if not args.flux_model and args.save_to is not None:
+        parser.error("--save_to is the merged FLUX transformer: give --flux_model too, or leave --save_to out to merge only "
+                     "into --clip_l/--t5xxl")
+    for flag, given in (("--concat", args.concat), ("--new_rank", args.new_rank is not None), ("--v2", args.v2),
+                        ("--no_metadata", args.no_metadata), ("--precision", args.precision not in (None, "float"))):
+        if given:
+            parser.error(f"{flag} does not apply to FLUX merges into model files (they compute in float32; the output dtype is "
+                         "--save_precision)")
+    files = {part: pair for part, pair in pairs.items() if pair[0] is not None}
+    for part, (src, dst) in files.items():
+        src_flag, dst_flag = FLUX_PART_FLAGS[part]
+        if not dst.endswith(".safetensors"):
+            parser.error(f"{dst_flag} must be a .safetensors file")
+        if not os.path.isfile(src):
+            parser.error(f"{src_flag} {src} does not exist")
+    dsts = [os.path.abspath(dst) for _, dst in files.values()]
+    if len(set(dsts)) != len(dsts):
+        parser.error("--save_to, --clip_l_save_to and --t5xxl_save_to must be different files")
+    return files
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -63,19 +113,35 @@ def main(argv: list[str] | None = None) -> int:
         "--flux_model",
         type=str,
         default=None,
-        help="FLUX.1 BFL transformer file (flux1-dev.safetensors): merged tensor by tensor into --save_to",
+        help="FLUX.1 BFL transformer file (flux1-dev.safetensors): its lora_unet_ modules are merged into --save_to",
+    )
+    parser.add_argument(
+        "--clip_l", type=str, default=None, help="FLUX CLIP-L file (Hugging Face layout): lora_te1_ modules go into --clip_l_save_to"
+    )
+    parser.add_argument(
+        "--t5xxl", type=str, default=None, help="FLUX T5-XXL encoder file (Hugging Face layout): lora_te3_ modules go into --t5xxl_save_to"
     )
     parser.add_argument("--models", type=str, nargs="+", required=True, help="LoRA files to merge")
     parser.add_argument("--ratios", type=float, nargs="*", default=None, help="one weight per LoRA (default 1 each)")
-    parser.add_argument("--save_to", type=str, required=True, help="output file (.safetensors/.ckpt) or diffusers folder")
+    parser.add_argument(
+        "--save_to",
+        type=str,
+        default=None,
+        help="output file (.safetensors/.ckpt) or diffusers folder; with --flux_model the merged transformer (.safetensors). "
+        "Not needed when only --clip_l/--t5xxl are merged",
+    )
+    parser.add_argument("--clip_l_save_to", type=str, default=None, help="new .safetensors file for the merged --clip_l")
+    parser.add_argument("--t5xxl_save_to", type=str, default=None, help="new .safetensors file for the merged --t5xxl")
     parser.add_argument(
         "--save_precision",
         type=str,
         default=None,
         choices=["float", "fp16", "bf16", "fp8"],
-        help="dtype of the output (fp8: FLUX only)",
+        help="dtype of the output(s); FLUX: of every file written (fp8 = float8_e4m3fn: FLUX only)",
     )
-    parser.add_argument("--precision", type=str, default="float", choices=["float", "fp16", "bf16"], help="dtype while merging")
+    parser.add_argument(
+        "--precision", type=str, default=None, choices=["float", "fp16", "bf16"], help="dtype while merging into --sd_model (default float)"
+    )
     parser.add_argument("--v2", action="store_true", help="the base model is SD 2.x")
     parser.add_argument("--concat", action="store_true", help="LoRA merge: keep the ranks side by side (exact)")
     parser.add_argument("--new_rank", type=int, default=None, help="LoRA merge without --concat: rank of the result")
@@ -85,25 +151,30 @@ def main(argv: list[str] | None = None) -> int:
     ratios = args.ratios or [1.0] * len(args.models)
     if len(ratios) != len(args.models):
         parser.error(f"--ratios has {len(ratios)} values for {len(args.models)} --models")
-    if os.path.exists(args.save_to):
-        parser.error(f"--save_to {args.save_to} already exists; kiln does not overwrite files, choose another name")
+    flux_files = _flux_files(parser, args)
+    if not flux_files and args.save_to is None:
+        parser.error("--save_to is required (or, for FLUX text encoders only, --clip_l/--clip_l_save_to, --t5xxl/--t5xxl_save_to)")
+    outputs = [dst for _, dst in flux_files.values()] if flux_files else [args.save_to]
+    for path in outputs:
+        if os.path.exists(path):
+            parser.error(f"{path} already exists; kiln does not overwrite files, choose another name")
     try:
         loras = [load_weights_file(path)[0] for path in args.models]
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     save_dtype = {**SAVE_DTYPES, "fp8": torch.float8_e4m3fn}[args.save_precision] if args.save_precision else None
-    if args.save_precision == "fp8" and not args.flux_model:
-        parser.error("--save_precision fp8 is for --flux_model merges")
-    if args.flux_model:
-        if args.sd_model:
-            parser.error("give --flux_model or --sd_model, not both")
-        if not args.save_to.endswith(".safetensors"):
-            parser.error("--save_to must be a .safetensors file for --flux_model")
+    if args.save_precision == "fp8" and not flux_files:
+        parser.error("--save_precision fp8 is for FLUX merges (--flux_model, --clip_l, --t5xxl)")
+    if flux_files:
         try:
-            n = merge_into_bfl_file(args.flux_model, args.save_to, list(zip(loras, ratios)), save_dtype)
+            counts = merge_into_flux_files(flux_files, list(zip(loras, ratios)), save_dtype)
         except (ValueError, FileNotFoundError) as e:
             parser.error(str(e))
-        print(f"merged {n} weights; wrote {args.save_to}")
+        except SaveError as e:
+            done = [dst for _, dst in flux_files.values() if os.path.exists(dst)]
+            parser.exit(1, f"error: {e}\n" + (f"written before the error: {', '.join(done)}\n" if done else ""))
+        for part, n in counts.items():
+            print(f"merged {n} weights; wrote {flux_files[part][1]}")
         return 0
 
     if args.sd_model is None:
@@ -124,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     from library.checkpoint_files import ModelLoadError
 
     try:
-        model, text_encoders, options, save_single = load_base(args.sd_model, args.v2, SAVE_DTYPES[args.precision])
+        model, text_encoders, options, save_single = load_base(args.sd_model, args.v2, SAVE_DTYPES[args.precision or "float"])
     except ModelLoadError as e:
         parser.error(str(e))
     for path, sd, ratio in zip(args.models, loras, ratios):
