@@ -219,9 +219,9 @@ class BlockSwapper:
         for j in range(self.first_swapped, self.first_swapped + self.num_slots):
             self._prefetch(j)
 
-    def swapping_fewer(self, blocks_to_swap: int) -> "_FewerSwapped":
+    def swapping_fewer(self, blocks_to_swap: int) -> _FewerSwapped:
         """Context manager: inside it only the last `blocks_to_swap` blocks are streamed; the others swapped so far
-        get device copies of their weights (for sampling and validation, whose activations leave memory free).
+        get device copies of their weights (for sampling, whose activations leave memory free).
         Numbers do not change. On exit the extra copies are freed and the blocks stream again."""
         return _FewerSwapped(self, blocks_to_swap)
 
