@@ -1,6 +1,7 @@
 """Seconds per training step and peak GPU memory of kiln's LoRA training step at full model size (random weights).
 
-    python benchmarks/gpu_train_step.py --family sdxl|flux [--steps 20] [--resolution 1024]
+    python benchmarks/gpu_train_step.py --family sdxl|flux [--steps 20] [--resolution 1024] [--compile] [--sync_debug]
+        [--profile DIR]
 
 FLUX: the FLUX.1 dev transformer (random weights), 1024x1024, batch 1, LoRA dim 16 alpha 16, AdamW, gradient
 checkpointing, cached latents and text outputs, in three configurations: bf16, --fp8_base, --blocks_to_swap 18.
@@ -10,6 +11,12 @@ LoRA dim 32 alpha 16 on the U-Net, AdamW, cached latents and text-encoder output
 shapes), run through the trainer's own step (kiln.trainer.batch_loss: latent sampling, noise, the family's loss with
 the U-Net call, backward, clipping, optimizer step) with and without gradient checkpointing. Prints the median seconds
 per step over steps 6..N and the peak allocated memory. Needs a CUDA GPU.
+
+The optimizer is kiln's (library.optimizers.make_optimizer: AdamW, fused on CUDA). --compile adds the same
+configurations with --torch_compile (the denoiser's repeated blocks compiled with inductor; the first steps compile).
+--sync_debug makes every host synchronisation inside the timed steps print a warning with its stack (there should be
+one per step: reading the loss). --profile DIR writes a torch.profiler trace of steps 6..8 of each configuration and
+prints the 25 most expensive operators (GPU time).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ def training_args(family, **overrides) -> argparse.Namespace:
     return args
 
 
-def bench_sdxl(steps: int, resolution: int, checkpointing: bool, smoke: bool = False) -> tuple[float, float]:
+def bench_sdxl(steps: int, resolution: int, checkpointing: bool, smoke: bool = False, compiled: bool = False, **options) -> tuple[float, float]:
     """(median seconds per step over steps 6..N, peak allocated GiB). smoke: the tiny SDXL on CPU (tests this code)."""
     from accelerate import Accelerator
     from diffusers import UNet2DConditionModel
@@ -73,6 +80,10 @@ def bench_sdxl(steps: int, resolution: int, checkpointing: bool, smoke: bool = F
     network = create_network(1.0, 32, 16, [], unet, unet_name_map=sdxl_unet_lora_name_map(unet), te_prefixes=[])
     network.apply_to(False, True)
     network.to(device, torch.float32)
+    if compiled:
+        from library.trainer import compile_repeated_blocks
+
+        compile_repeated_blocks(unet, "inductor")
     h, w = resolution // 8, resolution // 8
     batch = _common_batch(resolution, 4, h, w)
     batch["text_outputs"] = {
@@ -80,7 +91,7 @@ def bench_sdxl(steps: int, resolution: int, checkpointing: bool, smoke: bool = F
         "hidden_state2": torch.randn(1, 77, te_widths[1], device=device, dtype=dtype),
         "pool2": torch.randn(1, pooled, device=device, dtype=dtype),
     }
-    return _time_steps(args, family, models, network, batch, accelerator, steps, dtype, batch_loss)
+    return _time_steps(args, family, models, network, batch, accelerator, steps, dtype, batch_loss, **options)
 
 
 # FLUX.1 dev's transformer (diffusers FluxTransformer2DModel config; facts about the published model)
@@ -91,7 +102,7 @@ FLUX_DEV_TRANSFORMER = {
 }
 
 
-def bench_flux(steps: int, resolution: int, mode: str, smoke: bool = False) -> tuple[float, float]:
+def bench_flux(steps: int, resolution: int, mode: str, smoke: bool = False, compiled: bool = False, **options) -> tuple[float, float]:
     """FLUX.1 dev LoRA dim 16 alpha 16 on the transformer, gradient checkpointing; mode: bf16, fp8_base or blocks_to_swap."""
     from accelerate import Accelerator
     from diffusers import FluxTransformer2DModel
@@ -134,13 +145,17 @@ def bench_flux(steps: int, resolution: int, mode: str, smoke: bool = False) -> t
     network.apply_to(False, True)
     family.place_models(args, models, device, dtype)
     network.to(device, torch.float32)
+    if compiled:
+        from library.trainer import compile_repeated_blocks
+
+        compile_repeated_blocks(transformer, "inductor")
     h = w = resolution // 8
     t5_len, t5_width, pooled = (512, config["joint_attention_dim"], config["pooled_projection_dim"])
     batch = _common_batch(resolution, 16, h, w)
     batch["text_outputs"] = {"l_pooled": torch.randn(1, pooled, device=device, dtype=dtype),
                              "t5_out": torch.randn(1, 16 if smoke else t5_len, t5_width, device=device, dtype=dtype),
                              "t5_attn_mask": torch.ones(1, 16 if smoke else t5_len, device=device, dtype=dtype)}
-    return _time_steps(args, family, models, network, batch, accelerator, steps, dtype, batch_loss)
+    return _time_steps(args, family, models, network, batch, accelerator, steps, dtype, batch_loss, **options)
 
 
 def _common_batch(resolution: int, channels: int, h: int, w: int) -> dict:
@@ -158,31 +173,56 @@ def _common_batch(resolution: int, channels: int, h: int, w: int) -> dict:
     }
 
 
-def _time_steps(args, family, models, network, batch, accelerator, steps: int, dtype, batch_loss) -> tuple[float, float]:
-    """Run `steps` training steps through kiln's step function; (median s/step over steps 6..N, peak allocated GiB)."""
+def _time_steps(
+    args, family, models, network, batch, accelerator, steps: int, dtype, batch_loss, sync_debug: bool = False,
+    profile_dir: str | None = None, label: str = "run",
+) -> tuple[float, float]:
+    """Run `steps` training steps through kiln's step function; (median s/step over steps 6..N, peak allocated GiB).
+    A step is timed as the trainer runs it: queued without waiting, then the loss read (its one synchronisation)."""
+    from library.optimizers import make_optimizer
+
     device = accelerator.device
     params = list(network.parameters())
     for p in params:
         p.requires_grad_(True)
-    optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=1e-4))
+    _, _, optimizer = make_optimizer(args, [{"params": params}])
+    optimizer = accelerator.prepare(optimizer)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
+    profiler = None
     for step in range(steps):
         batch["batch_number"] = step
-        if cuda:
-            torch.cuda.synchronize()
+        if step == 5 and cuda and sync_debug:
+            torch.cuda.set_sync_debug_mode("warn")
+        if step == 5 and profile_dir:
+            profiler = torch.profiler.profile(record_shapes=False, with_stack=False)
+            profiler.__enter__()
         t0 = time.perf_counter()
-        loss, _ = batch_loss(args, family, models, batch, 0, device, dtype, False, accelerator)
+        loss, logged = batch_loss(args, family, models, batch, 0, device, dtype, False, accelerator)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
+        logged.item()
         times.append(time.perf_counter() - t0)
+        if profiler is not None and step == 7:
+            profiler.__exit__(None, None, None)
+            _report_profile(profiler, profile_dir, label, cuda)
+            profiler = None
+    if cuda:
+        torch.cuda.set_sync_debug_mode("default")
     return statistics.median(times[5:]), (torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+
+
+def _report_profile(profiler, profile_dir: str, label: str, cuda: bool) -> None:
+    os.makedirs(profile_dir, exist_ok=True)
+    name = "".join(c if c.isalnum() else "_" for c in label)
+    profiler.export_chrome_trace(os.path.join(profile_dir, f"{name}.json"))
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"--- profile of {label} (steps 6..8), by {sort} ---")
+    print(profiler.key_averages().table(sort_by=sort, row_limit=25))
 
 
 def main() -> None:
@@ -190,22 +230,30 @@ def main() -> None:
     parser.add_argument("--family", choices=["sdxl", "flux"], default="sdxl")
     parser.add_argument("--steps", type=int, default=20, help="steps per configuration (the median is over steps 6..N)")
     parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--compile", action="store_true", help="also run each configuration with --torch_compile (inductor)")
+    parser.add_argument("--sync_debug", action="store_true", help="warn at every host synchronisation in steps 6..N")
+    parser.add_argument("--profile", type=str, default=None, metavar="DIR", help="profile steps 6..8: trace files and a table")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the benchmark code, measures nothing useful")
     args = parser.parse_args()
     if args.smoke:
-        runs = [("smoke", lambda: bench_sdxl(7, 64, True, smoke=True))] if args.family == "sdxl" else [
-            (f"smoke {mode}", lambda mode=mode: bench_flux(7, 64, mode, smoke=True)) for mode in ("bf16", "fp8_base", "blocks_to_swap")]
+        steps, resolution, smoke = 8, 64, True
     elif not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
     else:
-        print(f"GPU: {torch.cuda.get_device_name()}; {args.family}, {args.resolution}x{args.resolution}, batch 1, bf16, AdamW, cached latents/text")
-        if args.family == "sdxl":
-            runs = [(f"LoRA 32/16, checkpointing {c}", lambda c=c: bench_sdxl(args.steps, args.resolution, c)) for c in (True, False)]
-        else:
-            runs = [(f"LoRA 16/16, checkpointing, {m}", lambda m=m: bench_flux(args.steps, args.resolution, m)) for m in ("bf16", "fp8_base", "blocks_to_swap")]
-    for label, run in runs:
-        sec, mem = run()
-        print(f"{label:42s} {sec:.3f} s/step  peak {mem:.2f} GiB")
+        steps, resolution, smoke = args.steps, args.resolution, False
+        print(f"GPU: {torch.cuda.get_device_name()}; {args.family}, {resolution}x{resolution}, batch 1, bf16, AdamW, cached latents/text")
+    if args.family == "sdxl":
+        configs = [(f"LoRA 32/16, checkpointing {c}", bench_sdxl, c) for c in (True, False)]
+    else:
+        configs = [(f"LoRA 16/16, checkpointing, {m}", bench_flux, m) for m in ("bf16", "fp8_base", "blocks_to_swap")]
+    runs = [(label, fn, config, False) for label, fn, config in configs]
+    if args.compile:
+        runs += [(label + ", compiled", fn, config, True) for label, fn, config in configs]
+    for label, fn, config, compiled in runs:
+        label = ("smoke " if smoke else "") + label
+        sec, mem = fn(steps, resolution, config, smoke=smoke, compiled=compiled, sync_debug=args.sync_debug,
+                      profile_dir=args.profile, label=label)
+        print(f"{label:52s} {sec:.3f} s/step  peak {mem:.2f} GiB")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

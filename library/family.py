@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from library import sd_train_utils as ddpm
+from library.transfer import to_device
 
 
 @dataclass
@@ -68,7 +69,7 @@ class ModelFamily(ABC):
         """The batch's conditioning: from cached text-encoder outputs when the batch has them, else encoded now."""
         cached = batch.get("text_outputs")
         if cached is not None:
-            return [cached[k].to(models.denoiser.device) for k in self.text_output_keys]
+            return [to_device(cached[k], models.denoiser.device) for k in self.text_output_keys]
         return self.encode_text(args, models, batch["captions"])
 
     def place_models(self, args, models: TrainModels, device: torch.device, dtype: torch.dtype) -> None:
@@ -210,12 +211,12 @@ class DdpmFamily(ModelFamily):
             ]
         )
         target = ddpm.training_target(sched, x0, noise, timesteps, args.v_parameterization)
-        noisy, t_dev = noisy.to(latents.dtype), timesteps.to(device)
+        noisy, t_dev = noisy.to(latents.dtype), to_device(timesteps, device)
         pred = self.call_denoiser(args, models, noisy, t_dev, conds, batch)
-        c = ddpm.huber_c(timesteps, sched, args.huber_schedule, args.huber_c, args.huber_scale).to(device)
+        c = to_device(ddpm.huber_c(timesteps, sched, args.huber_schedule, args.huber_c, args.huber_scale), device)
         loss = ddpm.conditional_loss(pred.float(), target.float(), args.loss_type, c)
         if args.masked_loss and batch.get("alpha_masks") is not None:
-            loss = ddpm.masked_loss(loss, batch["alpha_masks"].to(device))
+            loss = ddpm.masked_loss(loss, batch["alpha_masks"])
         loss = loss.mean(dim=[1, 2, 3])
         snr = self._all_snr
         if args.min_snr_gamma:

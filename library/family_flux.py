@@ -13,6 +13,7 @@ from library import sd_train_utils
 from library.family import ModelFamily, TrainModels, add_text_cache_arguments, check_text_cache_args
 from library.sample_prompts import FLUX_DEFAULTS
 from library.strategy_flux import TE_OUTPUT_KEYS, FluxTextEncodingStrategy, FluxTokenizeStrategy
+from library.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ class FluxFamily(ModelFamily):
         device, dtype = latents.device, latents.dtype
         x0 = latents.detach().float()
         b, c, h, w = x0.shape
-        noise = torch.cat([torch.randn((1, c, h, w), generator=g) for g in generators]).to(device)
+        noise = to_device(torch.cat([torch.randn((1, c, h, w), generator=g) for g in generators]), device)
         if timesteps is None:
             sigmas = torch.cat(
                 [
@@ -205,7 +206,7 @@ class FluxFamily(ModelFamily):
             )
         else:
             sigmas = timesteps.float() / 1000.0
-        sigmas = sigmas.to(device)
+        host_sigmas, sigmas = sigmas, to_device(sigmas, device)
         noisy = torch.cat(
             [
                 flow.noisy_model_input(
@@ -228,8 +229,8 @@ class FluxFamily(ModelFamily):
         )
         pred = transformer(
             hidden_states=flow.pack_latents(noisy.to(dtype)),
-            encoder_hidden_states=t5_out.to(device, dtype),
-            pooled_projections=l_pooled.to(device, dtype),
+            encoder_hidden_states=to_device(t5_out, device, dtype),
+            pooled_projections=to_device(l_pooled, device, dtype),
             timestep=sigmas.to(dtype),
             img_ids=flow.image_position_ids(h, w, device=device),
             txt_ids=flow.text_position_ids(t5_out.shape[1], device=device),
@@ -244,13 +245,13 @@ class FluxFamily(ModelFamily):
         if args.loss_type in ("huber", "smooth_l1"):
             schedule = flow.make_noise_scheduler(args.discrete_flow_shift)
             c_huber = sd_train_utils.huber_c(
-                timesteps_for_huber(sigmas), schedule, args.huber_schedule, args.huber_c, args.huber_scale
-            ).to(device)
+                timesteps_for_huber(host_sigmas), schedule, args.huber_schedule, args.huber_c, args.huber_scale
+            )
         loss = sd_train_utils.conditional_loss(pred, flow.flow_matching_target(x0, noise), args.loss_type, c_huber)
         if weighting is not None:
             loss = loss * weighting
         if args.masked_loss and batch.get("alpha_masks") is not None:
-            loss = sd_train_utils.masked_loss(loss, batch["alpha_masks"].to(device))
+            loss = sd_train_utils.masked_loss(loss, batch["alpha_masks"])
         return loss.mean(dim=[1, 2, 3])
 
     def lora_options(self, models):

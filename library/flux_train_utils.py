@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from library.transfer import to_device
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 TIMESTEP_SAMPLING_METHODS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
@@ -204,7 +206,7 @@ def sample_sigmas(
         table = make_noise_scheduler(discrete_flow_shift).sigmas.to(device=u.device, dtype=torch.float32)
         indices = (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
         sigmas = table[indices]
-    return sigmas if device is None else sigmas.to(device)
+    return sigmas if device is None else to_device(sigmas, device)
 
 
 def timesteps_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
@@ -218,7 +220,7 @@ def timesteps_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) (or already broadcastable) ``values`` reshaped to (B, 1, ..., 1) on ``like``'s device, float32."""
-    values = values.to(device=like.device, dtype=torch.float32)
+    values = to_device(values, like.device, torch.float32)
     if values.ndim == 1:
         values = values.reshape(-1, *([1] * (like.ndim - 1)))
     return values
@@ -245,9 +247,9 @@ def noisy_model_input(
         draw_device = generator.device if generator is not None else torch.device("cpu")
         strength: torch.Tensor | float = ip_noise_gamma
         if ip_noise_gamma_random_strength:
-            strength = torch.rand((), generator=generator, device=draw_device).to(latents.device) * ip_noise_gamma
+            strength = to_device(torch.rand((), generator=generator, device=draw_device), latents.device) * ip_noise_gamma
         xi = torch.randn(tuple(latents.shape), generator=generator, device=draw_device, dtype=torch.float32)
-        input_noise = input_noise + strength * xi.to(latents.device)
+        input_noise = input_noise + strength * to_device(xi, latents.device)
     s = _per_sample(sigmas, latents)
     return ((1.0 - s) * latents.float() + s * input_noise).to(latents.dtype)
 

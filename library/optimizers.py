@@ -447,6 +447,16 @@ def _prepare_adafactor(args: Any, kwargs: dict[str, Any], groups: list, lr: floa
     return lr
 
 
+def _fused_on_cuda(cls: type, kwargs: dict, groups: list) -> dict:
+    """fused=True for torch's Adam/AdamW when every parameter is on a CUDA device and --optimizer_args chooses no
+    implementation: one kernel updates every parameter (instead of several per tensor group). Not part of ss_optimizer:
+    the update is the same."""
+    if cls not in (torch.optim.Adam, torch.optim.AdamW) or "fused" in kwargs or "foreach" in kwargs:
+        return {}
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    return {"fused": True} if params and all(p.is_cuda and p.is_floating_point() for p in params) else {}
+
+
 def make_optimizer(args: Any, param_groups: list) -> tuple[str, str, torch.optim.Optimizer]:
     """Build the optimizer of `--optimizer_type` for `param_groups` (dicts with "params" and optionally "lr", or
     plain parameters), with `--learning_rate` as the default lr and `--optimizer_args` as keyword arguments.
@@ -499,7 +509,7 @@ def make_optimizer(args: Any, param_groups: list) -> tuple[str, str, torch.optim
         lr = group_lrs[0]  # every group has its own lr; the default only has to be valid
 
     try:
-        optimizer = cls(groups, lr=lr, **fixed, **kwargs)
+        optimizer = cls(groups, lr=lr, **fixed, **kwargs, **_fused_on_cuda(cls, kwargs, groups))
     except TypeError as e:
         raise ValueError(
             f"--optimizer_type {name} ({cls.__module__}.{cls.__name__}) rejected --optimizer_args {kwargs}: {e}"

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from library.transfer import to_device
+
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START = 0.00085
 BETA_END = 0.012
@@ -77,12 +79,12 @@ def _draw_device(generator: torch.Generator | None, fallback: torch.device) -> t
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """float32 N(0, 1) of ``shape`` drawn with ``generator`` (on its device), returned on ``device``."""
-    return torch.randn(shape, generator=generator, device=_draw_device(generator, device), dtype=torch.float32).to(device)
+    return to_device(torch.randn(shape, generator=generator, device=_draw_device(generator, device), dtype=torch.float32), device)
 
 
 def _rand(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """One float32 U[0, 1) draw as a 0-d tensor on ``device``."""
-    return torch.rand((), generator=generator, device=_draw_device(generator, device), dtype=torch.float32).to(device)
+    return to_device(torch.rand((), generator=generator, device=_draw_device(generator, device), dtype=torch.float32), device)
 
 
 def sample_noise(
@@ -176,7 +178,7 @@ def sample_timesteps(
         t = torch.randint(lo, hi, (batch,), generator=generator, device=draw_device, dtype=torch.long)
     else:
         t = torch.full((batch,), lo, device=draw_device, dtype=torch.long)
-    return t if device is None else t.to(device)
+    return t if device is None else to_device(t, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -205,7 +207,7 @@ def noisy_latents(
             strength = _rand(generator, latents.device) * ip_noise_gamma
         perturbation = _randn(tuple(latents.shape), generator, latents.device)
         input_noise = (noise + strength * perturbation).to(noise.dtype)
-    return scheduler.add_noise(latents, input_noise, timesteps.to(latents.device))
+    return scheduler.add_noise(latents, input_noise, to_device(timesteps, latents.device))
 
 
 def training_target(
@@ -214,7 +216,7 @@ def training_target(
     """What the model learns to predict: ``noise`` (epsilon), or with v-parameterization the velocity
     ``v = sqrt(a_t) * noise - sqrt(1 - a_t) * x0`` (diffusers' ``get_velocity``)."""
     if v_parameterization:
-        return scheduler.get_velocity(latents, noise, timesteps.to(latents.device))
+        return scheduler.get_velocity(latents, noise, to_device(timesteps, latents.device))
     return noise
 
 
@@ -250,7 +252,7 @@ def _per_sample(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor
     """A number, a 0-d tensor, or a (B,) tensor reshaped to (B, 1, ..., 1) to broadcast against ``like``."""
     if not isinstance(value, torch.Tensor):
         return value
-    value = value.to(device=like.device)
+    value = to_device(value, like.device)
     if value.ndim == 0:
         return value
     return value.reshape(-1, *([1] * (like.ndim - 1)))
@@ -280,10 +282,20 @@ def huber_c(
         k = -math.log(huber_c) / scheduler.config.num_train_timesteps
         return torch.exp(-k * t.float()) * huber_scale
     if schedule == "snr":
-        ac = scheduler.alphas_cumprod.detach().cpu().double()[t.cpu()]  # float64 on CPU (not every device has it)
+        ac = _host_alphas_cumprod(scheduler)[t.cpu()]  # float64 on CPU (not every device has it)
         sigma = torch.sqrt((1.0 - ac) / ac)  # inf where a_t == 0, giving c = huber_c
         return ((1.0 - huber_c) / (1.0 + sigma) ** 2 + huber_c).float().to(t.device)
     raise ValueError(f"unknown huber schedule {schedule!r}; expected one of {', '.join(HUBER_SCHEDULES)}")
+
+
+def _host_alphas_cumprod(scheduler: DDPMScheduler) -> torch.Tensor:
+    """A float64 host copy of the schedule's alphas_cumprod, made once: diffusers' add_noise moves the scheduler's own
+    table to the device, and reading it back every step would synchronise the host with the GPU."""
+    table = getattr(scheduler, "_kiln_host_alphas_cumprod", None)
+    if table is None:
+        table = scheduler.alphas_cumprod.detach().cpu().double()
+        scheduler._kiln_host_alphas_cumprod = table
+    return table
 
 
 def masked_loss(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -293,7 +305,7 @@ def masked_loss(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         mask = mask.unsqueeze(1)
     if mask.ndim != 4 or mask.shape[1] != 1:
         raise ValueError(f"mask must be (B, H, W) or (B, 1, H, W), got shape {tuple(mask.shape)}")
-    mask = mask.to(device=loss.device, dtype=loss.dtype)
+    mask = to_device(mask, loss.device, loss.dtype)
     if tuple(mask.shape[-2:]) != tuple(loss.shape[-2:]):
         mask = F.interpolate(mask, size=tuple(loss.shape[-2:]), mode="area")
     return loss * mask
@@ -307,8 +319,8 @@ def _snr_at(
     timesteps: torch.Tensor, snr_table: torch.Tensor, device: torch.device, cap: float | None = None, floor: bool = False
 ) -> torch.Tensor:
     """float32 ``snr_t`` per sample on ``device``; optionally capped above and floored at the table's smallest positive SNR."""
-    table = snr_table.to(device=device, dtype=torch.float32)
-    snr = table[timesteps.to(device).long()]
+    table = to_device(snr_table, device, torch.float32)
+    snr = table[to_device(timesteps, device).long()]
     if cap is not None:
         snr = snr.clamp(max=cap)
     if floor:

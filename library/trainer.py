@@ -26,6 +26,7 @@ from library.data_loader import make_data_loader
 from library.datasets import DatasetGroup, build_datasets, raise_on_errors
 from library.family import ModelFamily, TrainModels
 from library.lora_metadata import ESSENTIAL_KEYS, training_metadata
+from library.transfer import to_device
 
 logger = logging.getLogger("kiln")
 
@@ -488,14 +489,16 @@ class TrainingRun:
         micro = 0
         while state.epoch <= self.num_epochs and state.step < args.max_train_steps:
             self.loader.batch_sampler.set_epoch(state.epoch, state.batches_done)
-            epoch_losses = []
+            epoch_losses, step_losses = [], []
             for batch in self.loader:
                 micro += 1
                 state.batches_done += 1
-                epoch_losses.append(self.backward(batch))
+                step_losses.append(self.backward(batch))
                 if micro % args.gradient_accumulation_steps and state.batches_done < self.batches_per_epoch:
                     continue
-                self.optimizer_step(epoch_losses[-1])
+                self.optimizer_step(step_losses[-1])
+                epoch_losses += self.read_losses(step_losses)
+                step_losses = []
                 self.after_step(epoch_losses[-1])
                 if state.step >= args.max_train_steps:
                     break
@@ -504,19 +507,27 @@ class TrainingRun:
         self.progress.close()
         return self.finish()
 
-    def backward(self, batch: dict) -> float:
+    def backward(self, batch: dict) -> torch.Tensor:
+        """Forward and backward of one batch, queued without waiting for the GPU; returns the logged loss (device)."""
         loss, logged = batch_loss(
             self.args, self.family, self.models, batch, self.seed, self.device, self.weight_dtype, self.train_te, self.accelerator
         )
-        if not math.isfinite(logged):
-            raise TrainingError(
-                f"the loss became {logged} at step {self.state.step + 1}; training stopped. The last saved checkpoint "
-                "is kept. Lower the learning rate, or try --mixed_precision bf16 instead of fp16."
-            )
         self.accelerator.backward(loss / self.args.gradient_accumulation_steps)
         return logged
 
-    def optimizer_step(self, loss: float) -> None:
+    def read_losses(self, losses: list[torch.Tensor]) -> list[float]:
+        """The step's batch losses as numbers: the one point per step where the host waits for the GPU (after the
+        optimizer step is queued). A non-finite loss stops the run before anything is saved."""
+        values = torch.stack(losses).tolist()
+        bad = next((v for v in values if not math.isfinite(v)), None)
+        if bad is not None:
+            raise TrainingError(
+                f"the loss became {bad} at step {self.state.step}; training stopped. The last saved checkpoint "
+                "is kept. Lower the learning rate, or try --mixed_precision bf16 instead of fp16."
+            )
+        return values
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
         if self.accelerator.num_processes > 1:
             all_reduce_mean(self.trainable, self.accelerator.num_processes)
         if self.masters:
@@ -524,7 +535,7 @@ class TrainingRun:
         if self.args.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.optimized, self.args.max_grad_norm)
         self.optimizer.step()
-        self.lr_scheduler.step(loss) if self.metric_scheduler else self.lr_scheduler.step()
+        self.lr_scheduler.step(loss.item()) if self.metric_scheduler else self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.masters:
             self.masters.masters_to_params()
@@ -673,10 +684,10 @@ def batch_latents(
         mean, std = batch["latents_mean"], batch["latents_std"]
     else:
         with torch.no_grad():
-            mean, std = family.encode_images(models, batch["images"].to(device, models.vae.dtype))
-    eps = torch.cat([torch.randn((1,) + mean.shape[1:], generator=g) for g in generators]).to(mean.device)
-    latents = family.scale_latents(mean.float() + std.float() * eps)
-    return torch.nan_to_num(latents).to(device, dtype)
+            mean, std = family.encode_images(models, to_device(batch["images"], device, models.vae.dtype))
+    eps = to_device(torch.cat([torch.randn((1,) + mean.shape[1:], generator=g) for g in generators]), mean.device)
+    latents = family.scale_latents(mean.float() + std.float() * eps)  # cached latents: computed on the host
+    return to_device(torch.nan_to_num(latents), device, dtype)
 
 
 def batch_loss(
@@ -691,22 +702,19 @@ def batch_loss(
     accelerator,
     timesteps: torch.Tensor | None = None,
     kind: str = "train",
-) -> tuple[torch.Tensor, float]:
-    """(loss to backpropagate, this process's mean sample loss for logging)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, this process's mean sample loss for logging as a 0-d device tensor). Nothing in here
+    waits for the GPU: host tensors go over with to_device, and the logged value is read once per optimizer step."""
     generators = sample_generators(seed, batch, kind)
     latents = batch_latents(family, models, batch, generators, device, dtype)
     with accelerator.autocast():
         with torch.set_grad_enabled(train_te and kind == "train"):
             conds = family.text_conditioning(args, models, batch)
         losses = family.sample_losses(args, models, batch, latents, conds, generators, timesteps)
-    weights = batch["loss_weights"].to(device) * batch["loss_scales"].to(device)
-    loss = (losses * weights).sum()
-    real = batch["loss_scales"] > 0
-    logged = (
-        (losses.detach()[real.to(device)] * batch["loss_weights"].to(device)[real.to(device)]).mean().item()
-        if real.any()
-        else 0.0
-    )
+    loss = (losses * to_device(batch["loss_weights"] * batch["loss_scales"], device)).sum()
+    real = batch["loss_scales"] > 0  # padding samples of an uneven per-process share have scale 0
+    weighted = losses.detach() * to_device(batch["loss_weights"], device)
+    logged = torch.where(to_device(real, device), weighted, 0.0).sum() / max(int(real.sum()), 1)
     return loss, logged
 
 

@@ -18,15 +18,17 @@ def test_dataset_benchmark_small():
     assert "images/s over 300 images" in res.stdout
 
 
-def test_gpu_train_step_benchmark_code_runs_on_cpu_smoke():
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_train_step.py"), "--smoke"],
+def test_gpu_train_step_benchmark_code_runs_on_cpu_smoke(tmp_path):
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_train_step.py"), "--smoke", "--profile", tmp_path],
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert "smoke " in res.stdout and "s/step" in res.stdout
+    assert all(f"smoke LoRA 32/16, checkpointing {c}" in res.stdout for c in (True, False)) and "s/step" in res.stdout
+    assert "--- profile of smoke LoRA 32/16, checkpointing True" in res.stdout
+    assert len(list(tmp_path.glob("*.json"))) == 2  # one trace per configuration
 
 
 def test_gpu_train_step_benchmark_flux_configurations_run_on_cpu_smoke():
     res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_train_step.py"), "--family", "flux", "--smoke"],
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert all(f"smoke {mode}" in res.stdout for mode in ("bf16", "fp8_base", "blocks_to_swap"))
+    assert all(f"smoke LoRA 16/16, checkpointing, {mode}" in res.stdout for mode in ("bf16", "fp8_base", "blocks_to_swap"))

@@ -625,3 +625,16 @@ def test_every_listed_schedule_builds():
         else:
             sched.step()
         assert opt.param_groups[0]["lr"] <= LR
+
+
+def test_adam_is_fused_only_for_cuda_parameters_without_a_chosen_implementation():
+    from library.optimizers import _fused_on_cuda
+
+    cuda_param = types.SimpleNamespace(is_cuda=True, is_floating_point=lambda: True)
+    cpu_param = torch.nn.Parameter(torch.zeros(2))
+    assert _fused_on_cuda(torch.optim.AdamW, {}, [{"params": [cuda_param]}]) == {"fused": True}
+    assert _fused_on_cuda(torch.optim.Adam, {}, [cuda_param]) == {"fused": True}
+    assert _fused_on_cuda(torch.optim.AdamW, {"foreach": False}, [{"params": [cuda_param]}]) == {}
+    assert _fused_on_cuda(torch.optim.AdamW, {}, [{"params": [cuda_param, cpu_param]}]) == {}
+    assert _fused_on_cuda(torch.optim.SGD, {}, [{"params": [cuda_param]}]) == {}
+    assert _fused_on_cuda(torch.optim.AdamW, {}, []) == {}
