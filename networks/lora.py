@@ -316,8 +316,8 @@ class LoRANetwork(nn.Module):
                 norm = m.delta_weight().norm().item()
                 if norm > max_norm:
                     ratio = math.sqrt(max_norm / norm)
-                    m.lora_down.weight.mul_(ratio)
-                    m.lora_up.weight.mul_(ratio)
+                    for p in m.parameters():  # lora_down and lora_up (every part of a split adapter)
+                        p.mul_(ratio)
                     scaled += 1
                     norm = max_norm
                 norms.append(norm)

@@ -6,6 +6,15 @@ one `FusedLoRAModule` holds the fused adapter (`lora_down` (r, in), `lora_up` (s
 Linear of the group: Linear i outputs `org_i(x) + up[rows of i] @ down @ x * multiplier * alpha / r`. Text encoders:
 CLIP-L `lora_te1_text_model_...`, T5 `lora_te3_encoder_block_...` (only with train_t5xxl=True).
 
+split_qkv=True (`SplitLoRAModule`): each of those n Linears gets its own LoRA (down_i (r, in), up_i (out_i, r), scale
+alpha / r). The file keeps the fused layout every consumer reads: `lora_down` = the downs stacked (n*r, in), `lora_up` =
+block-diagonal of the ups (sum of outs, n*r), `alpha` = n * alpha, so that alpha / rank computed on the fused module is the
+trained alpha / r (sd-scripts writes alpha unchanged there, and consumers apply 1/n of the trained strength). Without
+split_qkv such a file is a plain fused adapter of rank n*r with the same output. With split_qkv, a block-diagonal file is
+split back exactly; a plain fused file of rank R (trained without split_qkv) is loaded exactly by giving every part the
+whole down (part rank R, saved as rank n*R, alpha n*alpha); a non-block-diagonal file of rank n*r cannot fit parts of
+rank r and is refused, naming the module (use --dim_from_weights).
+
 network_args: see KNOWN_ARGS; unsupported sd-scripts arguments are refused (UNSUPPORTED_ARGS), anything else is an error.
 Files in the diffusers/PEFT layout (ai-toolkit: `transformer.<diffusers path>.lora_A.weight` / `.lora_B.weight`) are
 converted to the fused kohya layout exactly on load (`peft_to_kohya`).
@@ -13,6 +22,7 @@ converted to the fused kohya layout exactly on load (`peft_to_kohya`).
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -61,10 +71,10 @@ KNOWN_ARGS = {
     "loraplus_lr_ratio",
     "loraplus_unet_lr_ratio",
     "loraplus_text_encoder_lr_ratio",
+    "split_qkv",
     *TYPE_DIM_ARGS,
 }
 UNSUPPORTED_ARGS = {
-    "split_qkv": "split_qkv is not supported yet (kiln trains the fused qkv/linear1 adapter sd-scripts saves)",
     "ggpo_sigma": "LoRA-GGPO (ggpo_sigma/ggpo_beta) is not supported yet",
     "ggpo_beta": "LoRA-GGPO (ggpo_sigma/ggpo_beta) is not supported yet",
     "network_reg_dims": "network_reg_dims is not supported yet",
@@ -160,6 +170,162 @@ class FusedLoRAModule(LoRAModule):
         return out + (y if y.dtype == out.dtype else y.to(out.dtype))
 
 
+class SplitLoRAModule(FusedLoRAModule):
+    """split_qkv: one LoRA per wrapped Linear (`lora_down[i]` (r, in), `lora_up[i]` (out_i, r), scale alpha / r), seen
+    from outside as the fused adapter it is saved as: `rank` = n*r, `alpha` = n*alpha (so alpha / rank is the trained
+    scale), state dict `lora_down.weight` = the downs stacked, `lora_up.weight` = block-diagonal of the ups. Loading
+    splits a block-diagonal fused adapter back into the parts (anything else is an error naming the module)."""
+
+    def __init__(self, name: str, org_modules: list[nn.Linear], rank: int, alpha: float | None, **kw) -> None:
+        super().__init__(name, org_modules, rank, alpha, **kw)
+        n = len(org_modules)
+        self.part_rank = rank
+        self.rank = n * rank  # the saved (fused) rank
+        # the parts replace the fused lora_down / lora_up that FusedLoRAModule built
+        self.lora_down = nn.ModuleList(nn.Linear(org_modules[0].in_features, rank, bias=False) for _ in self.splits)
+        self.lora_up = nn.ModuleList(nn.Linear(rank, out, bias=False) for out in self.splits)
+        for down, up in zip(self.lora_down, self.lora_up):
+            nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+            nn.init.zeros_(up.weight)
+        self.alpha.fill_(n * (rank if alpha is None or alpha == 0 else float(alpha)))
+        self.scale = self.alpha.item() / self.rank  # from the stored alpha, exactly as after load_weights
+        self.register_state_dict_post_hook(_fuse_parts_hook)
+        self.register_load_state_dict_pre_hook(_split_parts_hook)
+
+    def _down(self, x: torch.Tensor) -> tuple | None:
+        """The parts share only the module-dropout decision (one per input tensor, as the fused module's): None = skip."""
+        return None if torch.rand(()) < self.module_dropout else ()
+
+    def _part_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        out = self._org_forwards[i](x)
+        if self.multiplier == 0:
+            return out
+        down, up = self.lora_down[i].weight, self.lora_up[i].weight
+        scale = self.scale
+        if not self.training or not (self.dropout or self.rank_dropout or self.module_dropout):
+            if x.dtype != down.dtype and not torch.is_autocast_enabled(x.device.type):
+                x = x.to(down.dtype)
+            y = nn.functional.linear(nn.functional.linear(x, down), up)
+        else:
+            if self.module_dropout and self._shared_down(i, x) is None:
+                return out
+            h = nn.functional.linear(x.to(down.dtype), down)
+            if self.dropout:
+                h = nn.functional.dropout(h, p=self.dropout)
+            if self.rank_dropout:
+                mask = (torch.rand(h.shape[0], self.part_rank, device=h.device) > self.rank_dropout).to(h.dtype)
+                if h.dim() == 3:
+                    mask = mask[:, None, :]
+                h = h * mask
+                scale = scale / (1.0 - self.rank_dropout)
+            y = nn.functional.linear(h, up)
+        y = y * (self.multiplier * scale)
+        return out + (y if y.dtype == out.dtype else y.to(out.dtype))
+
+    def delta_weight(self) -> torch.Tensor:
+        """The fused weight change (sum of outs, in): each part's up_i @ down_i * scale, stacked."""
+        return torch.cat(
+            [lora_delta(d.weight.float(), u.weight.float(), self.scale) for d, u in zip(self.lora_down, self.lora_up)]
+        )
+
+
+def _fuse_parts_hook(module: SplitLoRAModule, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: the parts' keys -> the fused kohya keys (downs stacked, ups block-diagonal)."""
+    n = len(module.splits)
+    downs = [state_dict.pop(f"{prefix}lora_down.{i}.weight").detach() for i in range(n)]
+    ups = [state_dict.pop(f"{prefix}lora_up.{i}.weight").detach() for i in range(n)]
+    state_dict[prefix + "lora_down.weight"] = torch.cat(downs)
+    state_dict[prefix + "lora_up.weight"] = torch.block_diag(*ups)
+
+
+def _split_parts_hook(module: SplitLoRAModule, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: the fused kohya keys -> the parts' keys (the fused up must be block-diagonal)."""
+    key_down, key_up = prefix + "lora_down.weight", prefix + "lora_up.weight"
+    if key_down not in state_dict or key_up not in state_dict:
+        return
+    down, up = state_dict[key_down], state_dict[key_up]
+    want_down, want_up = (module.rank, module.org_modules[0].in_features), (sum(module.splits), module.rank)
+    if tuple(down.shape) != want_down or tuple(up.shape) != want_up:
+        raise ValueError(
+            f"{module.lora_name}: lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} do not fit this split_qkv "
+            f"adapter (lora_down ({module.rank}, in), lora_up {want_up})"
+        )
+    parts = block_diagonal_parts(down, up, module.splits, module.part_rank)
+    if parts is None:
+        raise ValueError(f"{module.lora_name}: lora_up is not block-diagonal, so it cannot be split into split_qkv parts")
+    del state_dict[key_down], state_dict[key_up]
+    for i, (d, u) in enumerate(parts):
+        state_dict[f"{prefix}lora_down.{i}.weight"] = d
+        state_dict[f"{prefix}lora_up.{i}.weight"] = u
+
+
+def block_diagonal_parts(
+    down: torch.Tensor, up: torch.Tensor, splits: list[int], part_rank: int
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """[(down_i (r, in), up_i (out_i, r))] of a fused adapter (down (n*r, in), up (sum of outs, n*r)) whose up is
+    block-diagonal, i.e. the same delta as n separate LoRAs; None when the shapes differ or an off-diagonal block of up
+    is not all zero."""
+    n = len(splits)
+    if down.dim() != 2 or down.shape[0] != n * part_rank or tuple(up.shape) != (sum(splits), n * part_rank):
+        return None
+    parts = []
+    for i, (d, rows) in enumerate(zip(down.split(part_rank), up.split(splits))):
+        blocks = rows.split(part_rank, dim=1)
+        if any(b.any() for j, b in enumerate(blocks) if j != i):
+            return None
+        parts.append((d, blocks[i]))
+    return parts
+
+
+def fit_split_qkv(
+    state_dict: dict[str, torch.Tensor],
+    fused: dict[str, list[int]],
+    part_ranks: dict[str, int] | None = None,
+    source: str = "weights",
+) -> dict[str, torch.Tensor]:
+    """The file with every fused adapter of `fused` (name -> its parts' output widths) in the block-diagonal layout
+    split_qkv loads: a block-diagonal adapter of rank n*r stays; any other (a plain fused adapter of rank R) is expanded
+    exactly (each part gets the whole down: down repeated n times, up block-diagonal, alpha n * alpha; same delta). With
+    `part_ranks` (a network's part rank r per name), an adapter of rank n*r that is not block-diagonal is an error; other
+    shape mismatches are left for load_weights to report."""
+    out = dict(state_dict)
+    for name, splits in fused.items():
+        down, up = state_dict.get(name + ".lora_down.weight"), state_dict.get(name + ".lora_up.weight")
+        if down is None or up is None or down.dim() != 2:
+            continue
+        n, rank = len(splits), down.shape[0]
+        want = None if part_ranks is None else part_ranks.get(name)
+        if rank % n == 0 and want in (None, rank // n) and block_diagonal_parts(down, up, splits, rank // n) is not None:
+            continue
+        if want is not None and want != rank:
+            if want * n == rank:
+                raise ValueError(
+                    f"{source}: {name} is a fused adapter of rank {rank} whose lora_up is not block-diagonal (trained "
+                    f"without split_qkv), so it does not fit split_qkv parts of rank {want}; with split_qkv it loads as "
+                    f"parts of rank {rank} (--dim_from_weights, or network_dim {rank})"
+                )
+            continue
+        if tuple(up.shape) != (sum(splits), rank):
+            continue
+        alpha = state_dict.get(name + ".alpha")
+        alpha = float(rank) if alpha is None else float(alpha)
+        out[name + ".lora_down.weight"] = down.repeat(n, 1)
+        out[name + ".lora_up.weight"] = torch.block_diag(*up.split(splits))
+        out[name + ".alpha"] = torch.tensor(n * alpha)
+    return out
+
+
+def split_targets(transformer) -> dict[str, list[int]]:
+    """Adapter name -> output widths of the diffusers Linears it fuses, for the adapters split_qkv splits."""
+    if transformer is None:
+        return {}
+    return {
+        name: [transformer.get_submodule(p).out_features for p in paths]
+        for name, paths in transformer_candidates(transformer)
+        if len(paths) > 1
+    }
+
+
 def _parse_bool(value, key: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -249,7 +415,9 @@ def transformer_candidates(transformer) -> list[tuple[str, list[str]]]:
 
 
 class FluxLoRANetwork(LoRANetwork):
-    """All LoRA modules of a FLUX transformer and its text encoders; `module_dims` (adapter name -> rank) picks them."""
+    """All LoRA modules of a FLUX transformer and its text encoders; `module_dims` (adapter name -> rank) picks them.
+
+    split_qkv: fused adapters become `SplitLoRAModule`s; their module_dims / module_alphas are per part (r, alpha)."""
 
     def __init__(
         self,
@@ -264,9 +432,11 @@ class FluxLoRANetwork(LoRANetwork):
         loraplus_lr_ratio: float | None = None,
         loraplus_unet_lr_ratio: float | None = None,
         loraplus_text_encoder_lr_ratio: float | None = None,
+        split_qkv: bool = False,
     ) -> None:
         nn.Module.__init__(self)
         self.multiplier = multiplier
+        self.split_qkv = split_qkv
         self.loraplus_unet = loraplus_unet_lr_ratio or loraplus_lr_ratio
         self.loraplus_te = loraplus_text_encoder_lr_ratio or loraplus_lr_ratio
         self.aliases: dict[str, str] = {}
@@ -285,7 +455,8 @@ class FluxLoRANetwork(LoRANetwork):
             if len(modules) == 1:
                 self.unet_loras.append(LoRAModule(name, modules[0], module_dims[name], alphas.get(name), **common))
             else:
-                self.unet_loras.append(FusedLoRAModule(name, modules, module_dims[name], alphas.get(name), **common))
+                cls = SplitLoRAModule if split_qkv else FusedLoRAModule
+                self.unet_loras.append(cls(name, modules, module_dims[name], alphas.get(name), **common))
         for m in self.loras:
             self.add_module(m.lora_name, m)
 
@@ -293,9 +464,14 @@ class FluxLoRANetwork(LoRANetwork):
         return "_".join(lora_name.split("_")[:2])  # lora_te1 / lora_te3
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "weights") -> list[str]:
-        """Load kohya FLUX keys, or a diffusers/PEFT-layout file (converted to the fused layout first)."""
+        """Load kohya FLUX keys, or a diffusers/PEFT-layout file (converted to the fused layout first). split_qkv
+        adapters take a block-diagonal fused adapter of their rank, or a plain one of their part rank (see fit_split_qkv)."""
         if is_peft_layout(state_dict):
             state_dict = peft_to_kohya(state_dict, self._transformer[0])
+        split = [m for m in self.unet_loras if isinstance(m, SplitLoRAModule)]
+        if split:
+            fused = {m.lora_name: m.splits for m in split}
+            state_dict = fit_split_qkv(state_dict, fused, {m.lora_name: m.part_rank for m in split}, source)
         return super().load_weights(state_dict, source)
 
 
@@ -436,6 +612,7 @@ def _network_kwargs(args: dict, neuron_dropout: float | None = None) -> dict:
         "loraplus_lr_ratio": _float_arg(args, "loraplus_lr_ratio"),
         "loraplus_unet_lr_ratio": _float_arg(args, "loraplus_unet_lr_ratio"),
         "loraplus_text_encoder_lr_ratio": _float_arg(args, "loraplus_text_encoder_lr_ratio"),
+        "split_qkv": _parse_bool(args.get("split_qkv", False), "split_qkv"),
     }
 
 
@@ -461,12 +638,19 @@ def create_network(
 def create_network_from_weights(
     multiplier: float, state_dict: dict[str, torch.Tensor], text_encoders, transformer, **network_args
 ) -> FluxLoRANetwork:
-    """A network shaped like the file (kohya FLUX or diffusers/PEFT layout); loads nothing yet."""
+    """A network shaped like the file (kohya FLUX or diffusers/PEFT layout); loads nothing yet. With split_qkv, a
+    block-diagonal fused adapter of rank n*r gives parts of rank r, any other fused adapter of rank R parts of rank R."""
     args = check_network_args(dict(network_args))
+    kwargs = _network_kwargs(args)
     if is_peft_layout(state_dict):
         state_dict = peft_to_kohya(state_dict, transformer)
-    dims, alphas = dims_from_weights(state_dict)
-    return FluxLoRANetwork(text_encoders, transformer, dims, alphas, multiplier=multiplier, **_network_kwargs(args))
+    fused = split_targets(transformer) if kwargs["split_qkv"] else {}
+    dims, alphas = dims_from_weights(fit_split_qkv(state_dict, fused))
+    for name, splits in fused.items():
+        if name in dims:
+            dims[name] //= len(splits)
+            alphas[name] /= len(splits)
+    return FluxLoRANetwork(text_encoders, transformer, dims, alphas, multiplier=multiplier, **kwargs)
 
 
 def merge_into_transformer(state_dict: dict[str, torch.Tensor], ratio: float, transformer: nn.Module, text_encoders=None) -> int:

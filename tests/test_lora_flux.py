@@ -233,7 +233,7 @@ def test_train_t5xxl(tiny):
     )
 
 
-@pytest.mark.parametrize("key", ["split_qkv", "ggpo_sigma", "ggpo_beta", "network_reg_dims", "network_reg_lrs"])
+@pytest.mark.parametrize("key", ["ggpo_sigma", "ggpo_beta", "network_reg_dims", "network_reg_lrs"])
 def test_unsupported_args_refused(tiny, key):
     with pytest.raises(ValueError, match="not supported yet"):
         lf.create_network(1.0, 4, 1.0, [], tiny["transformer"], **{key: "1"})
