@@ -163,8 +163,7 @@ class FluxFamily(ModelFamily):
             return None
         from library.custom_offloading_utils import HostActivationOffload
 
-        self.activation_offload = HostActivationOffload()
-        return self.activation_offload.checkpoint
+        return HostActivationOffload().checkpoint
 
     def strategies(self, args, models: TrainModels):
         if not hasattr(self, "_tokenize"):

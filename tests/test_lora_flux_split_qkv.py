@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from test_lora_flux import _inputs
 
 from networks import lora_flux as lf
 
@@ -25,20 +26,6 @@ def transformer():
 
     torch.manual_seed(0)
     return FluxTransformer2DModel(**tiny_flux_transformer_config()).eval()
-
-
-def _inputs(config, seed=1, img_tokens=6, txt_tokens=4):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "hidden_states": torch.randn(1, img_tokens, config.in_channels, generator=g),
-        "encoder_hidden_states": torch.randn(1, txt_tokens, config.joint_attention_dim, generator=g),
-        "pooled_projections": torch.randn(1, config.pooled_projection_dim, generator=g),
-        "timestep": torch.tensor([0.7]),
-        "img_ids": torch.randn(img_tokens, 3, generator=g),
-        "txt_ids": torch.zeros(txt_tokens, 3),
-        "guidance": torch.tensor([3.5]) if config.guidance_embeds else None,
-        "return_dict": False,
-    }
 
 
 def _run(transformer, inputs, network=None):
