@@ -509,6 +509,7 @@ class TrainingRun:
 
     def backward(self, batch: dict) -> torch.Tensor:
         """Forward and backward of one batch, queued without waiting for the GPU; returns the logged loss (device)."""
+        use_dataset_multiplier(self.network, batch)
         loss, logged = batch_loss(
             self.args, self.family, self.models, batch, self.seed, self.device, self.weight_dtype, self.train_te, self.accelerator
         )
@@ -606,6 +607,7 @@ class TrainingRun:
         self.last_sampled = step
         if self.prompts and self.accelerator.is_main_process:
             self.network.eval()
+            self.network.set_multiplier(1.0)  # previews show the LoRA at full strength, whatever the last dataset's
             with evaluation_weights(self.optimizer, self.masters), self.accelerator.autocast():
                 self.family.sample_images(
                     self.args,
@@ -639,6 +641,7 @@ class TrainingRun:
                 x,
                 kind,
                 self.log_with,
+                self.network,
             )
 
 
@@ -718,8 +721,19 @@ def batch_loss(
     return loss, logged
 
 
-def validate(args, family, models, val_loader, seed, device, dtype, accelerator, train_average, x, kind, log_with) -> float:
-    """Mean loss over the validation images at fixed timesteps, with noise fixed by the validation seed."""
+def use_dataset_multiplier(network, batch: dict) -> None:
+    """The adapter strength of the batch's dataset (`network_multiplier` in the dataset config; a batch never mixes
+    datasets): e.g. -1 trains the LoRA away from a dataset. sd-scripts reads the key and ignores it."""
+    multiplier = float(batch["network_multipliers"][0])
+    if multiplier != network.multiplier:
+        network.set_multiplier(multiplier)
+
+
+def validate(
+    args, family, models, val_loader, seed, device, dtype, accelerator, train_average, x, kind, log_with, network
+) -> float:
+    """Mean loss over the validation images at fixed timesteps, with noise fixed by the validation seed (each
+    dataset's network_multiplier applied, as in training)."""
     val_seed = args.validation_seed if args.validation_seed is not None else seed
     val_loader.batch_sampler.set_epoch(1)
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -727,6 +741,7 @@ def validate(args, family, models, val_loader, seed, device, dtype, accelerator,
         for n, batch in enumerate(val_loader):
             if args.max_validation_steps and n >= args.max_validation_steps:
                 break
+            use_dataset_multiplier(network, batch)
             for t in family.validation_timesteps(args):
                 timesteps = torch.full((len(batch["captions"]),), t, dtype=torch.long)
                 loss, _ = batch_loss(

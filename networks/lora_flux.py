@@ -35,6 +35,7 @@ from networks.lora import (
     LoRANetwork,
     _float_arg,
     _target_modules,
+    add_scaled,
     dims_from_weights,
     lora_delta,
 )
@@ -166,8 +167,8 @@ class FusedLoRAModule(LoRAModule):
             return out
         h, scale = res
         start = sum(self.splits[:i])
-        y = nn.functional.linear(h, self.lora_up.weight[start : start + self.splits[i]]) * (self.multiplier * scale)
-        return out + (y if y.dtype == out.dtype else y.to(out.dtype))
+        y = nn.functional.linear(h, self.lora_up.weight[start : start + self.splits[i]])
+        return add_scaled(out, y, self.multiplier * scale)
 
 
 class SplitLoRAModule(FusedLoRAModule):
@@ -219,8 +220,7 @@ class SplitLoRAModule(FusedLoRAModule):
                 h = h * mask
                 scale = scale / (1.0 - self.rank_dropout)
             y = nn.functional.linear(h, up)
-        y = y * (self.multiplier * scale)
-        return out + (y if y.dtype == out.dtype else y.to(out.dtype))
+        return add_scaled(out, y, self.multiplier * scale)
 
     def delta_weight(self) -> torch.Tensor:
         """The fused weight change (sum of outs, in): each part's up_i @ down_i * scale, stacked."""

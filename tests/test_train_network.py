@@ -725,3 +725,22 @@ def test_ckpt_format_step_pruning_workers_masked_loss_and_epoch_samples(tiny_sd,
     assert sd and all(k.startswith("lora_te_") for k in sd)
     samples = sorted(os.listdir(out / "sample"))
     assert sorted(n.split("_")[1] for n in samples) == ["000008", "e000001"]  # epoch 1, then the end of training
+
+
+def test_dataset_network_multiplier_scales_the_adapter(tiny_sd, dataset, tmp_path):
+    """network_multiplier = -1 (dataset config): the first SGD step from up = 0 is exactly the negative of the step with
+    multiplier 1 (gradient of up = multiplier x G; the forward is the same while up is 0), down unchanged."""
+    text = open(dataset).read()
+    runs = {}
+    for m in (1.0, -1.0):
+        config = tmp_path / f"m{m}.toml"
+        config.write_text(text.replace("batch_size = 2", f"batch_size = 2\nnetwork_multiplier = {m}"))
+        out = tmp_path / f"m{m}"
+        launch("--pretrained_model_name_or_path", tiny_sd, "--dataset_config", config, "--output_dir", out, "--output_name", "m",
+               "--max_train_steps", 1, *BASE, "--optimizer_type", "SGDNesterov", "--max_grad_norm", 0)
+        runs[m] = load_file(str(out / "m.safetensors"))
+    ups = [k for k in runs[1.0] if k.endswith("lora_up.weight")]
+    assert ups and any(runs[1.0][k].abs().sum() > 0 for k in ups)
+    for k, v in runs[1.0].items():
+        expected = -v if k.endswith("lora_up.weight") else v
+        assert torch.equal(runs[-1.0][k], expected), k
