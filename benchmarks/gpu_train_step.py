@@ -182,6 +182,9 @@ def _time_steps(
     from library.optimizers import make_optimizer
 
     device = accelerator.device
+    from library.trainer import tune_backends
+
+    tune_backends(device)
     params = list(network.parameters())
     for p in params:
         p.requires_grad_(True)

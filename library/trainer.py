@@ -105,6 +105,13 @@ def check_args(args, family: ModelFamily) -> None:
         os.environ["WANDB_API_KEY"] = args.wandb_api_key
 
 
+def tune_backends(device: torch.device) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms once per input shape and keep the fastest (the U-Nets are
+    convolution-heavy; each bucket resolution is timed on first use)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def compile_repeated_blocks(model: torch.nn.Module, backend: str) -> int:
     """torch.compile the forward of each of the model's repeated blocks (diffusers' `_repeated_blocks` classes:
     transformer blocks), after the adapters are applied. Module hooks (block swap) stay outside the compiled code.
@@ -380,6 +387,7 @@ class TrainingRun:
         trackers = None if self.log_with is None else ("all" if self.log_with == "all" else [self.log_with])
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers, project_dir=logging_dir)
         self.device = self.accelerator.device
+        tune_backends(self.device)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
         os.makedirs(args.output_dir, exist_ok=True)
 
