@@ -4,7 +4,8 @@
         [--profile DIR]
 
 FLUX: the FLUX.1 dev transformer (random weights), 1024x1024, batch 1, LoRA dim 16 alpha 16, AdamW, gradient
-checkpointing, cached latents and text outputs, in three configurations: bf16, --fp8_base, --blocks_to_swap 18.
+checkpointing, cached latents and text outputs, in four configurations: bf16, --fp8_base, --blocks_to_swap 18,
+--cpu_offload_checkpointing.
 
 SDXL: the real SDXL base U-Net (diffusers class, random weights) on the GPU, 1024x1024, batch 1, bf16 mixed precision,
 LoRA dim 32 alpha 16 on the U-Net, AdamW, cached latents and text-encoder outputs (random tensors of the real
@@ -103,7 +104,8 @@ FLUX_DEV_TRANSFORMER = {
 
 
 def bench_flux(steps: int, resolution: int, mode: str, smoke: bool = False, compiled: bool = False, **options) -> tuple[float, float]:
-    """FLUX.1 dev LoRA dim 16 alpha 16 on the transformer, gradient checkpointing; mode: bf16, fp8_base or blocks_to_swap."""
+    """FLUX.1 dev LoRA dim 16 alpha 16 on the transformer, gradient checkpointing; mode: bf16, fp8_base, blocks_to_swap
+    or cpu_offload_checkpointing."""
     from accelerate import Accelerator
     from diffusers import FluxTransformer2DModel
 
@@ -117,7 +119,8 @@ def bench_flux(steps: int, resolution: int, mode: str, smoke: bool = False, comp
     args = training_args(family, mixed_precision="no" if smoke else "bf16", network_dim=16, network_alpha=16, network_train_unet_only=True,
                          gradient_checkpointing=True, learning_rate=1e-4, max_grad_norm=1.0, timestep_sampling="flux_shift",
                          model_prediction_type="raw", guidance_scale=1.0, fp8_base=mode == "fp8_base",
-                         blocks_to_swap=(2 if smoke else 18) if mode == "blocks_to_swap" else None)
+                         blocks_to_swap=(2 if smoke else 18) if mode == "blocks_to_swap" else None,
+                         cpu_offload_checkpointing=mode == "cpu_offload_checkpointing")
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=smoke)
     device = accelerator.device
     if smoke:
@@ -134,7 +137,7 @@ def bench_flux(steps: int, resolution: int, mode: str, smoke: bool = False, comp
         for p in transformer.parameters():
             p.normal_(0.0, 0.02)
     transformer.requires_grad_(False)
-    transformer.enable_gradient_checkpointing()
+    transformer.enable_gradient_checkpointing(family.gradient_checkpointing_func(args))
     transformer.train()
     if mode == "fp8_base":
         from library.fp8_utils import store_linear_weights_fp8
@@ -248,7 +251,8 @@ def main() -> None:
     if args.family == "sdxl":
         configs = [(f"LoRA 32/16, checkpointing {c}", bench_sdxl, c) for c in (True, False)]
     else:
-        configs = [(f"LoRA 16/16, checkpointing, {m}", bench_flux, m) for m in ("bf16", "fp8_base", "blocks_to_swap")]
+        modes = ("bf16", "fp8_base", "blocks_to_swap", "cpu_offload_checkpointing")
+        configs = [(f"LoRA 16/16, checkpointing, {m}", bench_flux, m) for m in modes]
     runs = [(label, fn, config, False) for label, fn, config in configs]
     if args.compile:
         runs += [(label + ", compiled", fn, config, True) for label, fn, config in configs]

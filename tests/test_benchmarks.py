@@ -31,4 +31,4 @@ def test_gpu_train_step_benchmark_flux_configurations_run_on_cpu_smoke():
     res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_train_step.py"), "--family", "flux", "--smoke"],
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert all(f"smoke LoRA 16/16, checkpointing, {mode}" in res.stdout for mode in ("bf16", "fp8_base", "blocks_to_swap"))
+    assert all(f"smoke LoRA 16/16, checkpointing, {mode}" in res.stdout for mode in ("bf16", "fp8_base", "blocks_to_swap", "cpu_offload_checkpointing"))
