@@ -16,7 +16,7 @@ def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dty
     device = torch.device(device)
     if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device, dtype)
-    if dtype is not None and tensor.dtype != dtype and tensor.element_size() > torch.empty((), dtype=dtype).element_size():
+    if dtype is not None and tensor.dtype != dtype and tensor.element_size() > dtype.itemsize:
         tensor = tensor.to(dtype)  # narrow on the host: fewer bytes to copy
     out = tensor.pin_memory().to(device, non_blocking=True)
     return out if dtype is None else out.to(dtype)
