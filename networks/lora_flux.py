@@ -89,8 +89,9 @@ UNSUPPORTED_ARGS = {
 class FusedLoRAModule(LoRAModule):
     """One adapter over several Linears that see the same input (BFL's fused qkv / linear1).
 
-    `lora_up` rows are split among the wrapped Linears in order; `down(x)` is computed once per input tensor and shared
-    (with its dropout masks) by all of them."""
+    `lora_up` rows are split among the wrapped Linears in order; `up(down(x))` is computed once per input tensor (one
+    matmul each, with the dropout masks) and each Linear adds its columns of the result: the fused BFL layer's LoRA,
+    in two matmuls instead of one pair per Linear."""
 
     def __init__(self, name: str, org_modules: list[nn.Linear], rank: int, alpha: float | None, **kw) -> None:
         super().__init__(name, org_modules[0], rank, alpha, **kw)
@@ -126,13 +127,15 @@ class FusedLoRAModule(LoRAModule):
         """The concatenated outputs of all wrapped Linears with the adapter (= the fused BFL Linear's output)."""
         return torch.cat([self._part_forward(i, x) for i in range(len(self._org))], dim=-1)
 
-    def _down(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-        """(down(x) with dropouts, scale to apply), or None when module dropout skips the adapter."""
-        down = self.lora_down.weight
+    def _down(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], float] | None:
+        """(each wrapped Linear's part of up(down(x)) with dropouts, scale to apply), or None when module dropout skips
+        the adapter. One down and one up matmul serve all parts (backward: one concatenation of the parts' gradients)."""
+        down, up = self.lora_down.weight, self.lora_up.weight
         if not self.training or not (self.dropout or self.rank_dropout or self.module_dropout):
             if x.dtype != down.dtype and not torch.is_autocast_enabled(x.device.type):
                 x = x.to(down.dtype)
-            return nn.functional.linear(x, down), self.scale
+            y = nn.functional.linear(nn.functional.linear(x, down), up)
+            return y.split(self.splits, dim=-1), self.scale
         if self.module_dropout and torch.rand(()) < self.module_dropout:
             return None
         h = self.lora_down(x.to(down.dtype))
@@ -145,7 +148,7 @@ class FusedLoRAModule(LoRAModule):
                 mask = mask[:, None, :]
             h = h * mask
             scale = scale / (1.0 - self.rank_dropout)
-        return h, scale
+        return nn.functional.linear(h, up).split(self.splits, dim=-1), scale
 
     def _shared_down(self, i: int, x: torch.Tensor):
         c = self._cache
@@ -165,10 +168,8 @@ class FusedLoRAModule(LoRAModule):
         res = self._shared_down(i, x)
         if res is None:
             return out
-        h, scale = res
-        start = sum(self.splits[:i])
-        y = nn.functional.linear(h, self.lora_up.weight[start : start + self.splits[i]])
-        return add_scaled(out, y, self.multiplier * scale)
+        parts, scale = res
+        return add_scaled(out, parts[i], self.multiplier * scale)
 
 
 class SplitLoRAModule(FusedLoRAModule):
