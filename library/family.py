@@ -79,8 +79,13 @@ class ModelFamily(ABC):
             m.to(device, dtype)
 
     def gradient_checkpointing_func(self, args):
-        """The per-block checkpoint function for the denoiser's enable_gradient_checkpointing (None: diffusers' own)."""
-        return None
+        """The per-block checkpoint function for the denoiser's enable_gradient_checkpointing: with
+        --cpu_offload_checkpointing one that keeps the blocks' saved inputs in host memory, else None (diffusers' own)."""
+        if not args.cpu_offload_checkpointing:
+            return None
+        from library.custom_offloading_utils import HostActivationOffload
+
+        return HostActivationOffload().checkpoint
 
     def vae_dtype(self, args, weight_dtype: torch.dtype) -> torch.dtype:
         """float32 under fp16 (SD VAEs overflow there), else the working dtype."""

@@ -89,12 +89,6 @@ class FluxFamily(ModelFamily):
             help="keep the weights of this many transformer blocks in host memory and stream them in per block "
             "(less GPU memory, slower; at most the block count minus 2)",
         )
-        g.add_argument(
-            "--cpu_offload_checkpointing",
-            action="store_true",
-            help="with --gradient_checkpointing: keep each checkpointed block's inputs in host memory until backward "
-            "(less GPU memory, a little slower; combines with --blocks_to_swap)",
-        )
 
     def check_args(self, args) -> None:
         flow.refuse_ddpm_only_options(args)
@@ -105,8 +99,6 @@ class FluxFamily(ModelFamily):
         check_text_cache_args(args)
         if args.weighted_captions:
             raise ValueError("--weighted_captions is for SD 1.x/2.x and SDXL")
-        if args.cpu_offload_checkpointing and not args.gradient_checkpointing:
-            raise ValueError("--cpu_offload_checkpointing offloads checkpointed activations: add --gradient_checkpointing")
         if (args.fp8_base or args.fp8_base_unet) and args.mixed_precision == "no":
             raise ValueError("--fp8_base needs --mixed_precision bf16 or fp16: float8 weights are computed in that precision")
 
@@ -157,13 +149,6 @@ class FluxFamily(ModelFamily):
                 m.to(device)
             else:
                 m.to(device, dtype)
-
-    def gradient_checkpointing_func(self, args):
-        if not args.cpu_offload_checkpointing:
-            return None
-        from library.custom_offloading_utils import HostActivationOffload
-
-        return HostActivationOffload().checkpoint
 
     def strategies(self, args, models: TrainModels):
         if not hasattr(self, "_tokenize"):

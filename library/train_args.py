@@ -68,6 +68,12 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep workers alive between epochs")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    g.add_argument(
+        "--cpu_offload_checkpointing",
+        action="store_true",
+        help="with --gradient_checkpointing: keep each checkpointed block's inputs in host memory until backward "
+        "(less GPU memory, a little slower; combines with --blocks_to_swap)",
+    )
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
     g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="compute precision")
     g.add_argument("--full_fp16", action="store_true", help="keep the trained weights in fp16 too (less memory, less precise)")

@@ -67,6 +67,8 @@ def check_args(args, family: ModelFamily) -> None:
         problems.append("sample images were asked for but --sample_prompts is not given")
     if args.dim_from_weights and not args.network_weights:
         problems.append("--dim_from_weights needs --network_weights")
+    if args.cpu_offload_checkpointing and not args.gradient_checkpointing:
+        problems.append("--cpu_offload_checkpointing offloads checkpointed activations: add --gradient_checkpointing")
     if args.gradient_accumulation_steps < 1:
         problems.append("--gradient_accumulation_steps must be at least 1")
     if args.torch_compile:

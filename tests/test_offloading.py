@@ -331,3 +331,27 @@ def test_activation_offload_keeps_only_block_inputs_and_changes_no_gradient():
     # double blocks get (hidden, text, temb), single blocks (hidden, text, temb) in diffusers 0.42
     blocks = cfg.num_layers + cfg.num_single_layers
     assert offload.packed == 3 * blocks
+
+
+def test_activation_offload_on_the_sd_unet():
+    """The U-Net checkpoints resnets and transformer blocks through the same function: inputs offloaded, same gradients."""
+    from library.custom_offloading_utils import HostActivationOffload
+    from library.tiny_models import build_tiny_sd
+
+    unet = build_tiny_sd()["unet"].requires_grad_(False)
+    unet.conv_in.weight.requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([10])
+    ctx = torch.randn(1, 5, unet.config.cross_attention_dim, generator=g)
+    unet.train()
+
+    def grad(checkpoint_func):
+        unet.enable_gradient_checkpointing(checkpoint_func)
+        unet.conv_in.weight.grad = None
+        unet(x, t, ctx).sample.square().mean().backward()
+        return unet.conv_in.weight.grad.clone()
+
+    reference = grad(None)
+    offload = HostActivationOffload()
+    assert torch.equal(grad(offload.checkpoint), reference)
+    assert offload.packed > 0

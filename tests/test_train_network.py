@@ -744,3 +744,15 @@ def test_dataset_network_multiplier_scales_the_adapter(tiny_sd, dataset, tmp_pat
     for k, v in runs[1.0].items():
         expected = -v if k.endswith("lora_up.weight") else v
         assert torch.equal(runs[-1.0][k], expected), k
+
+
+def test_activation_offload_changes_no_number_on_sd(tiny_sd, dataset, tmp_path):
+    """--cpu_offload_checkpointing works for the U-Net too (sd-scripts crashes there): same LoRA as plain checkpointing."""
+    runs = {}
+    for name, extra in {"plain": [], "offload": ["--cpu_offload_checkpointing"]}.items():
+        out = tmp_path / name
+        launch("--pretrained_model_name_or_path", tiny_sd, "--dataset_config", dataset, "--output_dir", out, "--output_name", "c",
+               "--max_train_steps", 2, "--gradient_checkpointing", *extra, *BASE)
+        runs[name] = load_file(str(out / "c.safetensors"))
+    assert runs["plain"].keys() == runs["offload"].keys()
+    assert all(torch.equal(runs["plain"][k], runs["offload"][k]) for k in runs["plain"])
