@@ -103,13 +103,8 @@ class LoRAModule(nn.Module):
             h = nn.functional.dropout(h, p=self.dropout)
         scale = self.scale
         if self.training and self.rank_dropout:
-            mask = (torch.rand(h.shape[0], self.rank, device=h.device) > self.rank_dropout).to(h.dtype)
-            if h.dim() == 4:  # conv: (B, rank, H, W)
-                mask = mask[:, :, None, None]
-            elif h.dim() == 3:  # tokens: (B, L, rank)
-                mask = mask[:, None, :]
-            h = h * mask
-            scale = scale / (1.0 - self.rank_dropout)
+            h, factor = drop_ranks(h, self.rank, self.rank_dropout)
+            scale = scale * factor
         return add_scaled(out, self.lora_up(h), self.multiplier * scale)
 
     def _plain_up_down(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +122,17 @@ class LoRAModule(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """up @ down * alpha / rank, shaped like the wrapped weight."""
         return lora_delta(self.lora_down.weight.float(), self.lora_up.weight.float(), self.scale)
+
+
+def drop_ranks(h: torch.Tensor, rank: int, p: float) -> tuple[torch.Tensor, float]:
+    """Rank dropout: zero each of the `rank` channels of down(x) with probability p, per sample (h is (B, rank),
+    (B, L, rank) or a conv's (B, rank, H, W)); returns (h, 1 / (1 - p), the factor that keeps the expected output)."""
+    mask = (torch.rand(h.shape[0], rank, device=h.device) > p).to(h.dtype)
+    if h.dim() == 4:
+        mask = mask[:, :, None, None]
+    elif h.dim() == 3:
+        mask = mask[:, None, :]
+    return h * mask, 1.0 / (1.0 - p)
 
 
 def add_scaled(out: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:

@@ -37,6 +37,7 @@ from networks.lora import (
     _target_modules,
     add_scaled,
     dims_from_weights,
+    drop_ranks,
     lora_delta,
 )
 
@@ -143,11 +144,8 @@ class FusedLoRAModule(LoRAModule):
             h = nn.functional.dropout(h, p=self.dropout)
         scale = self.scale
         if self.rank_dropout:
-            mask = (torch.rand(h.shape[0], self.rank, device=h.device) > self.rank_dropout).to(h.dtype)
-            if h.dim() == 3:
-                mask = mask[:, None, :]
-            h = h * mask
-            scale = scale / (1.0 - self.rank_dropout)
+            h, factor = drop_ranks(h, self.rank, self.rank_dropout)
+            scale = scale * factor
         return nn.functional.linear(h, up).split(self.splits, dim=-1), scale
 
     def _shared_down(self, i: int, x: torch.Tensor):
@@ -215,11 +213,8 @@ class SplitLoRAModule(FusedLoRAModule):
             if self.dropout:
                 h = nn.functional.dropout(h, p=self.dropout)
             if self.rank_dropout:
-                mask = (torch.rand(h.shape[0], self.part_rank, device=h.device) > self.rank_dropout).to(h.dtype)
-                if h.dim() == 3:
-                    mask = mask[:, None, :]
-                h = h * mask
-                scale = scale / (1.0 - self.rank_dropout)
+                h, factor = drop_ranks(h, self.part_rank, self.rank_dropout)
+                scale = scale * factor
             y = nn.functional.linear(h, up)
         return add_scaled(out, y, self.multiplier * scale)
 
