@@ -94,8 +94,6 @@ class FluxFamily(ModelFamily):
         flow.refuse_ddpm_only_options(args)
         if args.v2 or args.clip_skip:
             raise ValueError("--v2 and --clip_skip are for SD models, not FLUX")
-        if args.loss_type in ("huber", "smooth_l1") and args.huber_schedule == "snr":
-            raise ValueError("--huber_schedule snr needs a DDPM noise schedule; use constant or exponential with FLUX")
         check_text_cache_args(args)
         if args.weighted_captions:
             raise ValueError("--weighted_captions is for SD 1.x/2.x and SDXL")
@@ -227,10 +225,7 @@ class FluxFamily(ModelFamily):
         )
         c_huber = None
         if args.loss_type in ("huber", "smooth_l1"):
-            schedule = flow.make_noise_scheduler(args.discrete_flow_shift)
-            c_huber = sd_train_utils.huber_c(
-                timesteps_for_huber(host_sigmas), schedule, args.huber_schedule, args.huber_c, args.huber_scale
-            )
+            c_huber = flow.huber_c(host_sigmas, args.huber_schedule, args.huber_c, args.huber_scale)
         loss = sd_train_utils.conditional_loss(pred, flow.flow_matching_target(x0, noise), args.loss_type, c_huber)
         if weighting is not None:
             loss = loss * weighting
@@ -297,7 +292,3 @@ class FluxFamily(ModelFamily):
                 dtype=dtype,
             )
 
-
-def timesteps_for_huber(sigmas: torch.Tensor) -> torch.Tensor:
-    """The DDPM-style integer timesteps (sigma x 1000) that the huber schedules read."""
-    return (sigmas * 1000).long().cpu()

@@ -263,6 +263,26 @@ def flow_matching_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Te
 # loss weighting and model prediction types
 
 
+def huber_c(sigmas: torch.Tensor, schedule: str = "snr", huber_c: float = 0.1, huber_scale: float = 1.0) -> torch.Tensor:
+    """The per-sample ``c`` of the huber / smooth_l1 losses for flow-matching noise levels ``sigmas`` (B,) (float32,
+    on ``sigmas``' device):
+
+    - ``constant`` and ``exponential``: as for DDPM (``library.sd_train_utils.huber_c``) at timestep ``sigma x 1000``;
+    - ``snr``: the DDPM formula ``c = (1 - huber_c) / (1 + s)^2 + huber_c`` with ``s`` the noise-to-signal ratio of the
+      noised sample. DDPM's ``s = sqrt((1 - a_t) / a_t)`` is the noise std over the signal scale; for
+      ``x_t = (1 - sigma) x0 + sigma n`` it is ``sigma / (1 - sigma)``: about 1 at sigma = 0, ``huber_c`` at sigma = 1.
+      (sd-scripts crashes on this, its default schedule, for FLUX.)
+    """
+    from library import sd_train_utils
+
+    if schedule != "snr":
+        timesteps = (sigmas * NUM_TRAIN_TIMESTEPS).long()
+        return sd_train_utils.huber_c(timesteps, make_noise_scheduler(), schedule, huber_c, huber_scale)
+    s = sigmas.double()
+    ratio = s / (1.0 - s)  # inf at sigma = 1, giving c = huber_c
+    return ((1.0 - huber_c) / (1.0 + ratio) ** 2 + huber_c).float()
+
+
 def loss_weighting(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
     """Per-sample loss weight for ``--weighting_scheme`` (float32, same shape as ``sigmas``):
 

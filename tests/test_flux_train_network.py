@@ -98,8 +98,9 @@ def test_t5_attention_mask_trains_with_cached_outputs(dataset, tmp_path):
 
 
 def test_fp8_base_trains_and_ddpm_options_are_refused(dataset, tmp_path):
+    # huber loss with sd-scripts' default schedule (snr), which crashes there for FLUX
     launch(*BASE, *dataset, "--output_dir", tmp_path / "f8", "--max_train_steps", 2, "--network_train_unet_only", "--fp8_base",
-           "--mixed_precision", "bf16")
+           "--mixed_precision", "bf16", "--loss_type", "huber")
     assert load_file(str(tmp_path / "f8" / "last.safetensors"))
     res = launch(*BASE, *dataset, "--output_dir", tmp_path / "x", "--min_snr_gamma", "5", check=False)
     assert res.returncode != 0 and "--min_snr_gamma" in res.stderr

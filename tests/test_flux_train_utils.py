@@ -319,3 +319,13 @@ def test_joint_attention_mask_hides_t5_padding_from_the_transformer():
         plain = [transformer(encoder_hidden_states=t, **common)[0] for t in (text, other)]
     assert torch.allclose(masked[0], masked[1], atol=1e-6)
     assert not torch.allclose(plain[0], plain[1], atol=1e-4)
+
+
+def test_huber_c_for_flow_matching_noise_levels():
+    sigmas = torch.tensor([0.0, 0.5, 0.75, 1.0])
+    # snr: DDPM's noise-to-signal ratio for x_t = (1 - s) x0 + s n is s / (1 - s): 0, 1, 3, inf
+    expected = torch.tensor([1.0, 0.9 / 4 + 0.1, 0.9 / 16 + 0.1, 0.1])
+    assert torch.allclose(ftu.huber_c(sigmas, "snr", 0.1), expected, atol=1e-7)
+    assert torch.allclose(ftu.huber_c(sigmas, "constant", 0.1, 2.0), torch.full((4,), 0.2))
+    # exponential: huber_scale * huber_c ** (t / 1000) at t = sigma x 1000
+    assert torch.allclose(ftu.huber_c(sigmas, "exponential", 0.1, 1.0), 0.1 ** sigmas, atol=1e-6)
