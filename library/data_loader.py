@@ -317,13 +317,17 @@ def make_data_loader(
     num_processes: int = 1,
     process_index: int = 0,
     te_cache=None,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader of whole bucket batches; call `loader.batch_sampler.set_epoch(e)` before each epoch."""
+    """A DataLoader of whole bucket batches; call `loader.batch_sampler.set_epoch(e)` before each epoch. pin_memory
+    (for a CUDA device): batches arrive in pinned memory, pinned by a background thread, so their copies to the device
+    run asynchronously."""
     return torch.utils.data.DataLoader(
         TrainDataset(group, max_train_steps, batches_per_step, latent_cache, te_cache),
         batch_sampler=EpochBatchSampler(group, validation, num_processes, process_index),
         collate_fn=collate,
         num_workers=num_workers,
         persistent_workers=persistent_workers and num_workers > 0,
+        pin_memory=pin_memory,
         generator=torch.Generator(),  # its own: creating an iterator must not draw from torch's global RNG (resume)
     )

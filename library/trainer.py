@@ -455,6 +455,7 @@ class TrainingRun:
             te_cache=self.te_cache,
             num_processes=n_proc,
             process_index=rank,
+            pin_memory=self.device.type == "cuda",
         )
         self.val_loader = None
         if any(ds.validation for ds in self.group.datasets):
