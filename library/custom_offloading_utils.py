@@ -5,8 +5,8 @@ joint blocks, ...). The first `len(blocks) - blocks_to_swap` blocks live on `dev
 parameters (requires_grad=False) of the last `blocks_to_swap` blocks live in host memory (pinned on CUDA), one
 flat buffer per block, and are copied into a fixed set of `num_slots` (default 2) preallocated device buffers
 just before the block runs. Block j always uses slot (j - first_swapped) % num_slots: its parameters' `.data`
-are views into that slot for the swapper's life (except inside `swapping_fewer`, see below), so nothing is rebound or allocated per step and the device footprint is
-fixed at (resident blocks + num_slots swapped blocks). Frozen weights never change, so evicting a block is free:
+are views into that slot for the swapper's life (except inside `swapping_fewer`, see below), so nothing is rebound
+or allocated per step and the device footprint is fixed at (resident blocks + num_slots swapped blocks). Frozen weights never change, so evicting a block is free:
 nothing is copied back to the host (sd-scripts copies every weight back on each swap).
 
 Mechanism (module hooks, no change to the model's code):
