@@ -9,6 +9,7 @@ import torch
 from library.family import DdpmFamily, TrainModels, add_text_cache_arguments, check_text_cache_args
 from library.sample_prompts import SD_UNSUPPORTED_OPTIONS
 from library.strategy_sdxl import TE_OUTPUT_KEYS, SdxlTextEncodingStrategy, SdxlTokenizeStrategy, size_conditioning
+from library.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ class SdxlFamily(DdpmFamily):
     def call_denoiser(self, args, models, noisy, timesteps, conds, batch):
         hidden1, hidden2, pool2 = conds
         context = torch.cat([hidden1, hidden2], dim=2).to(noisy.dtype)
-        time_ids = size_conditioning(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]).to(
-            noisy.device
+        time_ids = to_device(
+            size_conditioning(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]), noisy.device
         )
         added = {"text_embeds": pool2.to(noisy.dtype), "time_ids": time_ids.to(noisy.dtype)}
         return models.denoiser(noisy, timesteps, context, added_cond_kwargs=added).sample

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from library.strategy_base import TextEncodingStrategy, TokenizeStrategy
+from library.transfer import to_device
 
 TE_OUTPUT_KEYS = ("l_pooled", "t5_out", "t5_attn_mask")
 
@@ -43,9 +44,9 @@ class FluxTextEncodingStrategy(TextEncodingStrategy):
     def encode_tokens(self, models: list, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
         clip, t5 = models
         clip_ids, t5_ids, t5_mask = tokens
-        l_pooled = clip(clip_ids.to(clip.device), output_hidden_states=False).pooler_output
-        mask = t5_mask.to(t5.device)
-        t5_out = t5(t5_ids.to(t5.device), attention_mask=mask if self.apply_t5_attn_mask else None).last_hidden_state
+        l_pooled = clip(to_device(clip_ids, clip.device), output_hidden_states=False).pooler_output
+        mask = to_device(t5_mask, t5.device)
+        t5_out = t5(to_device(t5_ids, t5.device), attention_mask=mask if self.apply_t5_attn_mask else None).last_hidden_state
         return [l_pooled, t5_out, mask.to(t5_out.dtype)]
 
     def encode_tokens_with_weights(

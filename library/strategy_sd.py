@@ -15,6 +15,7 @@ from library.strategy_base import (
     clip_ids_and_weights,
     join_clip_chunks,
 )
+from library.transfer import to_device
 
 
 class SdTokenizeStrategy(TokenizeStrategy):
@@ -55,11 +56,11 @@ class SdTextEncodingStrategy(TextEncodingStrategy):
         (text_encoder,) = models
         (ids,) = tokens  # (B, n_chunks, 77)
         b, n, length = ids.shape
-        hidden = clip_hidden_states(text_encoder, ids.reshape(b * n, length).to(text_encoder.device), self.clip_skip)
+        hidden = clip_hidden_states(text_encoder, to_device(ids.reshape(b * n, length), text_encoder.device), self.clip_skip)
         return [join_clip_chunks(hidden, n)]
 
     def encode_tokens_with_weights(
         self, models: list, tokens: list[torch.Tensor], weights: list[torch.Tensor]
     ) -> list[torch.Tensor]:
         (hidden,) = self.encode_tokens(models, tokens)
-        return [apply_token_weights(hidden, weights[0].to(hidden.device))]
+        return [apply_token_weights(hidden, to_device(weights[0], hidden.device))]

@@ -17,6 +17,7 @@ from library.strategy_base import (
     clip_ids_and_weights,
     join_clip_chunks,
 )
+from library.transfer import to_device
 
 TE_OUTPUT_KEYS = ("hidden_state1", "hidden_state2", "pool2")
 
@@ -54,9 +55,9 @@ class SdxlTextEncodingStrategy(TextEncodingStrategy):
         te1, te2 = models
         ids1, ids2 = tokens
         b, n, length = ids1.shape
-        out1 = te1(ids1.reshape(b * n, length).to(te1.device), output_hidden_states=True)
+        out1 = te1(to_device(ids1.reshape(b * n, length), te1.device), output_hidden_states=True)
         hidden1 = join_clip_chunks(out1.hidden_states[-2], n)  # = hidden_states[11] of the 12-layer CLIP-L
-        out2 = te2(ids2.reshape(b * n, length).to(te2.device), output_hidden_states=True)
+        out2 = te2(to_device(ids2.reshape(b * n, length), te2.device), output_hidden_states=True)
         hidden2 = join_clip_chunks(out2.hidden_states[-2], n)
         pool2 = out2.text_embeds.reshape(b, n, -1)[:, 0]
         return [hidden1, hidden2, pool2]
@@ -66,8 +67,8 @@ class SdxlTextEncodingStrategy(TextEncodingStrategy):
     ) -> list[torch.Tensor]:
         hidden1, hidden2, pool2 = self.encode_tokens(models, tokens)
         return [
-            apply_token_weights(hidden1, weights[0].to(hidden1.device)),
-            apply_token_weights(hidden2, weights[1].to(hidden2.device)),
+            apply_token_weights(hidden1, to_device(weights[0], hidden1.device)),
+            apply_token_weights(hidden2, to_device(weights[1], hidden2.device)),
             pool2,
         ]
 
