@@ -71,8 +71,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--cpu_offload_checkpointing",
         action="store_true",
-        help="with --gradient_checkpointing: keep each checkpointed block's inputs in host memory until backward "
-        "(less GPU memory, a little slower; combines with --blocks_to_swap)",
+        help="with --gradient_checkpointing: keep the inputs of each of the U-Net's / transformer's checkpointed blocks "
+        "in host memory until backward (less GPU memory, a little slower; combines with --blocks_to_swap)",
     )
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
     g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="compute precision")
