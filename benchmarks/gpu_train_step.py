@@ -81,10 +81,6 @@ def bench_sdxl(steps: int, resolution: int, checkpointing: bool, smoke: bool = F
     network = create_network(1.0, 32, 16, [], unet, unet_name_map=sdxl_unet_lora_name_map(unet), te_prefixes=[])
     network.apply_to(False, True)
     network.to(device, torch.float32)
-    if compiled:
-        from library.trainer import compile_repeated_blocks
-
-        compile_repeated_blocks(unet, "inductor")
     h, w = resolution // 8, resolution // 8
     batch = _common_batch(resolution, 4, h, w)
     batch["text_outputs"] = {
@@ -92,7 +88,7 @@ def bench_sdxl(steps: int, resolution: int, checkpointing: bool, smoke: bool = F
         "hidden_state2": torch.randn(1, 77, te_widths[1], device=device, dtype=dtype),
         "pool2": torch.randn(1, pooled, device=device, dtype=dtype),
     }
-    return _time_steps(args, family, models, network, batch, accelerator, steps, dtype, batch_loss, **options)
+    return _time_steps(args, family, models, network, batch, accelerator, steps, dtype, batch_loss, compiled, **options)
 
 
 # FLUX.1 dev's transformer (diffusers FluxTransformer2DModel config; facts about the published model)
@@ -148,17 +144,13 @@ def bench_flux(steps: int, resolution: int, mode: str, smoke: bool = False, comp
     network.apply_to(False, True)
     family.place_models(args, models, device, dtype)
     network.to(device, torch.float32)
-    if compiled:
-        from library.trainer import compile_repeated_blocks
-
-        compile_repeated_blocks(transformer, "inductor")
     h = w = resolution // 8
     t5_len, t5_width, pooled = (512, config["joint_attention_dim"], config["pooled_projection_dim"])
     batch = _common_batch(resolution, 16, h, w)
     batch["text_outputs"] = {"l_pooled": torch.randn(1, pooled, device=device, dtype=dtype),
                              "t5_out": torch.randn(1, 16 if smoke else t5_len, t5_width, device=device, dtype=dtype),
                              "t5_attn_mask": torch.ones(1, 16 if smoke else t5_len, device=device, dtype=dtype)}
-    return _time_steps(args, family, models, network, batch, accelerator, steps, dtype, batch_loss, **options)
+    return _time_steps(args, family, models, network, batch, accelerator, steps, dtype, batch_loss, compiled, **options)
 
 
 def _common_batch(resolution: int, channels: int, h: int, w: int) -> dict:
@@ -177,17 +169,19 @@ def _common_batch(resolution: int, channels: int, h: int, w: int) -> dict:
 
 
 def _time_steps(
-    args, family, models, network, batch, accelerator, steps: int, dtype, batch_loss, sync_debug: bool = False,
-    profile_dir: str | None = None, label: str = "run",
+    args, family, models, network, batch, accelerator, steps: int, dtype, batch_loss, compiled: bool = False,
+    sync_debug: bool = False, profile_dir: str | None = None, label: str = "run",
 ) -> tuple[float, float]:
     """Run `steps` training steps through kiln's step function; (median s/step over steps 6..N, peak allocated GiB).
-    A step is timed as the trainer runs it: queued without waiting, then the loss read (its one synchronisation)."""
+    A step is timed as the trainer runs it: queued without waiting, then the loss read (its one synchronisation).
+    compiled: the denoiser's repeated blocks compiled with inductor first, as --torch_compile does."""
     from library.optimizers import make_optimizer
+    from library.trainer import compile_repeated_blocks, tune_backends
 
     device = accelerator.device
-    from library.trainer import tune_backends
-
     tune_backends(device)
+    if compiled:
+        compile_repeated_blocks(models.denoiser, "inductor")
     params = list(network.parameters())
     for p in params:
         p.requires_grad_(True)

@@ -353,8 +353,8 @@ class HostActivationOffload:
     inputs (the recompute keeps its own tensors), so a checkpointed transformer keeps one block-input set per block
     in host memory instead of on the GPU. On CUDA the device -> host copy runs on a side stream into pinned memory
     (overlapping the next block's compute) and the host -> device copy is queued on the compute stream when the
-    recompute needs it; no host synchronisation. On CPU the tensors are copied into fresh host tensors, so tests
-    exercise the same path. `packed` counts the tensors offloaded (for tests and logs)."""
+    recompute needs it; no host synchronisation. On CPU the tensors already live in host memory and are kept as they
+    are. `packed` counts the tensors offloaded (for tests and logs)."""
 
     def __init__(self) -> None:
         self.packed = 0
@@ -368,7 +368,7 @@ class HostActivationOffload:
     def pack(self, tensor: torch.Tensor):
         self.packed += 1
         if tensor.device.type != "cuda":
-            return tensor.device, tensor.detach().clone()
+            return tensor.device, tensor
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         stream = self._side_stream(tensor.device)
         stream.wait_stream(torch.cuda.current_stream(tensor.device))

@@ -74,14 +74,7 @@ class SDModel:
 # defaults for what shapes cannot tell (sample sizes, scaling factor, eps) and by the tests of the shape inference.
 # ---------------------------------------------------------------------------------------------------------------------
 
-_SD_UNET_COMMON = {
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
+UNET_LDM_SETTINGS = {  # what every original (LDM/sgm) U-Net of SD 1.x, 2.x and SDXL shares, in diffusers' terms
     "act_fn": "silu",
     "center_input_sample": False,
     "downsample_padding": 1,
@@ -90,6 +83,16 @@ _SD_UNET_COMMON = {
     "mid_block_scale_factor": 1,
     "norm_eps": 1e-05,
     "norm_num_groups": 32,
+}
+_SD_UNET_COMMON = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    **UNET_LDM_SETTINGS,
 }
 SD15_UNET = {**_SD_UNET_COMMON, "sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8}
 SD2_BASE_UNET = {

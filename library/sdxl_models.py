@@ -42,6 +42,7 @@ from library.sd_models import (
     CLIP_L_HUB_ID,
     SD15_TEXT_ENCODER,
     SD_VAE_COMMON,
+    UNET_LDM_SETTINGS,
     _build_and_load,
     _cast,
     _check_tokenizer,
@@ -105,14 +106,7 @@ SDXL_BASE_UNET = {
     "addition_embed_type": "text_time",
     "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816,  # 6 size/crop numbers x 256 + 1280 pooled
-    "act_fn": "silu",
-    "center_input_sample": False,
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
+    **UNET_LDM_SETTINGS,
 }
 SDXL_VAE = {**SD_VAE_COMMON, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
 SDXL_TEXT_ENCODER = dict(SD15_TEXT_ENCODER)  # CLIP ViT-L/14 text tower, as SD 1.x

@@ -131,12 +131,11 @@ def flux_file_module_names(part: str, keys: list[str]) -> tuple[dict[str, str], 
 
 
 def _file_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
+    from library.checkpoint_files import read_key_shapes
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist")
-    with safe_open(path, framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return read_key_shapes(path)
 
 
 def _meta_flux_transformer(path: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -12,6 +13,25 @@ sys.path.insert(0, ROOT)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SCRIPT_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def launch_script(script: str, *args, processes: int = 1, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a training script of the repository through `accelerate launch` on CPU (two processes with processes=2);
+    with check, a failure raises with the end of its output."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = dict(SCRIPT_ENV)
+    if processes > 1:
+        cmd += ["--multi_gpu", "--num_processes", str(processes)]
+        env.update({"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    else:
+        cmd += ["--num_processes", "1"]
+    cmd += [os.path.join(ROOT, script), *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{script} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+    return res
 
 
 def write_image(path, size, color=(200, 100, 50), mode="RGB", fmt=None, **save_kwargs):

@@ -8,25 +8,20 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, write_caption, write_image
+from conftest import ROOT, SCRIPT_ENV, launch_script, write_caption, write_image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+ENV = SCRIPT_ENV
 BASE = ["--network_module", "networks.lora_flux", "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "1e-3",
         "--max_data_loader_n_workers", "0", "--seed", "5", "--pretrained_model_name_or_path", "kiln-tiny-flux",
         "--t5xxl_max_token_length", "16", "--timestep_sampling", "flux_shift", "--model_prediction_type", "raw", "--guidance_scale", "1.0"]
 
 
 def launch(*args, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", os.path.join(ROOT, "flux_train_network.py"), *map(str, args)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
-    if check and res.returncode != 0:
-        raise AssertionError(f"failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
-    return res
+    return launch_script("flux_train_network.py", *args, check=check)
 
 
 @pytest.fixture()

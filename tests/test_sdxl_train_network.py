@@ -12,24 +12,19 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, write_caption, write_image
+from conftest import ROOT, SCRIPT_ENV, launch_script, write_caption, write_image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+ENV = SCRIPT_ENV
 BASE = ["--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-3",
         "--max_data_loader_n_workers", "0", "--seed", "3"]
 
 
 def launch(script: str, *args, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", os.path.join(ROOT, script), *map(str, args)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{script} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
-    return res
+    return launch_script(script, *args, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -14,40 +14,19 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, write_caption, write_image
+from conftest import ROOT, SCRIPT_ENV, launch_script, write_caption, write_image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
 pytestmark = pytest.mark.slow
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+ENV = SCRIPT_ENV
 
 
 def launch(*args, processes: int = 1, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run train_network.py through accelerate launch (two CPU processes with processes=2)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    env = dict(ENV)
-    if processes > 1:
-        cmd += ["--multi_gpu", "--num_processes", str(processes)]
-        env.update({"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
-    else:
-        cmd += ["--num_processes", "1"]
-    cmd += [os.path.join(ROOT, "train_network.py"), *map(str, args)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
-    if check and res.returncode != 0:
-        raise AssertionError(f"training failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
-    return res
+    return launch_script("train_network.py", *args, processes=processes, check=check, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
