@@ -328,12 +328,38 @@ def _upcast(state_dict: Mapping[str, torch.Tensor], dtype) -> dict[str, torch.Te
     return {k: (v.to(target) if v.dtype in fp8 else v) for k, v in state_dict.items()}
 
 
-def transformer_from_bfl(state_dict_bfl: Mapping[str, torch.Tensor], dtype=torch.bfloat16, source="checkpoint"):
-    """A FluxTransformer2DModel from BFL-layout weights."""
+def _not_sharing(converted: dict[str, torch.Tensor], inputs: Mapping[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
+    """`converted` with every tensor that would still share memory with a tensor of `inputs` once cast to `dtype`
+    replaced by its own copy. Copies are made one tensor at a time, and only where needed (a renamed tensor, a row
+    slice of a fused qkv/linear1 weight, in the load dtype already): a cast or concatenated tensor is new anyway, so
+    nothing is copied twice. Peak memory is the caller's dict plus the model, which is the least possible while the
+    caller keeps its dict."""
+    storages = {v.untyped_storage().data_ptr() for v in inputs.values() if isinstance(v, torch.Tensor)}
+    out = {}
+    for k, v in converted.items():
+        if v.is_floating_point():
+            v = v.to(dtype)
+        if v.untyped_storage().data_ptr() in storages:
+            v = v.clone(memory_format=torch.contiguous_format)
+        out[k] = v
+    return out
+
+
+def transformer_from_bfl(
+    state_dict_bfl: Mapping[str, torch.Tensor], dtype=torch.bfloat16, source="checkpoint", *, copy: bool = True
+):
+    """A FluxTransformer2DModel from BFL-layout weights.
+
+    The model owns its memory: editing `state_dict_bfl` afterwards leaves the model unchanged and training the model
+    leaves `state_dict_bfl` unchanged. `copy=False` skips the copies and lets the model's parameters be (views of)
+    the dict's tensors: for a caller that owns the dict and drops it after the call (a file just read), so that a
+    24 GB checkpoint does not need 48 GB while loading."""
     from diffusers import FluxTransformer2DModel
 
     config = infer_flux_transformer_config(state_dict_bfl)
     converted = flux_transformer_from_bfl(_upcast(state_dict_bfl, dtype), config)
+    if copy:
+        converted = _not_sharing(converted, state_dict_bfl, dtype)
     return _build_and_load(lambda: FluxTransformer2DModel(**config), converted, dtype, "transformer", source)
 
 
@@ -518,7 +544,7 @@ def _load_transformer_file(path: str, dtype) -> Any:
     family = detect_family(checkpoint)
     if family != "flux":
         raise _wrong_family(path, family)
-    return transformer_from_bfl(checkpoint, dtype, path)
+    return transformer_from_bfl(checkpoint, dtype, path, copy=False)  # the checkpoint is ours and dropped here
 
 
 def load_flux_model(

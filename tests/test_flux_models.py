@@ -263,3 +263,31 @@ def test_bfl_conversion_matches_diffusers_converter():
     assert oracle.keys() == original.keys()
     for k in original:
         assert torch.equal(oracle[k], original[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transformer_from_bfl_owns_its_memory(tiny, dtype):
+    """The model does not share memory with the caller's dict (renamed tensors and row slices of the fused qkv /
+    linear1 weights used to be views of it): editing either afterwards leaves the other unchanged."""
+    from library.flux_models import transformer_from_bfl
+
+    source = tiny["transformer"]
+    bfl = {k: v.to(dtype).clone() for k, v in flux_transformer_to_bfl(source.state_dict(), source.config).items()}
+    bfl_before = {k: v.clone() for k, v in bfl.items()}
+    model = transformer_from_bfl(bfl, dtype=dtype)
+    model_before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    inputs = {v.untyped_storage().data_ptr() for v in bfl.values()}
+    assert not [k for k, v in model.state_dict().items() if v.untyped_storage().data_ptr() in inputs]
+
+    with torch.no_grad():
+        for v in bfl.values():
+            v.add_(1)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, model_before[k]), f"editing the dict changed the model's {k}"
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-3)
+    for k, v in bfl.items():
+        assert torch.equal(v, bfl_before[k] + 1), f"editing the model changed the dict's {k}"
