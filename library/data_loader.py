@@ -26,7 +26,9 @@ image's cached caption variants from its rng; a validation sample uses variant 0
 
 from __future__ import annotations
 
+import math
 import random
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,10 +48,19 @@ class SampleRequest:
     dataset: int
     image: int
     epoch: int
-    batch_number: int  # batches since the start of training (for seeding and token warm-up)
+    batch_number: int  # batches since the start of training (for seeding)
     position: int  # place in its batch (in the batch shared by all processes)
     validation: bool = False
     loss_scale: float = 1.0  # this sample's share of the batch loss: num_processes / samples in the shared batch
+    step: int = 0  # optimizer steps before the one this batch belongs to (token warm-up)
+
+
+def accumulation_group(index: int, batches_per_epoch: int, batches_per_step: int) -> tuple[int, int]:
+    """(optimizer step within the epoch, batches in that step) of the epoch's batch `index` (0-based). Gradient
+    accumulation groups the batches of each epoch on their own: a step after every `batches_per_step` batches and
+    after the epoch's last batch, so the last step of an epoch may hold fewer batches."""
+    step = index // batches_per_step
+    return step, min(batches_per_step, batches_per_epoch - step * batches_per_step)
 
 
 @dataclass
@@ -132,12 +143,9 @@ def _to_tensor(img: Image.Image, signed: bool) -> torch.Tensor:
 class TrainDataset(torch.utils.data.Dataset):
     """Map-style dataset whose index is a SampleRequest; see the module docstring for the batch layout."""
 
-    def __init__(
-        self, group: DatasetGroup, max_train_steps: int = 0, batches_per_step: int = 1, latent_cache=None, te_cache=None
-    ) -> None:
+    def __init__(self, group: DatasetGroup, max_train_steps: int = 0, latent_cache=None, te_cache=None) -> None:
         self.group = group
         self.max_train_steps = max_train_steps
-        self.batches_per_step = batches_per_step
         self.latent_cache = latent_cache  # library.latent_cache.LatentCache: serve cached latents instead of pixels
         self.te_cache = te_cache  # library.te_cache.TextEncoderOutputCache: serve cached text-encoder outputs
 
@@ -193,8 +201,7 @@ class TrainDataset(torch.utils.data.Dataset):
         elif rng is None:
             caption = process_caption(info.caption, _fixed(subset), random.Random(0), req.epoch, 0, 0)
         else:
-            step = req.batch_number // self.batches_per_step
-            caption = process_caption(info.caption, subset.caption, rng, req.epoch, step, self.max_train_steps)
+            caption = process_caption(info.caption, subset.caption, rng, req.epoch, req.step, self.max_train_steps)
         return sample | {
             "caption": caption,
             "loss_weight": ds.config.prior_loss_weight if info.is_reg else 1.0,
@@ -277,11 +284,19 @@ class EpochBatchSampler:
     whose share of a short last batch is empty gets one copy of the first image with loss_scale 0.
     """
 
-    def __init__(self, group: DatasetGroup, validation: bool = False, num_processes: int = 1, process_index: int = 0) -> None:
+    def __init__(
+        self,
+        group: DatasetGroup,
+        validation: bool = False,
+        num_processes: int = 1,
+        process_index: int = 0,
+        batches_per_step: int = 1,
+    ) -> None:
         self.group = group
         self.validation = validation
         self.num_processes = num_processes
         self.process_index = process_index
+        self.batches_per_step = batches_per_step
         self.epoch = 1
         self.skip = 0
 
@@ -295,15 +310,26 @@ class EpochBatchSampler:
     def __iter__(self):
         batches = self.group.epoch_batches(self.epoch, self.validation, self.num_processes)
         first = (self.epoch - 1) * len(batches)
+        first_step = (self.epoch - 1) * math.ceil(len(batches) / self.batches_per_step)
         p, n_proc = self.process_index, self.num_processes
         for n, (d, images) in enumerate(batches):
             if n < self.skip:
                 continue
             size = len(images)
             lo, hi = p * size // n_proc, (p + 1) * size // n_proc
-            scale = n_proc / size
-            share = [SampleRequest(d, images[i], self.epoch, first + n, i, self.validation, scale) for i in range(lo, hi)]
-            yield share or [SampleRequest(d, images[0], self.epoch, first + n, 0, self.validation, 0.0)]
+            step = first_step + accumulation_group(n, len(batches), self.batches_per_step)[0]
+
+            def request(i: int, scale: float) -> SampleRequest:
+                return SampleRequest(d, images[i], self.epoch, first + n, i, self.validation, scale, step)
+
+            yield [request(i, n_proc / size) for i in range(lo, hi)] or [request(0, 0.0)]
+
+
+def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """Data-loader workers ignore Ctrl-C and SIGTERM (sent to the whole process group): the training process stops at
+    a step boundary, saves, and then ends its workers. A worker killed by the signal would fail the last steps."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_data_loader(
@@ -323,11 +349,12 @@ def make_data_loader(
     (for a CUDA device): batches arrive in pinned memory, pinned by a background thread, so their copies to the device
     run asynchronously."""
     return torch.utils.data.DataLoader(
-        TrainDataset(group, max_train_steps, batches_per_step, latent_cache, te_cache),
-        batch_sampler=EpochBatchSampler(group, validation, num_processes, process_index),
+        TrainDataset(group, max_train_steps, latent_cache, te_cache),
+        batch_sampler=EpochBatchSampler(group, validation, num_processes, process_index, batches_per_step),
         collate_fn=collate,
         num_workers=num_workers,
         persistent_workers=persistent_workers and num_workers > 0,
         pin_memory=pin_memory,
+        worker_init_fn=leave_stop_signals_to_the_trainer,
         generator=torch.Generator(),  # its own: creating an iterator must not draw from torch's global RNG (resume)
     )

@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from library.family import ModelFamily
@@ -14,15 +15,23 @@ from library.family import ModelFamily
 
 def run_network_training(family: ModelFamily, description: str, argv: list[str] | None = None) -> None:
     from library.saving import SaveError
+    from library.run_control import stop_with_launcher
     from library.train_args import parse_args_with_config, setup_network_parser
-    from library.trainer import train
+    from library.trainer import TrainingInterrupted, train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = setup_network_parser(description)
     family.add_arguments(parser)
     args = parse_args_with_config(parser, argv)
+    stop_with_launcher()
     try:
         train(args, family)
+    except TrainingInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt as e:
+        print(f"stopped at once ({e or 'interrupt'}); files under their final names are complete", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except (*tool_errors(), SaveError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

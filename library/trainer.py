@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -22,10 +23,11 @@ import torch
 from tqdm import tqdm
 
 from library import config_util, saving
-from library.data_loader import make_data_loader
+from library.data_loader import accumulation_group, make_data_loader
 from library.datasets import DatasetGroup, build_datasets, raise_on_errors
 from library.family import ModelFamily, TrainModels
 from library.lora_metadata import ESSENTIAL_KEYS, training_metadata
+from library.run_control import StopSignals, restore_rng_states, rng_states
 from library.transfer import to_device
 
 logger = logging.getLogger("kiln")
@@ -33,6 +35,14 @@ logger = logging.getLogger("kiln")
 
 class TrainingError(RuntimeError):
     """The run cannot go on; the message says why and what was kept."""
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGINT/SIGTERM stopped the run at a step boundary; the adapter (and state) were saved."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 def sample_seed(seed: int, batch_number: int, position: int, kind: str = "train") -> int:
@@ -71,6 +81,17 @@ def check_args(args, family: ModelFamily) -> None:
         problems.append("--cpu_offload_checkpointing offloads checkpointed activations: add --gradient_checkpointing")
     if args.gradient_accumulation_steps < 1:
         problems.append("--gradient_accumulation_steps must be at least 1")
+    if args.network_dim is not None and args.network_dim < 1 and not args.dim_from_weights:
+        problems.append(f"--network_dim {args.network_dim}: the LoRA rank must be at least 1")
+    if args.max_train_epochs is not None and args.max_train_epochs < 1:
+        problems.append(f"--max_train_epochs {args.max_train_epochs}: train for at least one epoch")
+    elif args.max_train_epochs is None and args.max_train_steps < 1:
+        problems.append(f"--max_train_steps {args.max_train_steps}: train for at least one step")
+    for flag in ("learning_rate", "unet_lr", "text_encoder_lr"):
+        value = getattr(args, flag, None)
+        for lr in value if isinstance(value, list) else [value]:
+            if lr is not None and lr < 0:
+                problems.append(f"--{flag} {lr}: a learning rate cannot be negative")
     if args.torch_compile:
         import torch._dynamo
 
@@ -95,6 +116,8 @@ def check_args(args, family: ModelFamily) -> None:
         family.check_args(args)
     except ValueError as e:
         problems.append(str(e))
+    if len(problems) == 1:
+        raise TrainingError(problems[0])
     if problems:
         raise TrainingError("invalid arguments:\n  " + "\n  ".join(problems))
     if args.xformers or args.mem_eff_attn:
@@ -209,7 +232,13 @@ class RunState:
     epoch: int = 1
     step: int = 0
     batches_done: int = 0  # batches of the current epoch already trained
-    loss_history: list = field(default_factory=list)
+    loss_history: list = field(default_factory=list)  # the loss of every step since step first_logged_step
+    first_logged_step: int = 1  # states written before kiln kept the whole history start later
+
+    @property
+    def last_epoch(self) -> int:
+        """The epoch of the last step taken (once an epoch is over, `epoch` already names the next one)."""
+        return self.epoch - 1 if self.batches_done == 0 and self.epoch > 1 else self.epoch
 
 
 @contextlib.contextmanager
@@ -286,7 +315,7 @@ class Checkpointer:
         path = os.path.join(self.args.output_dir, name + self.ext)
         if self.accelerator.is_main_process:
             md = dict(self.metadata)
-            md.update({"ss_training_finished_at": str(time.time()), "ss_steps": str(state.step), "ss_epoch": str(state.epoch)})
+            md.update({"ss_training_finished_at": str(time.time()), "ss_steps": str(state.step), "ss_epoch": str(state.last_epoch)})
             if self.args.no_metadata:
                 md = {k: v for k, v in md.items() if k in ESSENTIAL_KEYS or k.startswith("modelspec.")}
             saving.save_weights(path, self.network.state_dict(), md if self.ext == ".safetensors" else None, self.dtype)
@@ -294,21 +323,24 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
         return path
 
-    def save_state(self, name: str, state: RunState, seed: int) -> None:
+    def save_state(self, name: str, state: RunState, seed: int) -> str:
+        folder = os.path.join(self.args.output_dir, name + "-state")
         if self.accelerator.is_main_process:
-            folder = os.path.join(self.args.output_dir, name + "-state")
             train_state = {
                 "current_epoch": state.epoch,
                 "current_step": state.step,
                 "batches_done": state.batches_done,
                 "seed": seed,
+                "first_logged_step": state.first_logged_step,
+                "loss_history": state.loss_history,
             }
             weights = self.network.state_dict()
             if self.masters:  # the float32 weights the optimizer updates, so that a resume is exact
                 weights.update(self.masters.named_masters())
-            saving.save_state(folder, weights, self.optimizer, self.lr_scheduler, train_state)
+            saving.save_state(folder, weights, self.optimizer, self.lr_scheduler, train_state, rng_states())
             logger.info(f"saved state {folder}")
         self.accelerator.wait_for_everyone()
+        return folder
 
     def prune(self, kind: str, keep_from: int, state: bool) -> None:
         if self.accelerator.is_main_process:
@@ -389,6 +421,8 @@ class TrainingRun:
         trackers = None if self.log_with is None else ("all" if self.log_with == "all" else [self.log_with])
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers, project_dir=logging_dir)
         self.device = self.accelerator.device
+        if args.mixed_precision == "fp16" and self.device.type == "cpu":
+            raise TrainingError("--mixed_precision fp16 does not run on CPU (it would silently train in float32); use bf16")
         tune_backends(self.device)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
         os.makedirs(args.output_dir, exist_ok=True)
@@ -482,9 +516,16 @@ class TrainingRun:
             self.masters.load(resume["network"])
         self.optimizer.load_state_dict(resume["optimizer"])
         self.lr_scheduler.load_state_dict(resume["lr_scheduler"])
-        torch.set_rng_state(resume["rng"]["torch"])
+        restore_rng_states(resume["rng"])
         ts = resume["train_state"]
-        self.state = RunState(epoch=ts["current_epoch"], step=ts["current_step"], batches_done=ts["batches_done"])
+        history = ts.get("loss_history", [])
+        self.state = RunState(
+            epoch=ts["current_epoch"],
+            step=ts["current_step"],
+            batches_done=ts["batches_done"],
+            loss_history=history,
+            first_logged_step=ts.get("first_logged_step", ts["current_step"] + 1 - len(history)),
+        )
         logger.info(f"resumed from {self.args.resume} at step {self.state.step} (epoch {self.state.epoch})")
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -497,34 +538,48 @@ class TrainingRun:
             total=args.max_train_steps, initial=state.step, desc="steps", disable=not self.accelerator.is_local_main_process
         )
         self.network.train()
-        micro = 0
-        while state.epoch <= self.num_epochs and state.step < args.max_train_steps:
-            self.loader.batch_sampler.set_epoch(state.epoch, state.batches_done)
-            epoch_losses, step_losses = [], []
-            for batch in self.loader:
-                micro += 1
-                state.batches_done += 1
-                step_losses.append(self.backward(batch))
-                if micro % args.gradient_accumulation_steps and state.batches_done < self.batches_per_epoch:
-                    continue
-                self.optimizer_step(step_losses[-1])
-                epoch_losses += self.read_losses(step_losses)
-                step_losses = []
-                self.after_step(epoch_losses[-1])
-                if state.step >= args.max_train_steps:
-                    break
-            if state.batches_done >= self.batches_per_epoch:
-                self.after_epoch(epoch_losses)
-        self.progress.close()
-        return self.finish()
+        with StopSignals() as stop:
+            while state.epoch <= self.num_epochs and state.step < args.max_train_steps and not self.stop_requested(stop):
+                self.train_epoch(stop)
+            self.progress.close()
+            return self.finish(stop)
 
-    def backward(self, batch: dict) -> torch.Tensor:
-        """Forward and backward of one batch, queued without waiting for the GPU; returns the logged loss (device)."""
+    def train_epoch(self, stop: StopSignals) -> None:
+        """The rest of the current epoch, step by step, until its end, --max_train_steps or a stop signal. Gradient
+        accumulation groups each epoch's batches on their own (see data_loader.accumulation_group)."""
+        args, state = self.args, self.state
+        self.loader.batch_sampler.set_epoch(state.epoch, state.batches_done)
+        epoch_losses, step_losses = [], []
+        for batch in self.loader:
+            _, group_size = accumulation_group(state.batches_done, self.batches_per_epoch, args.gradient_accumulation_steps)
+            state.batches_done += 1
+            step_losses.append(self.backward(batch, group_size))
+            if len(step_losses) < group_size:
+                continue
+            self.optimizer_step(torch.stack(step_losses).mean())
+            epoch_losses += self.read_losses(step_losses)
+            step_losses = []
+            self.after_step(sum(epoch_losses[-group_size:]) / group_size)
+            if state.step >= args.max_train_steps or self.stop_requested(stop):
+                break
+        if state.batches_done >= self.batches_per_epoch:
+            self.after_epoch(epoch_losses)
+
+    def stop_requested(self, stop: StopSignals) -> bool:
+        """Whether a process got SIGINT/SIGTERM; with several processes all of them stop at the same step."""
+        if self.accelerator.num_processes == 1:
+            return stop.signum is not None
+        flag = torch.tensor(float(stop.signum is not None), device=self.device)
+        return self.accelerator.reduce(flag, "sum").item() > 0
+
+    def backward(self, batch: dict, group_size: int) -> torch.Tensor:
+        """Forward and backward of one batch of a step of `group_size` batches (the step trains on their mean loss),
+        queued without waiting for the GPU; returns the logged loss (device)."""
         use_dataset_multiplier(self.network, batch)
         loss, logged = batch_loss(
             self.args, self.family, self.models, batch, self.seed, self.device, self.weight_dtype, self.train_te, self.accelerator
         )
-        self.accelerator.backward(loss / self.args.gradient_accumulation_steps)
+        self.accelerator.backward(loss / group_size)
         return logged
 
     def read_losses(self, losses: list[torch.Tensor]) -> list[float]:
@@ -582,30 +637,40 @@ class TrainingRun:
 
     def after_epoch(self, epoch_losses: list[float]) -> None:
         args, state = self.args, self.state
+        finished = state.epoch
+        state.epoch, state.batches_done = finished + 1, 0  # first, so that a state saved below resumes at the next epoch
         if self.log_with and epoch_losses:
-            self.accelerator.log({"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, step=state.epoch)
-        not_last = state.epoch < self.num_epochs and state.step < args.max_train_steps
-        if not_last and state.epoch % (args.validate_every_n_epochs or 1) == 0:
-            self.validate(state.epoch, "epoch")
-        if not_last and args.save_every_n_epochs and state.epoch % args.save_every_n_epochs == 0:
-            self.save_point(epoch=state.epoch)
-        if not_last and args.sample_every_n_epochs and state.epoch % args.sample_every_n_epochs == 0:
-            self.sample(state.step, state.epoch)
-        state.epoch += 1
-        state.batches_done = 0
+            self.accelerator.log({"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, step=finished)
+        not_last = finished < self.num_epochs and state.step < args.max_train_steps
+        if not_last and finished % (args.validate_every_n_epochs or 1) == 0:
+            self.validate(finished, "epoch")
+        if not_last and args.save_every_n_epochs and finished % args.save_every_n_epochs == 0:
+            self.save_point(epoch=finished)
+        if not_last and args.sample_every_n_epochs and finished % args.sample_every_n_epochs == 0:
+            self.sample(state.step, finished)
 
-    def finish(self) -> str:
+    def finish(self, stop: StopSignals) -> str:
+        """The final adapter (and state), validation and samples; after a stop signal only the files, then
+        TrainingInterrupted."""
         args, state = self.args, self.state
-        if self.last_validated != state.step:
+        interrupted = self.stop_requested(stop)
+        if not interrupted and self.last_validated != state.step:
             self.validate(state.step, "step")
         with evaluation_weights(self.optimizer, self.masters):
             final = self.ckpt.save_model(args.output_name, state)
+        saved = [final]
         if args.save_state or args.save_state_on_train_end:
-            self.ckpt.save_state(args.output_name, state, self.seed)
-        if (args.sample_every_n_steps or args.sample_every_n_epochs) and self.last_sampled != state.step:
+            saved.append(self.ckpt.save_state(args.output_name, state, self.seed))
+        if not interrupted and (args.sample_every_n_steps or args.sample_every_n_epochs) and self.last_sampled != state.step:
             self.sample(state.step)
         _write_loss_log(args, state, self.accelerator)
         self.accelerator.end_training()
+        if interrupted:
+            how = f"continue with --resume {saved[1]}" if len(saved) > 1 else "add --save_state to be able to continue"
+            raise TrainingInterrupted(
+                stop.signum or signal.SIGTERM,
+                f"{stop.name or 'a stop signal'}: stopped after step {state.step}; saved {', '.join(saved)}; {how}",
+            )
         return final
 
     # -- what happens every N steps --------------------------------------------------------------------------------
@@ -836,9 +901,7 @@ def _loggable_config(args) -> dict:
 
 
 def _write_loss_log(args, state: RunState, accelerator) -> None:
-    """`{output_name}_losses.json`: the per-step losses of this run (for comparing runs, e.g. after --resume)."""
+    """`{output_name}_losses.json`: the loss of every step, across resumes (states keep the history)."""
     if accelerator.is_main_process:
         path = os.path.join(args.output_dir, f"{args.output_name}_losses.json")
-        saving.atomic_write_bytes(
-            path, json.dumps({"first_step": state.step - len(state.loss_history) + 1, "losses": state.loss_history}).encode()
-        )
+        saving.atomic_write_bytes(path, json.dumps({"first_step": state.first_logged_step, "losses": state.loss_history}).encode())

@@ -281,6 +281,29 @@ def test_token_warmup_uses_the_step(tmp_path, steps, expected_tags):
         }
     )
     ds = TrainDataset(group, max_train_steps=100)
-    caption = ds[SampleRequest(0, 0, 1, steps, 0)]["caption"]
+    caption = ds[SampleRequest(0, 0, 1, 0, 0, step=steps)]["caption"]
     # warm-up over 8 steps from 1 to 4 tags: floor(step * 3 / 8) + 1
     assert len(caption.split(", ")) == expected_tags
+
+
+def test_accumulation_groups_restart_every_epoch():
+    from library.data_loader import accumulation_group
+
+    # 5 batches an epoch, 2 per step: steps [0, 1], [2, 3], [4] (a last step of one batch)
+    assert [accumulation_group(i, 5, 2) for i in range(5)] == [(0, 2), (0, 2), (1, 2), (1, 2), (2, 1)]
+    assert [accumulation_group(i, 3, 1) for i in range(3)] == [(0, 1), (1, 1), (2, 1)]
+    assert [accumulation_group(i, 2, 4) for i in range(2)] == [(0, 2), (0, 2)]
+
+
+def test_sampler_numbers_steps_per_epoch_groups(tmp_path):
+    for i in range(3):
+        noise_image(tmp_path / "d" / f"{i}.png", (64, 64), seed=i)
+    group = group_for({"general": {"resolution": 64, "batch_size": 1}, "datasets": [{"subsets": [{"image_dir": str(tmp_path / "d")}]}]})
+    sampler = EpochBatchSampler(group, batches_per_step=2)
+    steps = []
+    for epoch in (1, 2):
+        sampler.set_epoch(epoch)
+        steps.append([share[0].step for share in sampler])
+    assert steps == [[0, 0, 1], [2, 2, 3]]  # 2 steps an epoch: two batches, then the last one alone
+    sampler.set_epoch(2, skip_batches=2)
+    assert [share[0].step for share in sampler] == [3]

@@ -115,6 +115,7 @@ def test_saved_file_keys_shapes_and_metadata(trained):
     assert md["modelspec.architecture"] == "stable-diffusion-v1/lora" and md["modelspec.sai_model_spec"] == "1.0.1"
     assert json.loads(md["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
     assert md["ss_steps"] == "4" and md["ss_num_train_images"] == "8"
+    assert md["ss_epoch"] == "1"  # 4 batches an epoch: the 4 steps are the first epoch
     assert all(isinstance(v, str) for v in md.values())
 
 
@@ -201,8 +202,8 @@ def test_resume_repeats_the_uninterrupted_run(tiny_sd, dataset, tmp_path):
     resumed = tmp_path / "resumed"
     launch(*common, "--output_dir", resumed, "--resume", state)
     full_losses = _losses(full, "r")["losses"]
-    tail = _losses(resumed, "r")
-    assert tail["first_step"] == 4 and tail["losses"] == full_losses[3:]
+    history = _losses(resumed, "r")  # the state carries the losses of steps 1-3
+    assert history["first_step"] == 1 and history["losses"] == full_losses and len(full_losses) == 6
     a, b = load_file(str(full / "r.safetensors")), load_file(str(resumed / "r.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
