@@ -447,6 +447,55 @@ def _prepare_adafactor(args: Any, kwargs: dict[str, Any], groups: list, lr: floa
     return lr
 
 
+def _is_d_adapting(spec: _Builtin) -> bool:
+    return spec.name.startswith("DAdapt") or spec.name == "Prodigy"
+
+
+def _prepare_d_adaptation(spec: _Builtin, kwargs: dict[str, Any], groups: list, lr: float | None) -> None:
+    """D-Adaptation and Prodigy estimate the step size d themselves and use d * lr: lr is a multiplier around 1.0.
+
+    They accept only one non-zero lr across groups: DAdaptAdam, DAdaptAdamPreprint, DAdaptLion, DAdaptSGD and Prodigy
+    raise at the first step when group lrs differ (other than 0, which freezes a group); DAdaptAdaGrad, DAdaptAdan and
+    DAdaptAdanIP use the first group's lr for every group. So with several lrs (--unet_lr / --text_encoder_lr,
+    LoRA+ groups), every non-zero group lr becomes the first non-zero one, with a warning, except for DAdaptAdam,
+    whose per-group `layer_scale` multiplies the step: there a group's lr ratio to the first becomes its layer_scale
+    and nothing is lost. The groups are modified in place (they are `make_optimizer`'s copies)."""
+    lrs = _group_lrs(groups, lr) if groups else [lr]
+    first = lrs[0]
+    if first is not None and first <= 0.1:
+        logger.warning(f"{spec.name} adapts the step size itself and expects --learning_rate around 1.0 (got {first})")
+    nonzero = [x for x in lrs if x]
+    if len(set(nonzero)) <= 1:
+        return
+    ref = nonzero[0]
+    dict_groups = [g for g in groups if isinstance(g, dict)]
+    if spec.attr == "DAdaptAdam":
+        base = float(kwargs.get("layer_scale", 1.0))
+        for g, x in zip(dict_groups, lrs):
+            if x:
+                g["lr"], g["layer_scale"] = ref, base * x / ref
+        logger.info(f"{spec.name}: the group learning rates {lrs} become lr={ref} with layer_scale = lr / {ref}")
+        return
+    for g, x in zip(dict_groups, lrs):
+        if x:
+            g["lr"] = ref
+    logger.warning(
+        f"{spec.name} supports only one learning rate across parameter groups (besides 0): the groups' "
+        f"{lrs} all use the first, {ref} (DAdaptAdam can scale groups apart)"
+    )
+
+
+def d_adapted_lrs(optimizer: Any) -> list[float] | None:
+    """The step size each parameter group really takes under D-Adaptation or Prodigy, d * lr (* DAdaptAdam's
+    layer_scale), which sd-scripts logs as `lr/d*lr`; None for an optimizer that does not adapt d. Accepts an
+    accelerate-wrapped optimizer. Reads Python floats only (no device sync)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    groups = getattr(inner, "param_groups", None)
+    if not groups or any("d" not in g for g in groups):
+        return None
+    return [float(g["d"]) * float(g["lr"]) * float(g.get("layer_scale", 1.0)) for g in groups]
+
+
 def _fused_on_cuda(cls: type, kwargs: dict, groups: list) -> dict:
     """fused=True for torch's Adam/AdamW when every parameter is on a CUDA device and --optimizer_args chooses no
     implementation: one kernel updates every parameter (instead of several per tensor group). Not part of ss_optimizer:
@@ -497,10 +546,8 @@ def make_optimizer(args: Any, param_groups: list) -> tuple[str, str, torch.optim
             )
         if spec.name == "AdaFactor":
             lr = _prepare_adafactor(args, kwargs, groups, lr)
-        elif spec.name.startswith("DAdapt") or spec.name == "Prodigy":
-            first = _group_lrs(groups, lr)[0] if groups else lr
-            if first is not None and first <= 0.1:
-                logger.warning(f"{spec.name} adapts the step size itself and expects --learning_rate around 1.0 (got {first})")
+        elif _is_d_adapting(spec):
+            _prepare_d_adaptation(spec, kwargs, groups, lr)
 
     if lr is None and not (spec is not None and spec.name == "AdaFactor"):
         group_lrs = _group_lrs(groups, None)

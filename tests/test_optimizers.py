@@ -352,54 +352,167 @@ def test_missing_optional_packages_name_the_package(name, package, monkeypatch):
         make_optimizer(parse("--optimizer_type", name), [param()])
 
 
-def _fake_module(monkeypatch, name, **classes):
-    module = types.ModuleType(name)
-    for attr, cls in classes.items():
-        cls = type(attr, (cls,), {"__module__": name})
-        setattr(module, attr, cls)
-    monkeypatch.setitem(sys.modules, name, module)
-    return module
+# The real packages (pinned in requirements.txt): the class each name builds, and --optimizer_args to pass through.
+REAL_CLASSES = {
+    "DAdaptation": ("dadaptation.experimental.dadapt_adam_preprint.DAdaptAdamPreprint", ["decouple=True", "weight_decay=0.01"]),
+    "DAdaptAdamPreprint": ("dadaptation.experimental.dadapt_adam_preprint.DAdaptAdamPreprint", []),
+    "DAdaptAdaGrad": ("dadaptation.dadapt_adagrad.DAdaptAdaGrad", ["momentum=0.5"]),
+    "DAdaptAdam": ("dadaptation.dadapt_adam.DAdaptAdam", ["decouple=True", "weight_decay=0.01"]),
+    "DAdaptAdan": ("dadaptation.dadapt_adan.DAdaptAdan", []),
+    "DAdaptAdanIP": ("dadaptation.experimental.dadapt_adan_ip.DAdaptAdanIP", []),
+    "DAdaptLion": ("dadaptation.dadapt_lion.DAdaptLion", []),
+    "DAdaptSGD": ("dadaptation.dadapt_sgd.DAdaptSGD", ["momentum=0.9"]),
+    "Prodigy": ("prodigyopt.prodigy.Prodigy", ["d_coef=2.0", "safeguard_warmup=True", "weight_decay=0.01"]),
+    "AdamWScheduleFree": ("schedulefree.adamw_schedulefree.AdamWScheduleFree", ["warmup_steps=2", "weight_decay=0.01"]),
+    "RAdamScheduleFree": ("schedulefree.radam_schedulefree.RAdamScheduleFree", []),
+    "SGDScheduleFree": ("schedulefree.sgd_schedulefree.SGDScheduleFree", ["momentum=0.8"]),
+}
 
 
-class _TrainEval(torch.optim.SGD):
-    def __init__(self, params, lr, **kwargs):
-        super().__init__(params, lr=lr, **kwargs)
-        self.mode = None
+def _real_class(path: str) -> type:
+    import importlib
 
-    def train(self):
-        self.mode = "train"
-
-    def eval(self):
-        self.mode = "eval"
+    module, _, attr = path.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
 
 
-def test_optional_optimizers_map_to_their_classes(monkeypatch, caplog):
-    dadapt = _fake_module(monkeypatch, "dadaptation", DAdaptAdam=torch.optim.SGD, DAdaptLion=torch.optim.SGD)
-    dadapt.experimental = _fake_module(monkeypatch, "dadaptation.experimental", DAdaptAdamPreprint=torch.optim.SGD)
-    _fake_module(monkeypatch, "prodigyopt", Prodigy=torch.optim.SGD)
-    _fake_module(monkeypatch, "schedulefree", AdamWScheduleFree=_TrainEval, SGDScheduleFree=_TrainEval)
+def _two_steps(opt, weight, bias, steps=2):
+    target = torch.linspace(-1, 1, weight.numel()).reshape(weight.shape)
+    for _ in range(steps):
+        opt.zero_grad()
+        (((weight - target) ** 2).mean() + (bias**2).mean()).backward()
+        opt.step()
 
-    assert make_optimizer(parse("--optimizer_type", "DAdaptation", "--learning_rate", "1"), [param()])[0] == (
-        "dadaptation.experimental.DAdaptAdamPreprint"
-    )
-    assert (
-        make_optimizer(parse("--optimizer_type", "dadaptlion", "--learning_rate", "1"), [param()])[0] == "dadaptation.DAdaptLion"
-    )
+
+@pytest.mark.parametrize("name", list(REAL_CLASSES))
+def test_real_optional_optimizers_build_and_step_as_their_package(name):
+    """Each name builds the real class of dadaptation / prodigyopt / schedulefree with --optimizer_args passed on,
+    and kiln's optimizer takes exactly the steps of the class constructed by hand."""
+    path, extra = REAL_CLASSES[name]
+    lr = 1e-2 if "ScheduleFree" in name else 1.0
+    a = parse("--optimizer_type", name, "--learning_rate", str(lr), *(["--optimizer_args", *extra] if extra else []))
+    weight, bias = param(), param((64,), seed=1)
+    full_name, args_string, opt = make_optimizer(a, [{"params": [weight]}, {"params": [bias]}])
+    cls = _real_class(path)
+    assert type(opt) is cls and full_name == path
+    assert optimizer_metadata(full_name, args_string) == (f"{path}({','.join(extra)})" if extra else path)
+    assert is_schedule_free(opt) == ("ScheduleFree" in name)
+
+    ref_weight, ref_bias = param(), param((64,), seed=1)
+    ref = cls([{"params": [ref_weight]}, {"params": [ref_bias]}], lr=lr, **parse_kv_args(extra))
+    if "ScheduleFree" in name:
+        ref.train()  # schedulefree refuses to step in eval mode; kiln returns its optimizer in train mode
+    before = weight.detach().clone()
+    steps = 6 if name == "RAdamScheduleFree" else 2  # RAdam's first steps change nothing (its rectification warmup)
+    _two_steps(opt, weight, bias, steps)
+    _two_steps(ref, ref_weight, ref_bias, steps)
+    assert not torch.equal(weight.detach(), before)
+    assert torch.equal(weight.detach(), ref_weight.detach()) and torch.equal(bias.detach(), ref_bias.detach())
+
+
+@pytest.mark.parametrize("name", ["Prodigy", "DAdaptAdam", "DAdaptation", "DAdaptLion"])
+def test_d_adaptation_warns_about_a_small_learning_rate(name, caplog):
     with caplog.at_level(logging.WARNING, logger="library.optimizers"):
-        assert make_optimizer(parse("--optimizer_type", "Prodigy"), [param()])[0] == "prodigyopt.Prodigy"
-    assert "around 1.0" in caplog.text
+        make_optimizer(parse("--optimizer_type", name, "--learning_rate", "1.0"), [param()])
+    assert "around 1.0" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="library.optimizers"):
+        make_optimizer(parse("--optimizer_type", name, "--learning_rate", "1e-4"), [param()])
+    assert "around 1.0 (got 0.0001)" in caplog.text
 
-    name, _, opt = make_optimizer(parse("--optimizer_type", "AdamWScheduleFree", "--learning_rate", "1e-3"), [param()])
-    assert name == "schedulefree.AdamWScheduleFree"
-    assert is_schedule_free(opt) and opt.mode == "train"  # ready for training steps
+
+def test_dadapt_adam_turns_group_lrs_into_layer_scales():
+    """DAdaptAdam raises at the first step when group lrs differ (--unet_lr / --text_encoder_lr, LoRA+): kiln gives
+    every group the first lr and the ratio as DAdaptAdam's layer_scale, which scales that group's step."""
+    cls = _real_class(REAL_CLASSES["DAdaptAdam"][0])
+    weight, bias, frozen = param(), param((64,), seed=1), param((8,), seed=2)
+    groups = [{"params": [weight], "lr": 1.0}, {"params": [bias], "lr": 0.25}, {"params": [frozen], "lr": 0.0}]
+    opt = make_optimizer(parse("--optimizer_type", "DAdaptAdam", "--learning_rate", "1.0"), groups)[2]
+    assert [g["lr"] for g in opt.param_groups] == [1.0, 1.0, 0.0]
+    assert [g["layer_scale"] for g in opt.param_groups] == [1.0, 0.25, 1.0]
+    assert groups[1]["lr"] == 0.25 and "layer_scale" not in groups[1]  # the caller's dicts are untouched
+
+    ref_weight, ref_bias = param(), param((64,), seed=1)
+    ref = cls([{"params": [ref_weight]}, {"params": [ref_bias], "layer_scale": 0.25}], lr=1.0)
+    before = frozen.detach().clone()
+    frozen.grad = torch.ones_like(frozen)
+    _two_steps(opt, weight, bias)
+    _two_steps(ref, ref_weight, ref_bias)
+    assert torch.equal(weight.detach(), ref_weight.detach()) and torch.equal(bias.detach(), ref_bias.detach())
+    assert torch.equal(frozen.detach(), before)
+
+
+@pytest.mark.parametrize("name", ["Prodigy", "DAdaptation", "DAdaptLion", "DAdaptSGD"])
+def test_d_adaptation_with_several_group_lrs_uses_the_first(name, caplog):
+    """The other D-Adaptation optimizers and Prodigy accept one lr only (0 aside): kiln uses the first, with a
+    warning, instead of a RuntimeError at the first step."""
+    weight, bias, frozen = param(), param((64,), seed=1), param((8,), seed=2)
+    groups = [{"params": [frozen], "lr": 0.0}, {"params": [weight], "lr": 1.0}, {"params": [bias], "lr": 0.5}]
+    with caplog.at_level(logging.WARNING, logger="library.optimizers"):
+        opt = make_optimizer(parse("--optimizer_type", name, "--learning_rate", "1.0"), groups)[2]
+    assert "all use the first, 1.0" in caplog.text
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 1.0, 1.0]
+    before_frozen, before_bias = frozen.detach().clone(), bias.detach().clone()
+    frozen.grad = torch.ones_like(frozen)
+    _two_steps(opt, weight, bias)
+    assert torch.equal(frozen.detach(), before_frozen) and not torch.equal(bias.detach(), before_bias)
+
+
+def test_d_adapted_lrs_follow_the_real_d():
+    """d * lr per group (sd-scripts logs it as lr/d*lr): d starts at d0 and Prodigy grows it while training."""
+    from library.optimizers import d_adapted_lrs
+
+    weight, bias = param(), param((64,), seed=1)
+    opt = make_optimizer(parse("--optimizer_type", "Prodigy", "--learning_rate", "0.5"), [{"params": [weight]}, {"params": [bias]}])[2]
+    assert d_adapted_lrs(opt) == [1e-6 * 0.5, 1e-6 * 0.5]  # Prodigy's d0
+    _two_steps(opt, weight, bias, steps=5)
+    d = opt.param_groups[0]["d"]
+    assert isinstance(d, float) and d > 1e-6
+    assert d_adapted_lrs(opt) == [d * 0.5, d * 0.5]
+    assert d_adapted_lrs(types.SimpleNamespace(optimizer=opt)) == [d * 0.5, d * 0.5]  # accelerate's wrapper
+
+    dadapt = make_optimizer(parse("--optimizer_type", "DAdaptAdam", "--learning_rate", "1.0"),
+                            [{"params": [param()], "lr": 1.0}, {"params": [param((64,))], "lr": 0.5}])[2]
+    assert d_adapted_lrs(dadapt) == [1e-6, 1e-6 * 0.5]  # layer_scale counts
+    assert d_adapted_lrs(make_optimizer(parse("--learning_rate", "1e-3"), [param()])[2]) is None
+
+
+@pytest.mark.parametrize("name", ["AdamWScheduleFree", "RAdamScheduleFree", "SGDScheduleFree"])
+def test_evaluation_weights_switch_real_schedule_free_optimizers(name):
+    """library.trainer.evaluation_weights shows the schedule-free evaluation weights (what the package's own eval()
+    gives) inside the block, and restores the train weights and train mode after it."""
+    from library.trainer import evaluation_weights
+
+    a = parse("--optimizer_type", name, "--learning_rate", "1e-2")
+    weight, bias = param(), param((64,), seed=1)
+    opt = make_optimizer(a, [{"params": [weight]}, {"params": [bias]}])[2]
+    ref_weight, ref_bias = param(), param((64,), seed=1)
+    ref = type(opt)([{"params": [ref_weight]}, {"params": [ref_bias]}], lr=1e-2)
+    ref.train()
+    _two_steps(opt, weight, bias, steps=6)  # past RAdamScheduleFree's steps that change nothing
+    _two_steps(ref, ref_weight, ref_bias, steps=6)
+    train_weight = weight.detach().clone()
+
+    ref.eval()
+    for wrapped in (opt, types.SimpleNamespace(optimizer=opt)):  # plain, and accelerate's AcceleratedOptimizer shape
+        with evaluation_weights(wrapped):
+            assert torch.allclose(weight.detach(), ref_weight.detach(), rtol=0, atol=1e-6)  # eval<->train is a lerp
+            assert not torch.allclose(weight.detach(), train_weight)
+            with pytest.raises(Exception, match="not in train mode"):
+                opt.step()
+        assert torch.allclose(weight.detach(), train_weight, atol=1e-6)
+    ref.train()
+    _two_steps(opt, weight, bias)  # back in train mode: steps again
+    _two_steps(ref, ref_weight, ref_bias)
+    assert torch.allclose(weight.detach(), ref_weight.detach(), atol=1e-6)
+
     optimizer_eval_mode(opt)
-    assert opt.mode == "eval"
+    assert not opt.param_groups[0]["train_mode"]
 
 
-def test_schedule_free_gets_a_constant_schedule_only(monkeypatch):
-    _fake_module(monkeypatch, "schedulefree", AdamWScheduleFree=_TrainEval)
+def test_schedule_free_gets_a_constant_schedule_only():
     a = parse("--optimizer_type", "AdamWScheduleFree", "--learning_rate", "1e-3")
     opt = make_optimizer(a, [param()])[2]
+    assert opt.param_groups[0]["train_mode"]  # returned ready for training steps
     sched = make_lr_scheduler(a, opt, 100)
     for _ in range(5):
         opt.step()
