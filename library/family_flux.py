@@ -79,7 +79,8 @@ class FluxFamily(ModelFamily):
         add_text_cache_arguments(g)
         g = parser.add_argument_group("FLUX.1 memory")
         g.add_argument(
-            "--fp8_base", action="store_true", help="store the frozen transformer and T5 weights in float8 (compute in bf16/fp16)"
+            "--fp8_base", action="store_true", help="store the frozen Linear weights of the transformer and T5 in float8 (per-tensor scale; compute in bf16/fp16; "
+            "T5's feed-forward outputs stay float32 as T5 requires)"
         )
         g.add_argument("--fp8_base_unet", action="store_true", help="store only the frozen transformer weights in float8")
         g.add_argument(
@@ -118,9 +119,9 @@ class FluxFamily(ModelFamily):
             from library.fp8_utils import store_linear_weights_fp8
 
             dtype = torch.float16 if args.mixed_precision == "fp16" else torch.bfloat16
-            store_linear_weights_fp8(m.transformer, compute_dtype=dtype)
-            if args.fp8_base and args.network_train_unet_only:
-                store_linear_weights_fp8(m.text_encoder_2, compute_dtype=dtype)
+            for model in [m.transformer] + ([m.text_encoder_2] if args.fp8_base else []):
+                model.requires_grad_(False)  # base weights are frozen (the converter leaves trainable ones alone)
+                store_linear_weights_fp8(model, compute_dtype=dtype)
         return TrainModels([m.text_encoder, m.text_encoder_2], [m.tokenizer, m.tokenizer_2], m.vae, m.transformer)
 
     def place_models(self, args, models: TrainModels, device, dtype) -> None:

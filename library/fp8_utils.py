@@ -5,7 +5,9 @@ into an `Fp8Linear` in place: the class is swapped (same object, same name, same
 frozen float8 parameter holding w / scale, with scale = amax(|w|) / max(fp8) kept as a float32 buffer
 `weight_scale`, so the values use the whole e4m3 range (sd-scripts casts without a scale). The forward upcasts
 the weight to the input's dtype and multiplies the scale back. Biases, norms, embeddings and skipped Linears
-(frozen floating parameters) are cast to `compute_dtype`; trainable parameters are left alone.
+(frozen floating parameters) are cast to `compute_dtype`; trainable parameters are left alone. Modules the model keeps
+in float32 on purpose (transformers' `_keep_in_fp32_modules`, e.g. T5's feed-forward output `wo`, whose input T5 casts
+to that weight's dtype) are left as they are.
 
 LoRA: call this before the adapters are applied. kiln's LoRAModule captures `org_module.forward`, which then
 resolves to Fp8Linear.forward, so the adapter sees the same input and the base path upcasts. A Linear whose
@@ -79,9 +81,11 @@ def store_linear_weights_fp8(
     """
     if dtype not in FP8_DTYPES:
         raise ValueError(f"dtype must be one of {FP8_DTYPES}, got {dtype}")
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    kept = {id(p) for name, mod in module.named_modules() if name.rsplit(".", 1)[-1] in keep for p in mod.parameters()}
     converted, before, after = 0, 0, 0
     for name, mod in module.named_modules():
-        if type(mod) is not nn.Linear or mod.weight.requires_grad:
+        if type(mod) is not nn.Linear or mod.weight.requires_grad or id(mod.weight) in kept:
             continue
         if skip is not None and skip(name, mod):
             continue
@@ -97,7 +101,7 @@ def store_linear_weights_fp8(
     # Everything else that is frozen and floating (biases, norms, embeddings, skipped Linears): compute dtype.
     for mod in module.modules():
         for _pname, p in mod._parameters.items():
-            if p is None or p.requires_grad or not p.is_floating_point() or p.dtype in FP8_DTYPES:
+            if p is None or p.requires_grad or not p.is_floating_point() or p.dtype in FP8_DTYPES or id(p) in kept:
                 continue
             if p.dtype != compute_dtype:
                 p.data = p.data.to(compute_dtype)

@@ -92,11 +92,47 @@ def test_t5_attention_mask_trains_with_cached_outputs(dataset, tmp_path):
     assert len(os.listdir(tmp_path / "m" / "sample")) == 1
 
 
+@pytest.mark.parametrize("flag", ["--fp8_base", "--fp8_base_unet"])
+def test_fp8_base_stores_every_frozen_linear_in_float8(flag):
+    """What --help says: --fp8_base stores the frozen transformer and T5 Linear weights in float8, --fp8_base_unet the
+    transformer's only; CLIP-L stays as it is."""
+    from library.family_flux import FluxFamily
+    from library.train_args import setup_network_parser
+
+    family = FluxFamily()
+    parser = setup_network_parser("test")
+    family.add_arguments(parser)
+    models = family.load_models(parser.parse_args(["--pretrained_model_name_or_path", "kiln-tiny-flux", "--mixed_precision", "bf16", flag]))
+    clip, t5 = models.text_encoders
+
+    def linear_dtypes(model):
+        return {m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.Linear)}
+
+    assert linear_dtypes(models.denoiser) == {torch.float8_e4m3fn}
+    # T5 keeps its feed-forward output `wo` in float32 (transformers' _keep_in_fp32_modules: T5 casts wo's input to it)
+    t5_rest = [m for n, m in t5.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith(".wo")]
+    assert linear_dtypes(torch.nn.ModuleList(t5_rest)) == ({torch.float8_e4m3fn} if flag == "--fp8_base" else {torch.float32})
+    assert {m.weight.dtype for n, m in t5.named_modules() if n.endswith(".wo")} == {torch.float32}
+    assert linear_dtypes(clip) == {torch.float32}
+    assert not any(p.requires_grad for p in models.denoiser.parameters())
+
+
 def test_fp8_base_trains_and_ddpm_options_are_refused(dataset, tmp_path):
+    from library.tiny_models import build_tiny_flux
+
     # huber loss with sd-scripts' default schedule (snr), which crashes there for FLUX
-    launch(*BASE, *dataset, "--output_dir", tmp_path / "f8", "--max_train_steps", 2, "--network_train_unet_only", "--fp8_base",
-           "--mixed_precision", "bf16", "--loss_type", "huber")
-    assert load_file(str(tmp_path / "f8" / "last.safetensors"))
+    runs, logs = {}, {}
+    for name, extra in {"f8": ["--fp8_base"], "bf16": []}.items():
+        logs[name] = launch(*BASE, *dataset, "--output_dir", tmp_path / name, "--max_train_steps", 2, "--network_train_unet_only",
+                            "--mixed_precision", "bf16", "--loss_type", "huber", *extra).stderr
+        runs[name] = load_file(str(tmp_path / name / "last.safetensors"))
+    tiny = build_tiny_flux()
+    linears = [sum(isinstance(m, torch.nn.Linear) and not n.endswith(".wo") for n, m in tiny[part].named_modules())
+               for part in ("transformer", "text_encoder_2")]
+    assert [int(part.split()[0]) for part in logs["f8"].split("fp8 base: ")[1:]] == linears  # every Linear, transformer and T5
+    assert "fp8 base: " not in logs["bf16"]
+    assert runs["f8"].keys() == runs["bf16"].keys()
+    assert any(not torch.equal(runs["f8"][k], runs["bf16"][k]) for k in runs["f8"])  # float8 weights change the numbers
     res = launch(*BASE, *dataset, "--output_dir", tmp_path / "x", "--min_snr_gamma", "5", check=False)
     assert res.returncode != 0 and "--min_snr_gamma" in res.stderr
     res = launch(*BASE, *dataset, "--output_dir", tmp_path / "x", "--blocks_to_swap", "99", check=False)
