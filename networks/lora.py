@@ -123,6 +123,10 @@ class LoRAModule(nn.Module):
         """up @ down * alpha / rank, shaped like the wrapped weight."""
         return lora_delta(self.lora_down.weight.float(), self.lora_up.weight.float(), self.scale)
 
+    def delta_norm_sq(self) -> torch.Tensor:
+        """The squared Frobenius norm of `delta_weight()`, a 0-dim tensor on the adapter's device (not read)."""
+        return lora_delta_norm_sq(self.lora_down.weight, self.lora_up.weight, self.scale)
+
 
 def drop_ranks(h: torch.Tensor, rank: int, p: float) -> tuple[torch.Tensor, float]:
     """Rank dropout: zero each of the `rank` channels of down(x) with probability p, per sample (h is (B, rank),
@@ -146,6 +150,15 @@ def lora_delta(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tens
     if down.dim() == 2:
         return up @ down * scale
     return torch.einsum("or,rihw->oihw", up.flatten(1), down) * scale
+
+
+def lora_delta_norm_sq(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """||lora_delta(down, up, scale)||_F^2 without forming the delta: with U = up (out x r) and D = down (r x in*k*k),
+    ||U D||^2 = sum((U^T U) * (D D^T)), two r x r Gram matrices, O((out + in) r^2) instead of an out x in matrix. In
+    float64 (float32 on devices without it), so that cancellation in the sum costs no accuracy that matters."""
+    dtype = torch.float32 if down.device.type == "mps" else torch.float64
+    u, d = up.flatten(1).to(dtype), down.flatten(1).to(dtype)
+    return ((u.T @ u) * (d @ d.T)).sum().clamp_min(0) * (scale * scale)
 
 
 def sd_block_index(lora_name: str) -> int:
@@ -320,19 +333,31 @@ class LoRANetwork(nn.Module):
         return lora_name.split("_text_model")[0]
 
     def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
-        """Scale down adapters whose delta-weight norm exceeds max_norm; returns (count scaled, mean norm, max norm)."""
-        scaled, norms = 0, []
+        """Scale down adapters whose delta-weight norm exceeds max_norm (down and up each by sqrt(max_norm / norm));
+        returns (count scaled, mean norm, max norm) as Python numbers, counting a scaled adapter's norm as max_norm.
+
+        Called every step with --scale_weight_norms, so it reads the device once: the norms come from small Gram
+        matrices (`lora_delta_norm_sq`), stay on the device, every parameter is scaled by one batched multiply (by 1
+        where nothing is scaled), and the three statistics are read with a single `.tolist()`."""
+        loras = self.loras
+        if not loras:
+            return 0, 0.0, 0.0
         with torch.no_grad():
-            for m in self.loras:
-                norm = m.delta_weight().norm().item()
-                if norm > max_norm:
-                    ratio = math.sqrt(max_norm / norm)
-                    for p in m.parameters():  # lora_down and lora_up (every part of a split adapter)
-                        p.mul_(ratio)
-                    scaled += 1
-                    norm = max_norm
-                norms.append(norm)
-        return scaled, sum(norms) / max(len(norms), 1), max(norms, default=0.0)
+            sq = [m.delta_norm_sq() for m in loras]
+            device = sq[0].device
+            norms = torch.stack([n.to(device, torch.float64) for n in sq]).sqrt()
+            over = norms > max_norm
+            ratios = torch.where(over, (max_norm / norms.clamp_min(1e-30)).sqrt(), torch.ones_like(norms)).float()
+            params, factors = [], []
+            for i, m in enumerate(loras):
+                ratio = ratios[i]
+                for p in m.parameters():  # lora_down and lora_up (every part of a split adapter); alpha is a buffer
+                    params.append(p)
+                    factors.append(ratio if p.device == device else ratio.to(p.device))
+            torch._foreach_mul_(params, factors)
+            clipped = norms.clamp(max=max_norm)
+            scaled, mean_norm, top = torch.stack([over.sum().to(torch.float64), clipped.mean(), clipped.max()]).tolist()
+        return int(scaled), mean_norm, top
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "weights") -> list[str]:
         """Load a kohya-format state dict; shape mismatches are errors, keys without a module are returned.

@@ -39,6 +39,7 @@ from networks.lora import (
     dims_from_weights,
     drop_ranks,
     lora_delta,
+    lora_delta_norm_sq,
 )
 
 T5_TARGETS = ("T5Attention", "T5DenseGatedActDense")
@@ -223,6 +224,10 @@ class SplitLoRAModule(FusedLoRAModule):
         return torch.cat(
             [lora_delta(d.weight.float(), u.weight.float(), self.scale) for d, u in zip(self.lora_down, self.lora_up)]
         )
+
+    def delta_norm_sq(self) -> torch.Tensor:
+        """||delta_weight()||^2 (the parts' rows are stacked, so their squared norms add up), not read from the device."""
+        return sum(lora_delta_norm_sq(d.weight, u.weight, self.scale) for d, u in zip(self.lora_down, self.lora_up))
 
 
 def _fuse_parts_hook(module: SplitLoRAModule, state_dict: dict, prefix: str, local_metadata) -> None:

@@ -263,6 +263,23 @@ def test_param_groups_loraplus_and_max_norm(tiny):
         assert m.delta_weight().norm() <= 1.0 + 1e-4
 
 
+@pytest.mark.parametrize("split_qkv", [False, True])
+def test_max_norm_of_fused_and_split_adapters(tiny, split_qkv, monkeypatch):
+    """FLUX's fused qkv / linear1 adapters and their split_qkv parts: results equal the per-module reference (a
+    split adapter's norm is that of its stacked delta, and all its parts scale together), with one device read."""
+    from test_lora_network import DeviceReads, check_max_norm_against_reference, spread_norms
+
+    kwargs = {"split_qkv": "True"} if split_qkv else {}
+    net = spread_norms(lf.create_network(1.0, 4, 2.0, [tiny["text_encoder"]], tiny["transformer"], **kwargs))
+    assert any(isinstance(m, lf.SplitLoRAModule) for m in net.loras) == split_qkv
+    check_max_norm_against_reference(net, 1.5)
+    reads = DeviceReads()
+    reads.patch_tolist(monkeypatch)
+    with reads:
+        net.apply_max_norm(0.2)
+    assert reads.count <= 1
+
+
 def test_state_dict_round_trip_and_from_weights(tiny):
     tes = [tiny["text_encoder"]]
     transformer = copy.deepcopy(tiny["transformer"])

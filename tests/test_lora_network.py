@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from library.tiny_models import build_tiny_sd
 from networks import merge
@@ -752,7 +754,8 @@ def test_apply_max_norm(sd):
             m.lora_up.weight.mul_(0.05 if i % 2 else 3.0)
     before = [m.delta_weight().norm().item() for m in network.loras]
     downs_before = [m.lora_down.weight.clone() for m in network.loras]
-    max_norm = sorted(before)[len(before) // 2]
+    ranked = sorted(before)
+    max_norm = (ranked[len(before) // 2] + ranked[len(before) // 2 - 1]) / 2  # between two norms: no rounding coin flip
     expected_after = [min(n, max_norm) for n in before]
     scaled, mean_norm, top = network.apply_max_norm(max_norm)
     after = [m.delta_weight().norm().item() for m in network.loras]
@@ -776,6 +779,89 @@ def test_apply_max_norm_conv_modules(sd):
     assert scaled == sum(n > 1e-3 for n in before)
     assert top == pytest.approx(1e-3, rel=1e-4)
     assert all(m.delta_weight().norm().item() == pytest.approx(min(n, 1e-3), rel=1e-4) for m, n in zip(network.loras, before))
+
+
+def max_norm_reference(network, max_norm):
+    """By hand, one module at a time: (scaled count, mean norm, max norm, {param: expected value after})."""
+    norms, after = [], {}
+    for m in network.loras:
+        norm = m.delta_weight().double().norm().item()
+        ratio = math.sqrt(max_norm / norm) if norm > max_norm else 1.0
+        for p in m.parameters():
+            after[p] = p.detach().double() * ratio
+        norms.append(min(norm, max_norm))
+    return sum(n >= max_norm for n in norms), sum(norms) / len(norms), max(norms), after
+
+
+def spread_norms(network, seed=0):
+    """Random adapters (every part of split ones) with norms a factor ~100 apart, some above and some below 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, m in enumerate(network.loras):
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (0.05 if i % 2 else 0.6))
+    return network
+
+
+def check_max_norm_against_reference(network, max_norm):
+    norms = sorted(m.delta_weight().norm().item() for m in network.loras)
+    assert norms[0] < max_norm < norms[-1] and min(abs(n - max_norm) for n in norms) > 1e-3 * max_norm
+    count, mean, top, after = max_norm_reference(network, max_norm)
+    untouched = {p: p.detach().clone() for p, v in after.items() if torch.equal(v, p.detach().double())}
+    scaled, mean_norm, biggest = network.apply_max_norm(max_norm)
+    assert type(scaled) is int and type(mean_norm) is float and type(biggest) is float
+    assert scaled == count and 0 < scaled < len(network.loras)
+    assert mean_norm == pytest.approx(mean, rel=1e-6) and biggest == pytest.approx(top, rel=1e-6)
+    for p, v in after.items():
+        assert torch.allclose(p.detach().double(), v, rtol=1e-6, atol=0)
+    assert untouched and all(torch.equal(p.detach(), v) for p, v in untouched.items())  # unscaled: bit for bit
+    for m in network.loras:
+        assert m.delta_weight().norm().item() <= max_norm * (1 + 1e-5)
+
+
+class DeviceReads(TorchDispatchMode):
+    """Counts reads of tensor values into Python (`.item()`, `float()`, `bool()`: each a host sync on a GPU) and,
+    with `patch_tolist`, `.tolist()` / `.numpy()`."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+    def patch_tolist(self, monkeypatch):
+        for name in ("tolist", "numpy"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _original=original, **k):
+                self.count += 1
+                return _original(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def test_apply_max_norm_matches_a_per_module_reference(sd):
+    """Linear and 3x3-conv adapters: count, mean and max norm and every weight after, as computed by hand."""
+    network = spread_norms(LoRANetwork([sd["text_encoder"]], sd["unet"], rank=4, alpha=2, conv_dim=2, conv_alpha=1))
+    assert any(m.lora_down.weight.dim() == 4 for m in network.loras)
+    check_max_norm_against_reference(network, 0.5)
+
+
+def test_apply_max_norm_reads_the_device_once(sd, monkeypatch):
+    """One read per call, whatever the number of modules (it used to be one .item() per module per step)."""
+    network = spread_norms(LoRANetwork([sd["text_encoder"]], sd["unet"], rank=4, alpha=2))
+    assert len(network.loras) > 50
+    reads = DeviceReads()
+    reads.patch_tolist(monkeypatch)
+    with reads:
+        scaled, _, _ = network.apply_max_norm(0.5)
+    assert scaled > 0 and reads.count <= 1
+    with reads:  # nothing to scale: still one read
+        network.apply_max_norm(1e6)
+    assert reads.count <= 2
 
 
 # ---------------------------------------------------------------------------------------------------------------------
