@@ -15,6 +15,7 @@ loss target. Semantics follow sd-scripts' FLUX flags (``--timestep_sampling``, `
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -112,6 +113,26 @@ def make_noise_scheduler(discrete_flow_shift: float = 3.0) -> FlowMatchEulerDisc
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=discrete_flow_shift)
 
 
+@functools.lru_cache(maxsize=16)
+def _shared_scheduler(discrete_flow_shift: float) -> FlowMatchEulerDiscreteScheduler:
+    """One :func:`make_noise_scheduler` per shift for the per-step helpers (timestep sampling and huber_c run per sample
+    per step). Shared, so read only here: nothing calls set_timesteps or step on it; whoever needs a scheduler to
+    drive gets a fresh one from :func:`make_noise_scheduler`."""
+    return make_noise_scheduler(discrete_flow_shift)
+
+
+@functools.lru_cache(maxsize=16)
+def _sigma_table(discrete_flow_shift: float, device: torch.device) -> torch.Tensor:
+    """The discrete sigmas of :func:`make_noise_scheduler` (float32, on ``device``), built once per (shift, device).
+    Shared, so read only: callers index it and never write to it (:func:`training_sigmas` hands out copies)."""
+    return _shared_scheduler(discrete_flow_shift).sigmas.to(device=device, dtype=torch.float32)
+
+
+def training_sigmas(discrete_flow_shift: float = 3.0) -> torch.Tensor:
+    """The 1000 discrete training sigmas of :func:`make_noise_scheduler` (float32, CPU): a copy of the cached table."""
+    return _sigma_table(float(discrete_flow_shift), torch.device("cpu")).clone()
+
+
 def flux_shift_mu(image_seq_len: int | float) -> float:
     """FLUX's resolution-dependent shift: ``mu = m * seq_len + b``, the line through (256, 0.5) and (4096, 1.15), i.e.
     ``m = (1.15 - 0.5) / (4096 - 256)``, ``b = 0.5 - 256 m``. ``image_seq_len`` is the packed token count
@@ -203,7 +224,7 @@ def sample_sigmas(
             sigmas = time_shift(sigmas, flux_shift_mu(image_seq_len))
     else:  # "sigma"
         u = density_for_timestep_sampling(weighting_scheme, batch, generator, logit_mean, logit_std, mode_scale)
-        table = make_noise_scheduler(discrete_flow_shift).sigmas.to(device=u.device, dtype=torch.float32)
+        table = _sigma_table(float(discrete_flow_shift), u.device)
         indices = (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
         sigmas = table[indices]
     return sigmas if device is None else to_device(sigmas, device)
@@ -277,7 +298,7 @@ def huber_c(sigmas: torch.Tensor, schedule: str = "snr", huber_c: float = 0.1, h
 
     if schedule != "snr":
         timesteps = (sigmas * NUM_TRAIN_TIMESTEPS).long()
-        return sd_train_utils.huber_c(timesteps, make_noise_scheduler(), schedule, huber_c, huber_scale)
+        return sd_train_utils.huber_c(timesteps, _shared_scheduler(3.0), schedule, huber_c, huber_scale)
     s = sigmas.double()
     ratio = s / (1.0 - s)  # inf at sigma = 1, giving c = huber_c
     return ((1.0 - huber_c) / (1.0 + ratio) ** 2 + huber_c).float()

@@ -329,3 +329,44 @@ def test_huber_c_for_flow_matching_noise_levels():
     assert torch.allclose(ftu.huber_c(sigmas, "constant", 0.1, 2.0), torch.full((4,), 0.2))
     # exponential: huber_scale * huber_c ** (t / 1000) at t = sigma x 1000
     assert torch.allclose(ftu.huber_c(sigmas, "exponential", 0.1, 1.0), 0.1 ** sigmas, atol=1e-6)
+
+
+def test_schedule_is_built_once_and_values_are_unchanged(monkeypatch):
+    """Timestep sampling and huber_c run per sample per step: the flow-matching scheduler behind them is built once
+    per shift (it was built on every call), the values equal those of a freshly built scheduler, and the table the
+    caller gets is a copy."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    fresh = {s: ftu.make_noise_scheduler(s).sigmas.float() for s in (3.0, 1.0)}
+    built = []
+
+    class Counting(FlowMatchEulerDiscreteScheduler):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs.get("shift"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(ftu, "FlowMatchEulerDiscreteScheduler", Counting)
+    ftu._shared_scheduler.cache_clear()
+    ftu._sigma_table.cache_clear()
+    try:
+        for step in range(20):
+            u = torch.rand(1, generator=gen(step))
+            sigma = ftu.sample_sigmas(1, "sigma", gen(step), discrete_flow_shift=3.0)
+            assert torch.equal(sigma, fresh[3.0][(u * 1000).long().clamp(0, 999)])
+            s1 = ftu.sample_sigmas(1, "sigma", gen(step), discrete_flow_shift=1.0, weighting_scheme="logit_normal")
+            u1 = torch.sigmoid(torch.randn(1, generator=gen(step)))
+            assert torch.equal(s1, fresh[1.0][(u1 * 1000).long().clamp(0, 999)])
+            for schedule in ("constant", "exponential"):
+                ftu.huber_c(sigma, schedule, 0.1, 2.0)
+        assert sorted(built) == [1.0, 3.0]  # one scheduler per shift, for every call above
+
+        table = ftu.training_sigmas(3.0)
+        assert torch.equal(table, fresh[3.0])
+        table.fill_(0.5)  # the caller's copy: the cache is untouched
+        assert torch.equal(ftu.training_sigmas(3.0), fresh[3.0])
+        assert torch.equal(ftu.sample_sigmas(1, "sigma", gen(0), discrete_flow_shift=3.0),
+                           fresh[3.0][(torch.rand(1, generator=gen(0)) * 1000).long().clamp(0, 999)])
+        assert sorted(built) == [1.0, 3.0]
+    finally:
+        ftu._shared_scheduler.cache_clear()
+        ftu._sigma_table.cache_clear()
