@@ -1,7 +1,10 @@
 """Writing files that must never be lost or half-written: adapter weights with metadata, checkpoints, training states.
 
 Every file is written to a temporary name in the same folder and renamed into place, so a crash or a full disk
-leaves the previous file as it was. Checkpoint and state names follow sd-scripts.
+leaves the previous file as it was (`atomic_write`, the one place that creates and publishes files). Files get the
+mode of any file the user creates (0666 & ~umask), not tempfile.mkstemp's 0600. With `overwrite=False` the rename never
+replaces a file: a file created at that name while it was being written stays as it was, and the write fails.
+Checkpoint and state names follow sd-scripts.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import io
 import json
 import os
 import re
+import secrets
 import shutil
 
 import torch
@@ -23,18 +27,101 @@ class SaveError(RuntimeError):
     """A file could not be written; the previous file of that name is intact."""
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
+def new_temp_file(path: str) -> str:
+    """Create an empty temporary file next to `path` (same folder, so the rename is atomic) and return its name.
+
+    Created exclusively with mode 0666 & ~umask, like any file the user creates: tempfile.mkstemp would give 0600, and
+    the published file keeps its temporary file's mode."""
+    for _ in range(100):
+        tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"cannot create a temporary file next to {path}")
+
+
+def publish_file(tmp: str, path: str, overwrite: bool = True) -> None:
+    """Move the complete file `tmp` to `path`. overwrite=False never replaces a file: `path` is hard-linked to `tmp`
+    (which fails if `path` exists, however recently it appeared), then `tmp` is removed. On a file system without hard
+    links it falls back to a check just before the rename."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
     try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise SaveError(
+            f"{path} appeared while it was being written; it was left as it is and nothing was written "
+            "(kiln does not overwrite files)"
+        ) from None
+    except OSError:  # no hard links here (FAT, some network file systems)
+        if os.path.lexists(path):
+            raise SaveError(f"{path} appeared while it was being written; it was left as it is and nothing was written") from None
+        os.rename(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def atomic_write(path: str, write, overwrite: bool = True) -> None:
+    """Write a file atomically: `write(tmp)` fills a new temporary file (see new_temp_file), which is synced to disk and
+    then published as `path` (publish_file). The temporary file never outlives the call. An OSError becomes SaveError;
+    any other error (from `write`) is raised as it is."""
+    tmp = None
+    try:
+        tmp = new_temp_file(path)
+        mode = os.stat(tmp).st_mode & 0o777  # 0666 & ~umask
+        write(tmp)
+        if os.stat(tmp).st_mode & 0o777 != mode:  # a writer that made its own file (safetensors' save_file: 0600)
+            os.chmod(tmp, mode)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        publish_file(tmp, path, overwrite)
+    except OSError as e:
+        raise SaveError(f"cannot write {path}: {e}; the previous file (if any) is unchanged") from e
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def new_temp_folder(path: str) -> str:
+    """Create an empty temporary folder next to `path` (mode 0777 & ~umask, unlike tempfile.mkdtemp's 0700)."""
+    for _ in range(100):
+        tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.mkdir(tmp, 0o777)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"cannot create a temporary folder next to {path}")
+
+
+def publish_folder(tmp: str, path: str) -> None:
+    """Move the complete folder `tmp` to `path`, which must not exist: a rename fails on an existing file or non-empty
+    folder (POSIX only lets it replace an empty folder, which holds nothing to lose). `tmp` is removed on failure.
+    Its files get the usual mode first (writers such as safetensors' save_file, used by save_pretrained, make 0600
+    files): that of the folder made by new_temp_folder, without execute bits."""
+    mode = os.stat(tmp).st_mode & 0o666  # new_temp_folder: 0777 & ~umask
+    for root, _dirs, files in os.walk(tmp):
+        for name in files:
+            file = os.path.join(root, name)
+            if not os.path.islink(file) and os.stat(file).st_mode & 0o777 != mode:
+                os.chmod(file, mode)
+    try:
+        os.rename(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveError(f"cannot write {path}: it appeared while it was being written ({e}); it was left as it is") from e
+
+
+def atomic_write_bytes(path: str, data: bytes, overwrite: bool = True) -> None:
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise SaveError(f"cannot write {path}: {e}; the previous file (if any) is unchanged") from e
+
+    atomic_write(path, write, overwrite)
 
 
 def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
@@ -48,9 +135,14 @@ def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
 
 
 def save_weights(
-    path: str, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None, dtype: torch.dtype | None
+    path: str,
+    state_dict: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None,
+    dtype: torch.dtype | None,
+    overwrite: bool = True,
 ) -> None:
-    """Save adapter weights (safetensors with metadata and sshs_* hashes, or a torch state dict for .ckpt/.pt)."""
+    """Save adapter weights (safetensors with metadata and sshs_* hashes, or a torch state dict for .ckpt/.pt).
+    overwrite=False: an existing `path` is an error (SaveError), even one that appears while this writes."""
     tensors = {
         k: (v.detach().to("cpu", dtype) if dtype is not None and v.is_floating_point() else v.detach().cpu()).contiguous()
         for k, v in state_dict.items()
@@ -58,11 +150,11 @@ def save_weights(
     if path.endswith(".safetensors"):
         metadata = dict(metadata or {})
         metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(tensors, metadata)
-        atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
+        atomic_write_bytes(path, safetensors_bytes(tensors, metadata), overwrite)
     else:
         buf = io.BytesIO()
         torch.save(tensors, buf)
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue(), overwrite)
 
 
 def load_weights_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -174,10 +266,16 @@ ST_DTYPES = {
 }
 
 
-def stream_safetensors(path: str, layout: list[tuple[str, tuple[int, ...], torch.dtype]], produce, metadata: dict[str, str] | None = None) -> None:
+def stream_safetensors(
+    path: str,
+    layout: list[tuple[str, tuple[int, ...], torch.dtype]],
+    produce,
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = True,
+) -> None:
     """Write a safetensors file whose tensors are made one at a time by `produce(name)`, in `layout` order
     (name, shape, dtype): the header is written first from the layout, then each tensor's bytes. Atomic like every
-    other write here (temporary file, then rename)."""
+    other write here (atomic_write; overwrite=False never replaces a file)."""
     import json as _json
 
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
@@ -188,8 +286,8 @@ def stream_safetensors(path: str, layout: list[tuple[str, tuple[int, ...], torch
         offset += size
     blob = _json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
+
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(len(blob).to_bytes(8, "little"))
             f.write(blob)
@@ -197,13 +295,30 @@ def stream_safetensors(path: str, layout: list[tuple[str, tuple[int, ...], torch
                 tensor = produce(name)
                 if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
                     raise ValueError(f"{name}: made {tuple(tensor.shape)} {tensor.dtype}, the header says {tuple(shape)} {dtype}")
-                f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, ValueError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise SaveError(f"cannot write {path}: {e}; the previous file (if any) is unchanged") from e
-        raise
+                f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+
+    atomic_write(path, write, overwrite)
+
+
+def save_tensors(
+    path: str,
+    layout: list[tuple[str, tuple[int, ...], torch.dtype]],
+    produce,
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = True,
+    pickle_key: str | None = "state_dict",
+) -> None:
+    """A model file of the tensors `produce(name)` makes, in `layout` order: `.safetensors` streamed (stream_safetensors,
+    one tensor in memory at a time); any other name a torch pickle that loads with weights_only=True, of
+    {pickle_key: tensors} (single-file checkpoints) or of the tensors themselves (pickle_key=None: a diffusers/transformers
+    .bin), built in memory. Atomic; overwrite=False never replaces a file."""
+    if path.lower().endswith(".safetensors"):
+        stream_safetensors(path, layout, produce, metadata, overwrite)
+        return
+    tensors = {}
+    for name, shape, dtype in layout:
+        tensor = produce(name)
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise ValueError(f"{name}: made {tuple(tensor.shape)} {tensor.dtype}, the layout says {tuple(shape)} {dtype}")
+        tensors[name] = tensor.contiguous()
+    atomic_write(path, lambda tmp: torch.save({pickle_key: tensors} if pickle_key else tensors, tmp), overwrite)

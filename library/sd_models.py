@@ -807,17 +807,10 @@ def sd_to_ldm_state_dict(text_encoder, vae, unet, v2: bool) -> dict[str, torch.T
 
 
 def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from library.saving import atomic_write  # the one place that creates files: usual mode, temporary name, rename
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, write)
 
 
 def save_sd_single_file(

@@ -1,5 +1,9 @@
-"""Merging kohya-format LoRA files: into one LoRA (exact concatenation or SVD), or into a model's weights, or (FLUX)
-into single files streamed tensor by tensor: the BFL transformer, CLIP-L and T5-XXL (merge_into_flux_files)."""
+"""Merging kohya-format LoRA files: into one LoRA (exact concatenation or SVD), into loaded models' weights, or into
+model files streamed tensor by tensor (merge_into_file: every tensor of the source is written,
+the targeted ones with the LoRA deltas added, the others bit-identical): SD 1.x/2.x and SDXL single files and diffusers
+folders (merge_into_sd_file, merge_into_sd_folder) and FLUX's BFL transformer, CLIP-L and T5-XXL (merge_into_flux_files).
+Only one thing differs per layout: which LoRA module changes which file key (and, for OpenCLIP's fused q/k/v, which
+rows of it)."""
 
 from __future__ import annotations
 
@@ -13,8 +17,42 @@ from networks.lora import LoRANetwork, dims_from_weights, lora_delta
 logger = logging.getLogger(__name__)
 
 
-def _modules(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """name -> (down, up, alpha / rank) of every module of a LoRA file."""
+_LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+_OTHER_ADAPTERS = {  # key fragments of adapter types a LoRA merge cannot apply -> their names
+    ".oft_blocks": "OFT",
+    ".oft_diag": "OFT",
+    ".hada_": "LoHa",
+    ".lokr_": "LoKr",
+    ".dora_scale": "DoRA",
+    ".diff": "full-weight difference",
+    ".w_norm": "GLoRA",
+    ".a1.weight": "GLoRA",
+}
+
+
+def check_lora_keys(state_dict: dict[str, torch.Tensor], known: set[str] = frozenset(), layouts: str = "kohya LoRA (lora_down/lora_up/alpha)") -> None:
+    """Every key of a LoRA file must be a kohya LoRA weight (or in `known`): anything else (OFT, LoHa, LoKr, DoRA, ...)
+    cannot be merged and is an error naming the key, never dropped. A lora_down needs its lora_up and the reverse."""
+    names = {k[: -len(s)] for k in state_dict for s in _LORA_SUFFIXES[:2] if k.endswith(s)}
+    for name in sorted(names):
+        for suffix in _LORA_SUFFIXES[:2]:
+            if name + suffix not in state_dict:
+                raise ValueError(f"LoRA module {name} has no {suffix[1:]}; the file is incomplete")
+    lora_keys = {n + s for n in names for s in _LORA_SUFFIXES}
+    unknown = sorted(k for k in state_dict if k not in lora_keys and k not in known)
+    if unknown:
+        kind = next((t for frag, t in _OTHER_ADAPTERS.items() if frag in unknown[0]), None)
+        raise ValueError(
+            f"{len(unknown)} keys are not {layouts} weights, e.g. {unknown[0]}"
+            + (f" (a {kind} module)" if kind else "")
+            + "; only plain LoRA can be merged (nothing was written)"
+        )
+
+
+def _modules(state_dict: dict[str, torch.Tensor], check: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """name -> (down, up, alpha / rank) of every module of a LoRA file; keys of any other kind are an error (check)."""
+    if check:
+        check_lora_keys(state_dict)
     dims, alphas = dims_from_weights(state_dict)
     return {
         name: (state_dict[name + ".lora_down.weight"].float(), state_dict[name + ".lora_up.weight"].float(), alphas[name] / dims[name])
@@ -101,7 +139,6 @@ FLUX_PART_FLAGS = {  # part -> (input flag, output flag) of tools/merge_lora.py 
 }
 FLUX_PART_NAMES = {"transformer": "FLUX transformer", "clip_l": "CLIP-L", "t5xxl": "T5-XXL"}
 BFL_PREFIX = "model.diffusion_model."
-_LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 Modules = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
@@ -165,19 +202,9 @@ def flux_lora_parts(state_dict: dict[str, torch.Tensor], transformer=None) -> di
         peft_left = {k[: -len(".lora_A.weight")] for k in state_dict if k.endswith(".lora_A.weight")}
         if peft_left and transformer is not None:
             raise ValueError(f"{len(peft_left)} LoRA modules match nothing in the FLUX transformer, e.g. {min(peft_left)}")
-    downs = {k[: -len(".lora_down.weight")] for k in state_dict if k.endswith(".lora_down.weight")}
-    lacking = sorted(n for n in downs if n + ".lora_up.weight" not in state_dict)
-    if lacking:
-        raise ValueError(f"LoRA module {lacking[0]} has a lora_down but no lora_up weight")
-    modules = _modules(state_dict)
-    known = {name + s for name in modules for s in _LORA_SUFFIXES}
-    known |= {p + s for p in peft_left for s in (".lora_A.weight", ".lora_B.weight", ".alpha")}
-    unknown = sorted(k for k in state_dict if k not in known)
-    if unknown:
-        raise ValueError(
-            f"{len(unknown)} keys are not kohya LoRA (lora_down/lora_up/alpha) or PEFT (lora_A/lora_B) weights, e.g. "
-            f"{unknown[0]}; only plain LoRA can be merged"
-        )
+    peft_keys = {p + s for p in peft_left for s in (".lora_A.weight", ".lora_B.weight", ".alpha")}
+    check_lora_keys(state_dict, peft_keys, "kohya LoRA (lora_down/lora_up/alpha) or PEFT (lora_A/lora_B)")
+    modules = _modules(state_dict, check=False)
     parts: dict[str, Modules] = {part: {} for part in FLUX_PARTS}
     for name, module in modules.items():
         part = next((p for p, prefix in FLUX_PARTS.items() if name.startswith(prefix)), None)
@@ -189,8 +216,29 @@ def flux_lora_parts(state_dict: dict[str, torch.Tensor], transformer=None) -> di
     return {p: m for p, m in parts.items() if m}
 
 
-def _plan_merge(src: str, part: str, loras: list[tuple[Modules, float]]) -> dict[str, str]:
-    """Check that every module of `loras` has a weight of its shape in `src`; returns file key -> module name."""
+Targets = dict[str, list[tuple[str, slice | None]]]  # file key -> [(LoRA module name, rows of the key it changes)]
+
+
+def check_targets(src: str, shapes: dict[str, tuple[int, ...]], by_key: Targets, loras: list[tuple[Modules, float]], hint: str) -> None:
+    """Every module's weight change must have the shape of what it changes: the whole tensor, or its rows."""
+    for key, mods in by_key.items():
+        shape = shapes[key]
+        for name, rows in mods:
+            target = shape if rows is None else (len(range(*rows.indices(shape[0]))), *shape[1:])
+            for modules, _ in loras:
+                if name not in modules:
+                    continue
+                down, up, _scale = modules[name]
+                delta = (up.shape[0], down.shape[1]) if down.dim() == 2 else (up.shape[0], *down.shape[1:])
+                if up.shape[1] != down.shape[0] or torch.Size(delta).numel() != torch.Size(target).numel() or delta[0] != target[0]:
+                    where = key if rows is None else f"rows {rows.start}:{rows.stop} of {key}"
+                    raise ValueError(
+                        f"{name}: the LoRA changes a {list(delta)} weight but {where} in {src} is {list(target)}; {hint}"
+                    )
+
+
+def _plan_merge(src: str, part: str, loras: list[tuple[Modules, float]]) -> Targets:
+    """Check that every module of `loras` has a weight of its shape in `src`; returns file key -> [(module name, None)]."""
     shapes = _file_shapes(src)
     names, ambiguous = flux_file_module_names(part, list(shapes))
     wanted = sorted({n for modules, _ in loras for n in modules})
@@ -203,50 +251,280 @@ def _plan_merge(src: str, part: str, loras: list[tuple[Modules, float]]) -> dict
     both = [n for n in wanted if n in ambiguous]
     if both:
         raise ValueError(f"{both[0]} matches several weights of {src}; cannot tell which one to merge into")
-    for modules, _ in loras:
-        for name, (down, up, _scale) in modules.items():
-            shape = shapes[names[name]]
-            if down.dim() == 2:
-                delta = (up.shape[0], down.shape[1])
-            else:
-                delta = (up.shape[0], *down.shape[1:])
-            if up.shape[-1] != down.shape[0] or torch.Size(delta).numel() != torch.Size(shape).numel() or delta[0] != shape[0]:
-                raise ValueError(
-                    f"{name}: the LoRA changes a {list(delta)} weight but {names[name]} in {src} is {list(shape)}; "
-                    "is it a LoRA for another model size?"
-                )
-    return {names[n]: n for n in wanted}
+    by_key = {names[n]: [(n, None)] for n in wanted}
+    check_targets(src, shapes, by_key, loras, "is it a LoRA for another model size?")
+    return by_key
 
 
-def merge_into_safetensors(src: str, dst: str, loras: list[tuple[Modules, float]], by_key: dict[str, str], save_dtype: torch.dtype | None = None) -> int:
-    """Stream `src` into `dst` (atomic, same key order and metadata), adding ratio x the delta of module `by_key[key]`
-    to each listed weight: one tensor in memory at a time. `save_dtype` casts floating tensors. Returns weights changed."""
-    from safetensors import safe_open
+class _SourceFile:
+    """The tensors of a model file, read one at a time: safetensors through safe_open (memory-mapped), a pickle
+    (.ckpt/.pt/.bin) loaded whole with weights_only=True. `layout` lists (key, shape, dtype) in the file's order."""
 
-    from library.saving import ST_DTYPES, stream_safetensors
+    def __init__(self, path: str):
+        self.path = path
+        if path.lower().endswith(".safetensors"):
+            from safetensors import safe_open
 
-    codes = {code: dtype for dtype, code in ST_DTYPES.items()}
-    with safe_open(src, framework="pt") as f:
-        layout = []
-        for k in f.keys():
-            sl = f.get_slice(k)
-            dtype = codes[sl.get_dtype()]
-            layout.append((k, tuple(sl.get_shape()), save_dtype if save_dtype is not None and dtype.is_floating_point else dtype))
+            from library.saving import ST_DTYPES
 
-        def produce(key: str) -> torch.Tensor:
-            tensor = f.get_tensor(key)
-            out_dtype = save_dtype if save_dtype is not None and tensor.is_floating_point() else tensor.dtype
-            name = by_key.get(key)
-            if name is not None:
-                weight = tensor.float()
+            codes = {code: dtype for dtype, code in ST_DTYPES.items()}
+            self._file = safe_open(path, framework="pt")
+            self._tensors = None
+            self.metadata = self._file.metadata()
+            self.layout = []
+            for k in self._file.keys():
+                sl = self._file.get_slice(k)
+                self.layout.append((k, tuple(sl.get_shape()), codes[sl.get_dtype()]))
+        else:
+            from library.checkpoint_files import read_state_dict
+
+            self._file = None
+            self._tensors = read_state_dict(path)
+            self.metadata = None
+            self.layout = [(k, tuple(v.shape), v.dtype) for k, v in self._tensors.items()]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: shape for k, shape, _ in self.layout}
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key) if self._file is not None else self._tensors.pop(key)
+
+
+def merge_into_file(
+    src: str | _SourceFile,
+    dst: str,
+    loras: list[tuple[Modules, float]],
+    by_key: Targets,
+    save_dtype: torch.dtype | None = None,
+    merge_dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    pickle_key: str | None = "state_dict",
+) -> int:
+    """Stream `src` into the new file `dst` (atomic; never replaces an existing file unless `overwrite`): every tensor
+    of the source in its order, with the source's metadata; to each listed key (or the listed rows of it) ratio x the
+    delta of its modules is added, in `merge_dtype`, and the result is written back in the key's own dtype. Every other
+    tensor is written bit-identical. `save_dtype` casts every floating tensor instead. `dst` is a .safetensors file or a
+    pickle ({pickle_key: tensors}, or the plain tensors with pickle_key=None). Returns the number of keys changed."""
+    from library.saving import save_tensors
+
+    source = src if isinstance(src, _SourceFile) else _SourceFile(src)
+    dtypes = {k: dtype for k, _, dtype in source.layout}
+    absent = sorted(set(by_key) - set(dtypes))
+    if absent:
+        raise ValueError(f"{source.path} has no tensor {absent[0]}")
+
+    def out_dtype(dtype: torch.dtype) -> torch.dtype:
+        return save_dtype if save_dtype is not None and dtype.is_floating_point else dtype
+
+    def produce(key: str) -> torch.Tensor:
+        tensor = source.get(key)
+        mods = by_key.get(key)
+        if mods:
+            weight = tensor.to(merge_dtype, copy=True)
+            for name, rows in mods:
+                view = weight if rows is None else weight[rows]
                 for modules, ratio in loras:
                     if name in modules:
-                        weight += lora_delta(*modules[name]).reshape(weight.shape) * ratio
-                tensor = weight
-            return tensor.to(out_dtype)
+                        view += (lora_delta(*modules[name]) * ratio).reshape(view.shape).to(merge_dtype)
+            tensor = weight
+        return tensor.to(out_dtype(dtypes[key]))
 
-        stream_safetensors(dst, layout, produce, f.metadata())
+    layout = [(k, shape, out_dtype(dtype)) for k, shape, dtype in source.layout]
+    save_tensors(dst, layout, produce, source.metadata, overwrite=overwrite, pickle_key=pickle_key)
     return len(by_key)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SD 1.x/2.x and SDXL: which LoRA module changes which key, for single files (LDM / sgm names) and diffusers folders.
+# The adapted modules and their kohya names come from networks.lora.LoRANetwork built on weightless (meta) models of
+# the file's architecture; their file keys from library.ldm_names (the same maps the single-file writers use).
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _lora_module_paths(names: set[str], text_encoders: list, unet, te_prefixes: list[str], unet_name_map) -> dict[str, tuple[int, str]]:
+    """LoRA module name -> (model index: 0.. text encoders, -1 U-Net; module path in it) for the `names` wanted
+    (SDXL U-Net modules by sgm or diffusers names). Names no module has are an error."""
+    from networks.lora import LoRANetwork
+
+    where: dict[int, tuple[int, str]] = {}
+    for i, model in enumerate([*text_encoders, unet]):
+        for path, module in model.named_modules():
+            where[id(module)] = (i if i < len(text_encoders) else -1, path)
+    network = LoRANetwork(text_encoders, unet, module_dims={n: 1 for n in names}, te_prefixes=te_prefixes, unet_name_map=unet_name_map)
+    found = {m.lora_name: where[id(m.org_module)] for m in network.loras}
+    for alias, name in getattr(network, "aliases", {}).items():
+        if alias in names and name in found:
+            found[alias] = found[name]
+    missing = sorted(names - set(found))
+    if missing:
+        raise ValueError(f"{len(missing)} LoRA modules match nothing in this model, e.g. {missing[0]}; is it a LoRA for another model?")
+    return {n: found[n] for n in names}
+
+
+def _meta(cls_or_factory, *args, **kwargs):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return cls_or_factory(*args, **kwargs)
+
+
+def sd_single_file_targets(shapes: dict[str, tuple[int, ...]], names: set[str], v2: bool | None = None) -> Targets:
+    """File key -> [(LoRA module, rows)] of an SD 1.x/2.x or SDXL single file (its keys and shapes) for the LoRA
+    modules `names`. U-Net modules: `model.diffusion_model.` + the LDM/sgm name; CLIP-L: `text_model.*` under the
+    family's prefix; OpenCLIP (SD2, SDXL's second encoder): q/k/v are rows of the layer's fused `attn.in_proj_weight`.
+    `v2` (--v2) must agree with the file when given."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from library.checkpoint_files import CLIP_L_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, detect_family
+    from library.ldm_names import open_clip_qkv_rows, text_encoder_ldm_param_names, unet_ldm_module_names
+
+    family = detect_family(shapes)
+    if family not in ("sd1", "sd2", "sdxl"):
+        raise ValueError(f"not an SD 1.x/2.x or SDXL single file (its keys read as {family}); FLUX merges take --flux_model")
+    if v2 and family != "sd2":
+        raise ValueError(f"--v2 is given but the file is {'SDXL' if family == 'sdxl' else 'SD 1.x'}")
+    meta = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+    if family == "sdxl":
+        from library.sdxl_models import TE1_PREFIX, TE2_PREFIX, infer_sdxl_single_file_configs
+
+        configs = infer_sdxl_single_file_configs(meta)
+        tes = [
+            (_meta(CLIPTextModel, CLIPTextConfig(**configs["text_encoder"])), TE1_PREFIX, False),
+            (_meta(CLIPTextModelWithProjection, CLIPTextConfig(**configs["text_encoder_2"])), TE2_PREFIX, True),
+        ]
+        te_prefixes = ["lora_te1", "lora_te2"]
+    else:
+        from library.sd_models import infer_single_file_configs
+
+        sd2 = family == "sd2"
+        configs = infer_single_file_configs(meta, sd2)
+        tes = [(_meta(CLIPTextModel, CLIPTextConfig(**configs["text_encoder"])), OPEN_CLIP_PREFIX if sd2 else CLIP_L_PREFIX, sd2)]
+        te_prefixes = ["lora_te"]
+    unet = _meta(UNet2DConditionModel, **configs["unet"])
+    unet_ldm = unet_ldm_module_names(unet)
+    paths = _lora_module_paths(names, [te for te, _, _ in tes], unet, te_prefixes, unet_ldm if family == "sdxl" else None)
+    te_keys = [text_encoder_ldm_param_names(te, v2=open_clip) for te, _, open_clip in tes]
+    by_key: Targets = {}
+    for name, (i, path) in sorted(paths.items()):
+        if i < 0:
+            key, rows = UNET_PREFIX + unet_ldm[path] + ".weight", None
+        else:
+            te, prefix, open_clip = tes[i]
+            hf_key = path + ".weight"
+            key = prefix + te_keys[i][hf_key]
+            rows = open_clip_qkv_rows(hf_key, te.config.hidden_size) if open_clip else None
+        by_key.setdefault(key, []).append((name, rows))
+    return by_key
+
+
+def _folder_weight_files(folder: str) -> list[str]:
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [os.path.join(folder, n) for n in names if n.endswith((".safetensors", ".bin"))]
+
+
+def sd_folder_targets(folder: str, names: set[str]) -> dict[str, Targets]:
+    """Weight file -> (key -> [(LoRA module, None)]) of an SD 1.x/2.x or SDXL diffusers folder for the LoRA modules
+    `names`: diffusers / transformers key names in unet/, text_encoder/ (and text_encoder_2/). Every weight file of a
+    component (shards, variants such as .fp16, .bin) gets the change of the keys it holds; each module must be in one."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from library.ldm_names import unet_ldm_module_names
+
+    def config(component: str) -> dict:
+        with open(os.path.join(folder, component, "config.json")) as f:
+            return json.load(f)
+
+    sdxl = os.path.isfile(os.path.join(folder, "text_encoder_2", "config.json"))
+    components = ["text_encoder", "text_encoder_2"] if sdxl else ["text_encoder"]
+    te_classes = [CLIPTextModel, CLIPTextModelWithProjection]
+    tes = [_meta(cls, CLIPTextConfig.from_dict(config(c))) for cls, c in zip(te_classes, components)]
+    unet = _meta(UNet2DConditionModel.from_config, config("unet"))
+    te_prefixes = ["lora_te1", "lora_te2"] if sdxl else ["lora_te"]
+    paths = _lora_module_paths(names, tes, unet, te_prefixes, unet_ldm_module_names(unet) if sdxl else None)
+    files: dict[str, Targets] = {}
+    placed: set[str] = set()
+    for i, component in [*enumerate(components), (-1, "unet")]:
+        wanted = {n: p for n, (j, p) in paths.items() if j == i}
+        if not wanted:
+            continue
+        for path in _folder_weight_files(os.path.join(folder, component)):
+            keys = set(_SourceFile(path).shapes())
+            for name, module in wanted.items():
+                for key in (module + ".weight", "text_model." + module + ".weight", module.removeprefix("text_model.") + ".weight"):
+                    if key in keys:
+                        files.setdefault(path, {}).setdefault(key, []).append((name, None))
+                        placed.add(name)
+                        break
+    missing = sorted(names - placed)
+    if missing:
+        raise ValueError(f"{len(missing)} LoRA modules have no weight in the files of {folder}, e.g. {missing[0]}")
+    return files
+
+
+def _lora_modules_of(loras: list[tuple[dict[str, torch.Tensor], float]]) -> list[tuple[Modules, float]]:
+    return [(_modules(sd), ratio) for sd, ratio in loras]
+
+
+def merge_into_sd_file(
+    src: str,
+    dst: str,
+    loras: list[tuple[dict[str, torch.Tensor], float]],
+    save_dtype: torch.dtype | None = None,
+    merge_dtype: torch.dtype = torch.float32,
+    v2: bool | None = None,
+) -> int:
+    """Merge LoRA files (state dicts with ratios) into an SD 1.x/2.x or SDXL single file, streamed into the new file
+    `dst` (.safetensors, or .ckpt/.pt): every tensor of `src` whatever its name (position_ids, the DDPM schedule buffers,
+    EMA weights, ...) is written, untouched ones bit-identical in their dtype; no model is built and no tokenizer read.
+    Everything is checked before anything is written; keys the merge cannot apply are errors. Returns keys changed."""
+    parsed = _lora_modules_of(loras)
+    source = _SourceFile(src)
+    shapes = source.shapes()
+    by_key = sd_single_file_targets(shapes, {n for modules, _ in parsed for n in modules}, v2)
+    check_targets(src, shapes, by_key, parsed, "is it a LoRA for another model?")
+    return merge_into_file(source, dst, parsed, by_key, save_dtype, merge_dtype)
+
+
+def merge_into_sd_folder(
+    src: str,
+    dst: str,
+    loras: list[tuple[dict[str, torch.Tensor], float]],
+    save_dtype: torch.dtype | None = None,
+    merge_dtype: torch.dtype = torch.float32,
+) -> int:
+    """Merge LoRA files into an SD 1.x/2.x or SDXL diffusers folder: a new folder `dst` with every file of `src` (configs,
+    tokenizers, scheduler, other components) copied as it is and each weight file the LoRAs change streamed through
+    merge_into_file. Written under a temporary name and renamed (never over an existing file or folder). Returns keys changed."""
+    import shutil
+
+    from library.saving import new_temp_folder, publish_folder
+
+    parsed = _lora_modules_of(loras)
+    plan = sd_folder_targets(src, {n for modules, _ in parsed for n in modules})
+    for path, by_key in plan.items():
+        check_targets(path, _SourceFile(path).shapes(), by_key, parsed, "is it a LoRA for another model?")
+    tmp = new_temp_folder(dst)
+    changed = 0
+    try:
+        for root, _dirs, files in os.walk(src, followlinks=True):
+            rel = os.path.relpath(root, src)
+            os.makedirs(os.path.join(tmp, rel), exist_ok=True)
+            for name in files:
+                path = os.path.join(root, name)
+                out = os.path.normpath(os.path.join(tmp, rel, name))
+                if path in plan or (save_dtype is not None and rel != "." and name.endswith((".safetensors", ".bin"))):
+                    changed += merge_into_file(path, out, parsed, plan.get(path, {}), save_dtype, merge_dtype, pickle_key=None)
+                else:
+                    shutil.copyfile(path, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_folder(tmp, dst)
+    return changed
 
 
 def merge_into_flux_files(
@@ -279,7 +557,17 @@ def merge_into_flux_files(
             f"leave out {' '.join(f'{FLUX_PART_FLAGS[p][0]} {FLUX_PART_FLAGS[p][1]}' for p in unused)}"
         )
     plans = {part: _plan_merge(files[part][0], part, per_part[part]) for part in FLUX_PARTS if part in files}
-    return {part: merge_into_safetensors(*files[part], per_part[part], by_key, save_dtype) for part, by_key in plans.items()}
+    from library.saving import SaveError
+
+    counts: dict[str, int] = {}
+    for part, by_key in plans.items():
+        try:
+            counts[part] = merge_into_file(*files[part], per_part[part], by_key, save_dtype)
+        except SaveError as e:
+            if counts:
+                raise SaveError(f"{e}\nwritten before the error: {', '.join(files[p][1] for p in counts)}") from e
+            raise
+    return counts
 
 
 def _has_peft_transformer_keys(state_dict: dict[str, torch.Tensor]) -> bool:

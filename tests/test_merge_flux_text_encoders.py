@@ -253,6 +253,30 @@ def test_existing_output_is_never_overwritten(models, files, tmp_path, capsys):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+def test_output_created_while_merging_is_never_replaced(models, files, tmp_path, capsys, monkeypatch):
+    """A file that appears at the second output's name after the start check (a seam: just before the merged file is
+    moved into place) stays as it is; the merge fails naming it and saying what was written; no temporary file is left."""
+    te = tmp_path / "te.safetensors"
+    make_lora(models, te, seed=9)
+    clip_out, t5_out = tmp_path / "clip.safetensors", tmp_path / "t5.safetensors"
+
+    def wrap(real):
+        def call(src, dst, *args, **kwargs):
+            if os.path.abspath(dst) == str(t5_out) and not os.path.exists(dst):
+                t5_out.write_bytes(b"keep me")
+            return real(src, dst, *args, **kwargs)
+
+        return call
+
+    for name in ("link", "rename", "replace"):
+        monkeypatch.setattr(os, name, wrap(getattr(os, name)))
+    err = fail(capsys, "--models", te, "--clip_l", files["clip_l"], "--clip_l_save_to", clip_out, "--t5xxl", files["t5xxl"],
+               "--t5xxl_save_to", t5_out)
+    assert t5_out.read_bytes() == b"keep me"
+    assert str(t5_out) in err and f"written before the error: {clip_out}" in err
+    assert sorted(os.listdir(tmp_path)) == ["clip.safetensors", "t5.safetensors", "te.safetensors"]
+
+
 def test_peft_layout_matches_kohya(models, files, tmp_path):
     """A diffusers/PEFT-layout LoRA (transformer.*, text_encoder.*, text_encoder_2.*; fused BFL projections split into
     their diffusers Linears) merges to the same files as the kohya LoRA it was made from."""

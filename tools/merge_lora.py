@@ -7,9 +7,16 @@
         --clip_l clip_l.safetensors --clip_l_save_to clip_l_merged.safetensors --t5xxl t5xxl_fp16.safetensors --t5xxl_save_to t5xxl_merged.safetensors
 
 Into a model: each LoRA's weight change times its ratio is added to the base weights; `--save_to` is a single file
-(.safetensors, original layout) or, for any other name, a diffusers folder. Into one LoRA: `--concat` puts the
-ranks side by side (exactly the weighted sum); without it, each module's sum is fitted back to the largest input
-rank by SVD (exact when the ranks allow, else the nearest; the largest relative error is printed).
+(.safetensors or .ckpt, original layout) or, for any other name, a diffusers folder. A single file merged into a
+single file, or a diffusers folder into a folder, is streamed tensor by tensor: the output holds every tensor of the
+source whatever its name (position_ids, the DDPM schedule buffers, EMA weights, ...), the untouched ones bit-identical
+in their dtype, the changed ones computed in --precision (default float32) and written back in their own dtype (or
+all floating tensors in --save_precision); a folder keeps every other file (configs, tokenizers, scheduler). No
+tokenizer is needed. A single file into a folder, a folder into a single file or a built-in model is converted through
+the loaded models. Only plain LoRA (lora_down/lora_up/alpha) can be merged: any other key (OFT, LoHa, LoKr, DoRA) is
+an error naming it, and nothing is written. Into one LoRA: `--concat` puts the ranks side by side (exactly the weighted
+sum); without it, each module's sum is fitted back to the largest input rank by SVD (exact when the ranks allow, else
+the nearest; the largest relative error is printed).
 
 FLUX (sd-scripts' flux_merge_lora flags): each part of a FLUX LoRA goes into its own single file, merged tensor by
 tensor in float32 (the 12B model needs a few GB of RAM): `lora_unet_` modules into `--flux_model` (BFL transformer)
@@ -19,8 +26,9 @@ layout (ai-toolkit) are converted first. Modules of a part without its file are 
 is a file of a part no LoRA adapts. `--save_precision` (fp8 included) applies to every file written; the source's
 metadata is kept. Everything is checked before the first file is written.
 
-An existing output (--save_to, --clip_l_save_to, --t5xxl_save_to) is never overwritten; files are written to a
-temporary name and renamed.
+An existing output (--save_to, --clip_l_save_to, --t5xxl_save_to) is never overwritten: files are written to a
+temporary name and published without replacing anything, so an output that appears meanwhile stays as it is and the
+merge fails (exit status 1). Outputs get the usual file mode (0666 & ~umask).
 """
 
 from __future__ import annotations
@@ -34,35 +42,67 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from library.saving import SAVE_DTYPES, SaveError, load_weights_file, save_weights  # noqa: E402
-from networks.merge import FLUX_PART_FLAGS, merge_into_flux_files, merge_into_models, merge_loras_concat, merge_loras_svd  # noqa: E402
+from networks.merge import (  # noqa: E402
+    FLUX_PART_FLAGS,
+    check_lora_keys,
+    merge_into_flux_files,
+    merge_into_models,
+    merge_into_sd_file,
+    merge_into_sd_folder,
+    merge_loras_concat,
+    merge_loras_svd,
+)
 
 
 def load_base(path: str, v2: bool, dtype):
-    """(model, its text encoders, LoRA naming options, single-file writer) for an SD 1.x/2.x or SDXL base."""
+    """(model, its text encoders, LoRA naming options, model -> original single-file state dict) for an SD 1.x/2.x or
+    SDXL base that is converted on the way (a folder into a single file, a single file into a folder, a built-in model)."""
     from library.train_script import detect_model_family
 
     family = detect_model_family(path)
     if family == "sdxl":
-        from library.sdxl_models import load_sdxl_model, save_sdxl_single_file, sdxl_unet_lora_name_map
+        from library.sdxl_models import load_sdxl_model, sdxl_to_sgm_state_dict, sdxl_unet_lora_name_map
 
         model = load_sdxl_model(path, dtype=dtype)
         options = {"unet_name_map": sdxl_unet_lora_name_map(model.unet), "te_prefixes": ["lora_te1", "lora_te2"]}
-        return model, [model.text_encoder, model.text_encoder_2], options, lambda p, m, d: save_sdxl_single_file(p, m, dtype=d)
-    from library.sd_models import load_sd_model, save_sd_single_file
+        return model, [model.text_encoder, model.text_encoder_2], options, lambda m: sdxl_to_sgm_state_dict(
+            m.text_encoder, m.text_encoder_2, m.vae, m.unet
+        )
+    from library.sd_models import load_sd_model, sd_to_ldm_state_dict
 
     model = load_sd_model(path, v2=v2, dtype=dtype)
-    return model, [model.text_encoder], {}, lambda p, m, d: save_sd_single_file(p, m, v2=m.v2, dtype=d)
+    return model, [model.text_encoder], {}, lambda m: sd_to_ldm_state_dict(m.text_encoder, m.vae, m.unet, m.v2)
+
+
+def _save_single(path: str, state: dict, dtype) -> None:
+    """A converted model's single-file state dict, never over an existing file."""
+    from library.saving import save_tensors
+
+    def out(t):
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+    layout = [(k, tuple(v.shape), out(v)) for k, v in state.items()]
+    save_tensors(path, layout, lambda k: state[k].detach().to("cpu", out(state[k])).contiguous(), overwrite=False)
 
 
 def _save_folder(modules: dict, others: dict, dtype, folder: str) -> None:
     from diffusers import DDPMScheduler
 
+    from library.saving import new_temp_folder, publish_folder
     from library.tiny_models import save_diffusers_folder, sd_scheduler_config
 
     parts = {k: (v.to(dtype) if dtype is not None else v) for k, v in modules.items()}
     parts.update(others)
     parts["scheduler"] = DDPMScheduler(**sd_scheduler_config())
-    save_diffusers_folder(parts, folder)
+    tmp = new_temp_folder(folder)
+    try:
+        save_diffusers_folder(parts, tmp)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_folder(tmp, folder)
 
 
 def _flux_files(parser: argparse.ArgumentParser, args) -> dict[str, tuple[str, str]]:
@@ -171,32 +211,61 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as e:
             parser.error(str(e))
         except SaveError as e:
-            done = [dst for _, dst in flux_files.values() if os.path.exists(dst)]
-            parser.exit(1, f"error: {e}\n" + (f"written before the error: {', '.join(done)}\n" if done else ""))
+            parser.exit(1, f"error: {e}\n")
         for part, n in counts.items():
             print(f"merged {n} weights; wrote {flux_files[part][1]}")
         return 0
 
-    if args.sd_model is None:
-        if args.concat:
-            merged = merge_loras_concat(loras, ratios)
-        else:
-            merged, error = merge_loras_svd(loras, ratios, args.new_rank)
-            print(f"largest relative error of the rank-limited merge: {error:.2e}")
-        metadata = (
-            None
-            if args.no_metadata
-            else {"ss_network_module": "networks.lora", "ss_merged_from": ", ".join(map(os.path.basename, args.models))}
-        )
-        save_weights(args.save_to, merged, metadata, save_dtype)
-        print(f"wrote {args.save_to}")
-        return 0
-
-    from library.checkpoint_files import ModelLoadError
-
+    for path, sd in zip(args.models, loras):
+        try:
+            check_lora_keys(sd)
+        except ValueError as e:
+            parser.error(f"{path}: {e}")
     try:
-        model, text_encoders, options, save_single = load_base(args.sd_model, args.v2, SAVE_DTYPES[args.precision or "float"])
-    except ModelLoadError as e:
+        if args.sd_model is None:
+            merge_into_lora(args, loras, ratios, save_dtype)
+        else:
+            merge_into_model(parser, args, loras, ratios, save_dtype)
+    except SaveError as e:
+        parser.exit(1, f"error: {e}\n")
+    print(f"wrote {args.save_to}")
+    return 0
+
+
+def merge_into_lora(args, loras: list, ratios: list[float], save_dtype) -> None:
+    if args.concat:
+        merged = merge_loras_concat(loras, ratios)
+    else:
+        merged, error = merge_loras_svd(loras, ratios, args.new_rank)
+        print(f"largest relative error of the rank-limited merge: {error:.2e}")
+    metadata = (
+        None
+        if args.no_metadata
+        else {"ss_network_module": "networks.lora", "ss_merged_from": ", ".join(map(os.path.basename, args.models))}
+    )
+    save_weights(args.save_to, merged, metadata, save_dtype, overwrite=False)
+
+
+def merge_into_model(parser: argparse.ArgumentParser, args, loras: list, ratios: list[float], save_dtype) -> None:
+    """Streamed when the layout stays (single file -> single file, folder -> folder), else through loaded models."""
+    from library.train_script import detect_model_family
+
+    single = args.save_to.lower().endswith((".safetensors", ".ckpt", ".pt"))
+    merge_dtype = SAVE_DTYPES[args.precision or "float"]
+    pairs = list(zip(loras, ratios))
+    if os.path.isdir(args.sd_model) and detect_model_family(args.sd_model) == "flux":
+        parser.error(f"{args.sd_model} is a FLUX model: merge into its transformer file with --flux_model")
+    try:
+        if os.path.isfile(args.sd_model) and single:
+            n = merge_into_sd_file(args.sd_model, args.save_to, pairs, save_dtype, merge_dtype, v2=args.v2 or None)
+            print(f"merged {len(args.models)} LoRA file(s) into {n} weights")
+            return
+        if os.path.isdir(args.sd_model) and not single:
+            n = merge_into_sd_folder(args.sd_model, args.save_to, pairs, save_dtype, merge_dtype)
+            print(f"merged {len(args.models)} LoRA file(s) into {n} weights")
+            return
+        model, text_encoders, options, to_single = load_base(args.sd_model, args.v2, merge_dtype)
+    except ValueError as e:  # ModelLoadError included
         parser.error(str(e))
     for path, sd, ratio in zip(args.models, loras, ratios):
         try:
@@ -204,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             parser.error(f"{path}: {e}")
         print(f"merged {path} x {ratio} ({n} modules)")
-    if args.save_to.endswith((".safetensors", ".ckpt", ".pt")):
-        save_single(args.save_to, model, save_dtype)
+    if single:
+        _save_single(args.save_to, to_single(model), save_dtype)
     elif hasattr(model, "text_encoder_2"):
         parts = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder, "text_encoder_2": model.text_encoder_2}
         _save_folder(parts, {"tokenizer": model.tokenizer, "tokenizer_2": model.tokenizer_2}, save_dtype, args.save_to)
@@ -216,8 +285,6 @@ def main(argv: list[str] | None = None) -> int:
             save_dtype,
             args.save_to,
         )
-    print(f"wrote {args.save_to}")
-    return 0
 
 
 if __name__ == "__main__":
