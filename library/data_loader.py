@@ -318,11 +318,9 @@ class EpochBatchSampler:
             size = len(images)
             lo, hi = p * size // n_proc, (p + 1) * size // n_proc
             step = first_step + accumulation_group(n, len(batches), self.batches_per_step)[0]
-
-            def request(i: int, scale: float) -> SampleRequest:
-                return SampleRequest(d, images[i], self.epoch, first + n, i, self.validation, scale, step)
-
-            yield [request(i, n_proc / size) for i in range(lo, hi)] or [request(0, 0.0)]
+            place = (self.epoch, first + n)
+            share = [SampleRequest(d, images[i], *place, i, self.validation, n_proc / size, step) for i in range(lo, hi)]
+            yield share or [SampleRequest(d, images[0], *place, 0, self.validation, 0.0, step)]
 
 
 def leave_stop_signals_to_the_trainer(worker_id: int) -> None:

@@ -212,8 +212,11 @@ def prune_checkpoints(output_dir: str, output_name: str, ext: str, kind: str, ke
 # Training state: everything --resume needs, in one folder.
 
 
-def save_state(folder: str, network_state: dict[str, torch.Tensor], optimizer, lr_scheduler, train_state: dict) -> None:
-    """Write a state folder atomically: a complete new folder replaces the old one, or the old one stays."""
+def save_state(
+    folder: str, network_state: dict[str, torch.Tensor], optimizer, lr_scheduler, train_state: dict, rng: dict
+) -> None:
+    """Write a state folder atomically: a complete new folder replaces the old one, or the old one stays. `rng`: the
+    random generators' states (library.run_control.rng_states)."""
     tmp = folder + ".tmp"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -222,20 +225,42 @@ def save_state(folder: str, network_state: dict[str, torch.Tensor], optimizer, l
         save_weights(os.path.join(tmp, "network.safetensors"), network_state, None, None)
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
-        torch.save(
-            {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            os.path.join(tmp, "rng.pt"),
-        )
+        torch.save(rng, os.path.join(tmp, "rng.pt"))
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
             json.dump(train_state, f, indent=1)
-    except OSError as e:
+    except BaseException as e:  # an interrupt too: no unfinished folder is left behind
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SaveError(f"cannot write state {folder}: {e}; the previous state (if any) is unchanged") from e
+        if isinstance(e, OSError):
+            raise SaveError(f"cannot write state {folder}: {e}; the previous state (if any) is unchanged") from e
+        raise
     old = folder + ".old"
     if os.path.exists(folder):
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_unfinished(output_dir: str, output_name: str) -> list[str]:
+    """Clean up after a run of `output_name` that was killed while saving: temporary files and folders (`*.tmp`) are
+    removed, and a state folder killed between its two renames gets its complete previous version (`-state.old`) back.
+    Returns what was removed or restored."""
+    if not os.path.isdir(output_dir):
+        return []
+    ours = re.compile(re.escape(output_name) + r"(-step\d{8}|-\d{6})?(-state|_losses\.json|\.[A-Za-z]+)(\.\d+\.[0-9a-f]+)?\.(tmp|old)$")
+    touched = []
+    for entry in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, entry)
+        if not ours.match(entry):
+            continue
+        if entry.endswith(".tmp"):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        elif entry.endswith("-state.old"):
+            final = path[: -len(".old")]
+            shutil.rmtree(path) if os.path.exists(final) else os.rename(path, final)
+        else:
+            continue
+        touched.append(path)
+    return touched
 
 
 def load_state(folder: str) -> dict:

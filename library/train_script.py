@@ -14,8 +14,8 @@ from library.family import ModelFamily
 
 
 def run_network_training(family: ModelFamily, description: str, argv: list[str] | None = None) -> None:
-    from library.saving import SaveError
     from library.run_control import stop_with_launcher
+    from library.saving import SaveError
     from library.train_args import parse_args_with_config, setup_network_parser
     from library.trainer import TrainingInterrupted, train
 

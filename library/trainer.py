@@ -426,6 +426,9 @@ class TrainingRun:
         tune_backends(self.device)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
         os.makedirs(args.output_dir, exist_ok=True)
+        if self.accelerator.is_main_process:
+            for path in saving.remove_unfinished(args.output_dir, args.output_name):
+                logger.info(f"cleaned up after a run that was stopped while saving: {path}")
 
     def _setup_models(self) -> None:
         args, family, device, dtype = self.args, self.family, self.device, self.weight_dtype

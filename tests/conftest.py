@@ -54,3 +54,13 @@ def write_caption(image_path, text, ext=".txt"):
 @pytest.fixture
 def repo_root():
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """The built-in tiny SD 1.x saved as a diffusers folder (built once per test run)."""
+    from library.tiny_models import build_tiny_sd, save_diffusers_folder
+
+    folder = tmp_path_factory.mktemp("models") / "tiny_sd1"
+    save_diffusers_folder(build_tiny_sd(), str(folder))
+    return str(folder)

@@ -30,15 +30,6 @@ def launch(*args, processes: int = 1, check: bool = True, timeout: int = 300) ->
 
 
 @pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    from library.tiny_models import build_tiny_sd, save_diffusers_folder
-
-    folder = tmp_path_factory.mktemp("models") / "tiny_sd1"
-    save_diffusers_folder(build_tiny_sd(), str(folder))
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     colors = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
