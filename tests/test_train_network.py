@@ -577,9 +577,26 @@ def test_readme_main_job_command(tmp_path):
     ):
         args[args.index(flag) + 1] = str(value)
     launch(*args)
-    assert load_file(str(tmp_path / "demo" / "demo.safetensors"))
-    assert len(os.listdir(tmp_path / "demo" / "sample")) == 4
-    assert os.listdir(tmp_path / "logs")
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lora_path = str(tmp_path / "demo" / "demo.safetensors")
+    lora = load_file(lora_path)
+    with safe_open(lora_path, framework="pt") as f:
+        md = f.metadata()
+    assert md["ss_steps"] == "4" and md["ss_network_dim"] == "8" and md["ss_network_alpha"] == "4.0"
+    ups = [k for k in lora if k.endswith(".lora_up.weight")]
+    assert any(k.startswith("lora_unet_") for k in ups) and any(k.startswith("lora_te_") for k in ups)
+    assert all(lora[k.replace("lora_up", "lora_down")].shape[0] == 8 for k in ups)
+    assert any(lora[k].abs().max() > 0 for k in ups)  # trained: up starts at zero
+    # two prompts (256 x 256) at steps 2 and 4, sd-scripts' names
+    samples = sorted(os.listdir(tmp_path / "demo" / "sample"))
+    assert [n.split("_")[1:3] for n in samples] == [["000002", "00"], ["000002", "01"], ["000004", "00"], ["000004", "01"]]
+    assert all(Image.open(tmp_path / "demo" / "sample" / n).size == (256, 256) for n in samples)
+    (run_dir,) = os.listdir(tmp_path / "logs")
+    events = EventAccumulator(str(tmp_path / "logs" / run_dir / "network_train"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/current")] == [1, 2, 3, 4]
 
 
 def test_sd2_v_prediction_bf16_checkpointing_accumulation_8bit_and_epochs(tmp_path):
