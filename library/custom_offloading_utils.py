@@ -20,8 +20,9 @@ Mechanism (module hooks, no change to the model's code):
   i+1 - num_slots, and, if i is swapped, make sure i is back in its slot.
 Only forward pre/post hooks and full backward *pre* hooks are used: they work whether a block is called with
 positional or keyword arguments (full backward post-hooks misfire when a block's inputs are keywords).
-Copies run on a side CUDA stream that waits on the "slot free" event of the previous occupant, so they overlap
-with the compute of other blocks; the compute stream waits on the "loaded" event only when it needs the block.
+Copies go through a `CopyEngine` (below): on CUDA they run on a side stream that waits on the "slot free" event of
+the previous occupant, so they overlap with the compute of other blocks; the compute stream waits on the copy's event
+only when it needs the block. Tests pass a recording engine that checks this ordering on CPU.
 Correctness never depends on the prefetch schedule: every use of a block goes through `_ensure(j)`, which loads
 it when its slot holds another block. Autograd's saved tensors of block j alias its slot; they are only read
 in j's backward, after `_ensure(j)` has brought j's (unchanged) weights back. Copies write the slot's raw byte
@@ -39,7 +40,8 @@ device copies, freed on exit. Sampling uses it with `blocks_to_swap_for_inferenc
 fit in the free device memory (inference keeps no activations for backward, so more blocks fit than in training).
 
 On CPU (device.type == "cpu") the same code runs synchronously with plain copies (no streams, no pinning), so
-tests prove that swapping changes no number. Trainable parameters (adapters with requires_grad=True) and
+tests prove that swapping changes no number (at a fixed number of intra-op threads: float32 results on CPU depend on
+the thread count, with or without swap). Trainable parameters (adapters with requires_grad=True) and
 buffers of the swapped blocks are moved to `device` and stay resident; adapter modules that are not submodules
 of the blocks (kiln's LoRA network) are not touched.
 """
@@ -47,6 +49,7 @@ of the blocks (kiln's LoRA network) are not touched.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,9 +75,98 @@ def _bind(layout: list[tuple[nn.Parameter, int, int]], buffer: torch.Tensor) -> 
         p.data = buffer[off : off + nbytes].view(p.dtype).view(p.shape)
 
 
+Event = Any  # what a CopyEngine returns for "this point in a stream" (a torch.cuda.Event on CUDA, None on CPU)
+
+
+class CopyEngine:
+    """How the block swapper and the activation offloader order copies against compute.
+
+    This base class is the synchronous implementation (CPU and any non-CUDA device): a copy is done when `copy`
+    returns, so every event is already complete. `CudaCopyEngine` queues copies on a side stream. The protocol, which
+    a recording engine checks in the tests:
+    - `copy(dst, src, after)` writes `dst` once `after` (an event from `record`) has happened on the compute stream,
+      or once all compute queued so far has run when `after` is None, and returns the copy's completion event;
+    - compute must `wait(event)` before it reads `dst`;
+    - `wait_all()` makes compute wait for every copy issued so far.
+    """
+
+    def host_empty(self, like: torch.Tensor) -> torch.Tensor:
+        """Uninitialised host memory for a copy of `like` (same shape, dtype and dense strides)."""
+        return _empty_like_on_host(like, pin=False)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Event = None) -> Event:
+        with torch.no_grad():
+            dst.copy_(src)
+        return None
+
+    def wait(self, event: Event) -> None:
+        """Compute reads nothing written by the copy of `event` before that copy is complete."""
+
+    def record(self) -> Event:
+        """An event at the current point of the compute stream (e.g. "the slot's last use is queued")."""
+        return None
+
+    def wait_all(self) -> None:
+        """Compute waits for every copy issued so far."""
+
+
+class CudaCopyEngine(CopyEngine):
+    """Copies on a side CUDA stream (pinned host memory, non_blocking), ordered with the compute stream by events."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+
+    def host_empty(self, like: torch.Tensor) -> torch.Tensor:
+        return _empty_like_on_host(like, pin=True)
+
+    def _compute(self):
+        return torch.cuda.current_stream(self.device)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Event = None) -> Event:
+        if after is None:
+            self.stream.wait_stream(self._compute())
+        else:
+            self.stream.wait_event(after)
+        with torch.cuda.stream(self.stream), torch.no_grad():
+            dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        for t in (dst, src):
+            if t.is_cuda:  # the allocator keeps the device memory until the copy has run
+                t.record_stream(self.stream)
+        return done
+
+    def wait(self, event: Event) -> None:
+        self._compute().wait_event(event)
+
+    def record(self) -> Event:
+        event = torch.cuda.Event()
+        event.record(self._compute())
+        return event
+
+    def wait_all(self) -> None:
+        self._compute().wait_stream(self.stream)
+
+
+def copy_engine(device: torch.device) -> CopyEngine:
+    """The engine for `device`: side-stream copies on CUDA, synchronous copies anywhere else."""
+    return CudaCopyEngine(device) if device.type == "cuda" else CopyEngine()
+
+
+def _empty_like_on_host(like: torch.Tensor, pin: bool) -> torch.Tensor:
+    strides = torch.empty_like(like, device="meta").stride()  # dense tensors keep their layout (free on meta)
+    return torch.empty_strided(like.shape, strides, dtype=like.dtype, pin_memory=pin)
+
+
 class BlockSwapper:
     def __init__(
-        self, blocks: list[nn.Module] | nn.ModuleList, blocks_to_swap: int, device: torch.device | str, num_slots: int = 2
+        self,
+        blocks: list[nn.Module] | nn.ModuleList,
+        blocks_to_swap: int,
+        device: torch.device | str,
+        num_slots: int = 2,
+        engine: CopyEngine | None = None,
     ):
         blocks = list(blocks)
         n = len(blocks)
@@ -86,6 +178,7 @@ class BlockSwapper:
         self.blocks_to_swap = blocks_to_swap
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        self.engine = engine if engine is not None else copy_engine(self.device)
         self.first_swapped = n - blocks_to_swap
         self._base = self.first_swapped  # slot of block j: (j - _base) % num_slots, fixed for the swapper's life
         self.num_slots = min(num_slots, blocks_to_swap)
@@ -124,7 +217,7 @@ class BlockSwapper:
 
         self._host: list[torch.Tensor] = []
         for i, (block, layout) in enumerate(zip(blocks[self.first_swapped :], layouts)):
-            host = torch.empty(sizes[i], dtype=torch.uint8, pin_memory=self.cuda)
+            host = self.engine.host_empty(torch.empty(sizes[i], dtype=torch.uint8, device="meta"))
             slot = self._slots[i % self.num_slots]
             for p, off, nbytes in layout:
                 src = p.detach().contiguous().cpu()
@@ -142,10 +235,8 @@ class BlockSwapper:
                         mod._buffers[name] = b.to(self.device)
 
         self._slot_block: list[int | None] = [None] * self.num_slots  # which block each slot holds
-        if self.cuda:
-            self._stream = torch.cuda.Stream(device=self.device)
-            self._loaded = [torch.cuda.Event() for _ in range(self.num_slots)]
-            self._free = [torch.cuda.Event() for _ in range(self.num_slots)]
+        self._loaded: list[Event] = [None] * self.num_slots  # completion of each slot's latest copy
+        self._free: list[Event] = [None] * self.num_slots  # each slot's last use by compute, once released
         self._released = [True] * self.num_slots  # the slot's occupant has had its last use recorded
         self._install_hooks()
         self.prepare_for_forward()
@@ -167,16 +258,8 @@ class BlockSwapper:
         k = self._slot(j)
         host = self._host[j - self._base]
         dst = self._slots[k][: host.numel()]
-        if self.cuda:
-            if self._released[k]:
-                self._stream.wait_event(self._free[k])
-            else:  # occupant used since its last release: order after all work queued so far
-                self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._stream):
-                dst.copy_(host, non_blocking=True)
-                self._loaded[k].record(self._stream)
-        else:
-            dst.copy_(host)
+        # after the previous occupant's recorded last use; if it was used since, after all work queued so far
+        self._loaded[k] = self.engine.copy(dst, host, after=self._free[k] if self._released[k] else None)
         self._slot_block[k] = j
         self.loads += 1
 
@@ -188,8 +271,7 @@ class BlockSwapper:
         if self._slot_block[k] != j:
             self._load(j)
         self._released[k] = False
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(self._loaded[k])
+        self.engine.wait(self._loaded[k])
 
     def _release(self, j: int) -> None:
         """The compute stream has queued its last use of block j (until it is loaded again)."""
@@ -200,8 +282,7 @@ class BlockSwapper:
             self._release_slot(k)
 
     def _release_slot(self, k: int) -> None:
-        if self.cuda:
-            self._free[k].record(torch.cuda.current_stream(self.device))
+        self._free[k] = self.engine.record()
         self._released[k] = True
 
     def _prefetch(self, j: int) -> None:
@@ -268,8 +349,7 @@ class BlockSwapper:
         self._handles.clear()
         if self.blocks_to_swap == 0:
             return
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        self.engine.wait_all()
         for host, layout in zip(self._host, self._layouts):
             _bind(layout, host.to(self.device, copy=True))
         self._host.clear()
@@ -316,8 +396,7 @@ class _FewerSwapped:
         new_first = len(sw.blocks) - self.target
         if sw.blocks_to_swap == 0 or new_first <= sw.first_swapped:
             return sw
-        if sw.cuda:  # pending slot copies finish before any slot is reassigned
-            torch.cuda.current_stream(sw.device).wait_stream(sw._stream)
+        sw.engine.wait_all()  # pending slot copies finish before any slot is reassigned
         self.copies = list(range(sw.first_swapped, new_first))
         for j in self.copies:
             host = sw._host[j - sw._base]
@@ -351,37 +430,34 @@ class HostActivationOffload:
 
     Used around a non-reentrant `torch.utils.checkpoint` call, the only tensors autograd saves are the block's
     inputs (the recompute keeps its own tensors), so a checkpointed transformer keeps one block-input set per block
-    in host memory instead of on the GPU. On CUDA the device -> host copy runs on a side stream into pinned memory
-    (overlapping the next block's compute) and the host -> device copy is queued on the compute stream when the
-    recompute needs it; no host synchronisation. On CPU the tensors already live in host memory and are kept as they
-    are. `packed` counts the tensors offloaded (for tests and logs)."""
+    in host memory instead of on the GPU. Every saved tensor is copied into its own host buffer through a
+    `CopyEngine`: on CUDA the device -> host copy runs on a side stream into pinned memory (overlapping the next
+    block's compute) and the host -> device copy is queued on the compute stream, after a wait for the first copy,
+    when the recompute needs it; no host synchronisation. On CPU the copy is a plain synchronous copy into a separate
+    buffer, so the tests exercise the same path. `engine` replaces the per-device default (tests); `packed` counts the
+    tensors offloaded."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: CopyEngine | None = None) -> None:
         self.packed = 0
-        self._stream = None
+        self._engine = engine
+        self._engines: dict[torch.device, CopyEngine] = {}
 
-    def _side_stream(self, device: torch.device):
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device=device)
-        return self._stream
+    def _engine_for(self, device: torch.device) -> CopyEngine:
+        if self._engine is not None:
+            return self._engine
+        if device not in self._engines:
+            self._engines[device] = copy_engine(device)
+        return self._engines[device]
 
-    def pack(self, tensor: torch.Tensor):
+    def pack(self, tensor: torch.Tensor) -> tuple[torch.device, torch.Tensor, Event]:
         self.packed += 1
-        if tensor.device.type != "cuda":
-            return tensor.device, tensor
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        stream = self._side_stream(tensor.device)
-        stream.wait_stream(torch.cuda.current_stream(tensor.device))
-        with torch.cuda.stream(stream):
-            host.copy_(tensor, non_blocking=True)
-        tensor.record_stream(stream)  # the allocator keeps the device memory until the copy is done
-        return tensor.device, host
+        engine = self._engine_for(tensor.device)
+        host = engine.host_empty(tensor)
+        return tensor.device, host, engine.copy(host, tensor)
 
-    def unpack(self, packed) -> torch.Tensor:
-        device, host = packed
-        if device.type != "cuda":
-            return host
-        torch.cuda.current_stream(device).wait_stream(self._side_stream(device))
+    def unpack(self, packed: tuple[torch.device, torch.Tensor, Event]) -> torch.Tensor:
+        device, host, copied = packed
+        self._engine_for(device).wait(copied)
         return host.to(device, non_blocking=True)
 
     def checkpoint(self, module: nn.Module, *args):

@@ -1,15 +1,21 @@
-"""Block swap (library/custom_offloading_utils.py) and fp8 base storage (library/fp8_utils.py), on CPU."""
+"""Block swap and activation offload (library/custom_offloading_utils.py) and fp8 base storage (library/fp8_utils.py), on
+CPU. `RecordingEngine` replays the CUDA stream protocol on CPU: it fails on a read of a buffer before compute waited
+for the copy into it, and on a copy over a buffer that compute read after the copy's "free" event."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
-from library.custom_offloading_utils import BlockSwapper
+from library.custom_offloading_utils import BlockSwapper, CopyEngine, HostActivationOffload
 from library.fp8_utils import Fp8Linear, store_linear_weights_fp8
 from networks.lora import LoRAModule
 
@@ -70,16 +76,93 @@ class Toy(nn.Module):
         return self.head(h)
 
 
+class RecordingEngine(CopyEngine):
+    """A CopyEngine that copies synchronously and checks the ordering a CUDA side stream needs.
+
+    Compute is the sequence of aten ops run under `uses()` (view ops excepted); `ops` is the compute stream's position.
+    Events: ("copy", n) for the n-th copy, ("compute", pos) from `record`. Errors (in `errors`):
+    - compute reads a buffer whose latest copy it has not waited for (`wait` of that copy or a later one, `wait_all`);
+    - a copy writes a buffer that compute read after the point the side stream is ordered after (the `after` event,
+      or everything queued so far when it is None; the side stream is in order, so that point never goes back)."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+        self.errors: list[str] = []
+        self.ops = 0
+        self.copies = 0
+        self.waited = 0  # compute has waited for copies 1..waited
+        self.side_after = 0  # the side stream runs after compute ops 1..side_after
+        self.pending: dict[int, int] = {}  # buffer (storage pointer) -> its latest copy
+        self.last_read: dict[int, int] = {}  # buffer -> compute op that read it last
+        self._copying = False
+
+    def copy(self, dst, src, after=None):
+        self.side_after = max(self.side_after, self.ops if after is None else after[1])
+        key = dst.untyped_storage().data_ptr()
+        if self.last_read.get(key, 0) > self.side_after:
+            self.errors.append(f"copy {self.copies + 1} overwrites a buffer read by op {self.last_read[key]} > {self.side_after}")
+        self._copying = True
+        try:
+            dst.copy_(src)
+        finally:
+            self._copying = False
+        self.copies += 1
+        self.pending[key] = self.copies
+        self.log.append(("copy", self.copies, key))
+        return ("copy", self.copies)
+
+    def wait(self, event):
+        assert event is not None and event[0] == "copy", event
+        self.waited = max(self.waited, event[1])
+        self.log.append(("wait", event[1]))
+
+    def record(self):
+        self.log.append(("record", self.ops))
+        return ("compute", self.ops)
+
+    def wait_all(self):
+        self.waited = self.copies
+        self.log.append(("wait_all", self.copies))
+
+    def read(self, tensor: torch.Tensor) -> None:
+        key = tensor.untyped_storage().data_ptr()
+        if self.pending.get(key, 0) > self.waited:
+            self.errors.append(f"op {self.ops} reads the buffer of copy {self.pending[key]} before waiting for it")
+        self.last_read[key] = self.ops
+        self.log.append(("read", self.ops, key))
+
+    def uses(self) -> TorchDispatchMode:
+        """A dispatch mode (forward and backward) that reports every tensor each compute op reads."""
+        engine = self
+
+        class Uses(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if not engine._copying and not func.is_view:
+                    engine.ops += 1
+                    for t in tree_leaves((args, kwargs)):
+                        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                            engine.read(t)
+                return func(*args, **kwargs)
+
+        return Uses()
+
+
 def _data():
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)) for _ in range(3)]
 
 
-def _train(blocks_to_swap, checkpointing, fp8=False, eval_between=False, eval_swapping=None):
+def _train(blocks_to_swap, checkpointing, fp8=False, eval_between=False, eval_swapping=None, engine=None):
     torch.manual_seed(0)
     model = Toy(checkpointing=checkpointing, fp8=fp8)
     frozen_before = {k: v.clone() for k, v in model.blocks.state_dict().items()}
-    swapper = BlockSwapper(model.blocks, blocks_to_swap, torch.device("cpu"))
+    swapper = BlockSwapper(model.blocks, blocks_to_swap, torch.device("cpu"), engine=engine)
+    with engine.uses() if engine is not None else contextlib.nullcontext():
+        return _steps(model, swapper, blocks_to_swap, eval_between, eval_swapping, frozen_before)
+
+
+def _steps(model, swapper, blocks_to_swap, eval_between, eval_swapping, frozen_before):
     opt = torch.optim.AdamW(model.adapters.parameters(), lr=1e-2)
     losses = []
     for x, y in _data():
@@ -117,6 +200,41 @@ def test_block_swap_changes_no_number(checkpointing):
     if checkpointing:
         plain, _, _ = _train(0, False)
         assert all(torch.equal(a, b) for a, b in zip(plain, ref_losses))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("eval_swapping", [None, 1])
+def test_block_swap_waits_for_every_copy_before_use(checkpointing, eval_swapping):
+    """The stream protocol of CUDA, replayed on CPU: compute reads a slot only after waiting for the copy into it, and a
+    copy overwrites a slot only after its previous occupant's last read (fails if `_ensure` or its wait is skipped)."""
+    ref_losses, ref_weights, _ = _train(0, checkpointing)
+    engine = RecordingEngine()
+    losses, weights, loads = _train(4, checkpointing, engine=engine, eval_between=eval_swapping is not None, eval_swapping=eval_swapping)
+    assert not engine.errors, engine.errors[:5]
+    assert loads == engine.copies > 0 and any(e[0] == "wait" for e in engine.log)
+    slots = {e[2] for e in engine.log if e[0] == "copy"}
+    assert len(slots) == 2 and all(any(e[0] == "read" and e[2] == k for e in engine.log) for k in slots)
+    assert all(torch.equal(a, b) for a, b in zip(losses, ref_losses))
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+
+
+def test_recording_engine_catches_misordering():
+    engine = RecordingEngine()
+    buf, src = torch.zeros(4), torch.ones(4)
+    with engine.uses():
+        done = engine.copy(buf, src)
+        buf.sum()  # read before the wait
+        assert len(engine.errors) == 1
+        engine.wait(done)
+        buf.sum()
+        free = engine.record()
+        buf.sum()  # read after the "free" event
+        engine.copy(buf, src, after=free)
+        assert len(engine.errors) == 2
+        engine.copy(buf, src)  # after everything queued: fine
+        engine.wait_all()
+        buf.sum()
+    assert len(engine.errors) == 2
 
 
 def test_block_swap_slots_alias_and_footprint():
@@ -294,7 +412,6 @@ def test_activation_offload_keeps_only_block_inputs_and_changes_no_gradient():
     each checkpointed block (hidden states, text states, temb), and the LoRA gradients equal plain checkpointing's."""
     from diffusers import FluxTransformer2DModel
 
-    from library.custom_offloading_utils import HostActivationOffload
     from library.flux_train_utils import image_position_ids, text_position_ids
     from library.tiny_models import tiny_flux_transformer_config
 
@@ -325,9 +442,10 @@ def test_activation_offload_keeps_only_block_inputs_and_changes_no_gradient():
         return [a.lora_up.weight.grad.clone() for a in adapters]
 
     reference = grads(None)
-    offload = HostActivationOffload()
+    offload = _StorageChecked()
     offloaded = grads(offload.checkpoint)
     assert all(torch.equal(a, b) for a, b in zip(reference, offloaded))
+    assert offload.shared == []  # real copies: the "changes no gradient" above compares offloading with checkpointing
     # double blocks get (hidden, text, temb), single blocks (hidden, text, temb) in diffusers 0.42
     blocks = cfg.num_layers + cfg.num_single_layers
     assert offload.packed == 3 * blocks
@@ -335,7 +453,6 @@ def test_activation_offload_keeps_only_block_inputs_and_changes_no_gradient():
 
 def test_activation_offload_on_the_sd_unet():
     """The U-Net checkpoints resnets and transformer blocks through the same function: inputs offloaded, same gradients."""
-    from library.custom_offloading_utils import HostActivationOffload
     from library.tiny_models import build_tiny_sd
 
     unet = build_tiny_sd()["unet"].requires_grad_(False)
@@ -352,6 +469,63 @@ def test_activation_offload_on_the_sd_unet():
         return unet.conv_in.weight.grad.clone()
 
     reference = grad(None)
-    offload = HostActivationOffload()
+    offload = _StorageChecked()
     assert torch.equal(grad(offload.checkpoint), reference)
-    assert offload.packed > 0
+    assert offload.packed > 0 and offload.shared == []
+
+
+# --- activation offload -----------------------------------------------------------------------------------------
+
+
+class _StorageChecked(HostActivationOffload):
+    """Notes every saved tensor whose offloaded copy shares memory with it (there must be none)."""
+
+    def __init__(self, engine=None):
+        super().__init__(engine)
+        self.shared = []
+
+    def pack(self, tensor):
+        packed = super().pack(tensor)
+        if packed[1].untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+            self.shared.append(tuple(tensor.shape))
+        return packed
+
+
+def test_activation_offload_copies_into_its_own_host_buffer():
+    offload = HostActivationOffload()
+    base = torch.randn(6, 4)
+    for t in (base, base.t(), base[1:4]):  # dense layouts are kept, views are copied alone
+        device, host, _ = packed = offload.pack(t)
+        assert device == t.device and torch.equal(host, t)
+        assert host.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+        assert host.untyped_storage().nbytes() == t.numel() * t.element_size()
+        assert host.stride() == t.contiguous().stride() or host.stride() == t.stride()
+        back = offload.unpack(packed)
+        assert torch.equal(back, t) and back.device == t.device
+    assert base.t().stride() == offload.pack(base.t())[1].stride()
+    assert offload.packed == 4
+
+
+def _offload_grads(offload):
+    torch.manual_seed(0)
+    model = Toy()
+    x, y = _data()[0]
+    h = model.inp(x)
+    for blk in model.blocks:
+        h = offload.checkpoint(blk, h) if offload is not None else checkpoint(blk, h, use_reentrant=False)
+    F.mse_loss(model.head(h), y).backward()
+    return [p.grad for p in model.adapters.parameters()]
+
+
+def test_activation_offload_waits_for_its_copies():
+    """The recompute reads a block's offloaded inputs only after waiting for their copy (CUDA's side-stream order), and
+    the gradients equal plain checkpointing's."""
+    reference = _offload_grads(None)
+    engine = RecordingEngine()
+    offload = _StorageChecked(engine)
+    with engine.uses():
+        grads = _offload_grads(offload)
+    assert not engine.errors, engine.errors[:5]
+    assert offload.packed == engine.copies == len(Toy().blocks) and offload.shared == []
+    assert sum(e[0] == "wait" for e in engine.log) == engine.copies
+    assert all(torch.equal(a, b) for a, b in zip(grads, reference))
