@@ -424,6 +424,7 @@ class TrainingRun:
         if args.mixed_precision == "fp16" and self.device.type == "cpu":
             raise TrainingError("--mixed_precision fp16 does not run on CPU (it would silently train in float32); use bf16")
         tune_backends(self.device)
+        logger.info(f"device {self.device}; torch uses {torch.get_num_threads()} CPU threads")
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
         os.makedirs(args.output_dir, exist_ok=True)
         if self.accelerator.is_main_process:
