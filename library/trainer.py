@@ -560,7 +560,7 @@ class TrainingRun:
             step_losses.append(self.backward(batch, group_size))
             if len(step_losses) < group_size:
                 continue
-            self.optimizer_step(torch.stack(step_losses).mean())
+            self.optimizer_step(step_losses)
             epoch_losses += self.read_losses(step_losses)
             step_losses = []
             self.after_step(sum(epoch_losses[-group_size:]) / group_size)
@@ -598,7 +598,9 @@ class TrainingRun:
             )
         return values
 
-    def optimizer_step(self, loss: torch.Tensor) -> None:
+    def optimizer_step(self, losses: list[torch.Tensor]) -> None:
+        """One optimizer step on the accumulated gradients; `losses`: the step's batch losses (a plateau scheduler
+        reads their mean)."""
         if self.accelerator.num_processes > 1:
             all_reduce_mean(self.trainable, self.accelerator.num_processes)
         if self.masters:
@@ -606,7 +608,7 @@ class TrainingRun:
         if self.args.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.optimized, self.args.max_grad_norm)
         self.optimizer.step()
-        self.lr_scheduler.step(loss.item()) if self.metric_scheduler else self.lr_scheduler.step()
+        self.lr_scheduler.step(torch.stack(losses).mean().item()) if self.metric_scheduler else self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.masters:
             self.masters.masters_to_params()

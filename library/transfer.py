@@ -9,7 +9,7 @@ allocator keeps the staging buffer until the copy has run). Anywhere but host ->
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

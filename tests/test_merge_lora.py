@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from tools.merge_lora import main as merge_main
+from test_merge_flux_text_encoders import fail, run
 
 RATIO = 0.7
 SD_EXTRAS = {  # what real SD 1.5 files hold besides the models' weights (the DDPM schedule buffers, CLIP's position_ids)
@@ -22,17 +21,6 @@ SD_EXTRAS = {  # what real SD 1.5 files hold besides the models' weights (the DD
     "model_ema.num_updates": torch.tensor(1234, dtype=torch.int32),
     "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77, dtype=torch.int64)[None],
 }
-
-
-def run(*args) -> None:
-    assert merge_main([str(a) for a in args]) == 0
-
-
-def fail(capsys, *args) -> str:
-    with pytest.raises(SystemExit) as e:
-        merge_main([str(a) for a in args])
-    assert e.value.code != 0
-    return capsys.readouterr().err
 
 
 def read_all(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

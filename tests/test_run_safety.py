@@ -175,7 +175,7 @@ def test_gradient_accumulation_groups_each_epoch_and_resumes_exactly(tiny_sd, tm
     # one image: every step is a group of one batch, divided by 1 and not by the accumulation count (plain SGD shows it)
     one = image_folder(tmp_path / "one", 1)
     sgd = ["--pretrained_model_name_or_path", tiny_sd, "--dataset_config", one, "--output_name", "s", "--max_train_steps", 2,
-           *BASE, "--optimizer_type", "SGDNesterov", "--learning_rate", "0.5"]
+           *BASE, "--optimizer_type", "SGDNesterov", "--learning_rate", "0.5", "--lr_scheduler", "reduce_lr_on_plateau"]
     launch(*sgd, "--output_dir", tmp_path / "acc1")
     launch(*sgd, "--output_dir", tmp_path / "acc3", "--gradient_accumulation_steps", 3)
     assert losses(tmp_path / "acc1", "s") == losses(tmp_path / "acc3", "s")
