@@ -5,9 +5,9 @@ and compare the end with an uninterrupted run.
 
 Trains a LoRA on the built-in tiny SD (`kiln-tiny-sd`) with `--save_every_n_steps 1 --save_state`, network dropout
 and gradient accumulation over a few generated images. First an uninterrupted reference run; then the same run is
-started, killed with SIGKILL (the whole process group: trainer and data-loader workers) at a random moment after it
-has made progress, and resumed from the newest `-state` folder, until it has been killed --kills times; then it runs
-to the end. After every kill, every file under a final name must be complete (safetensors files and state folders
+started, killed with SIGKILL (the whole process group: trainer and data-loader workers) after it has made progress,
+at a random moment or (every other kill) as soon as a save has begun, and resumed from the newest `-state` folder,
+until it has been killed --kills times; then it runs to the end. After every kill, every file under a final name must be complete (safetensors files and state folders
 load). At the end the final LoRA and `<output_name>_losses.json` (the whole run's losses, across resumes) must equal
 the reference's bit for bit, and no temporary file of a killed save may be left (a run removes them when it
 starts). A kill that leaves a temporary file behind happened inside a save.
@@ -108,6 +108,15 @@ def wait_for_progress(proc: subprocess.Popen, output_dir: str, after_step: int, 
     raise TimeoutError(f"no progress past step {after_step} in {timeout} s")
 
 
+def wait_for_temporary_file(proc: subprocess.Popen, output_dir: str, timeout: float = 300) -> None:
+    """Wait until a save is under way (a temporary file or folder exists) or the process has ended."""
+    end = time.time() + timeout
+    while time.time() < end and proc.poll() is None:
+        if any(e.endswith(".tmp") for e in os.listdir(output_dir)):
+            return
+        time.sleep(0.001)
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -134,7 +143,10 @@ def soak(kills: int, steps: int, seed: int, work: str, log=print) -> dict:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if not wait_for_progress(proc, soaked, step):
             raise AssertionError(f"the run ended (exit {proc.returncode}) before it could be killed; use more --steps")
-        time.sleep(rng.uniform(0.0, 0.5))  # a random moment: inside a step or inside a save
+        if done % 2:  # every other kill lands inside a save: as soon as a temporary file appears
+            wait_for_temporary_file(proc, soaked)
+        else:  # a random moment: inside a step or inside a save
+            time.sleep(rng.uniform(0.0, 0.5))
         if proc.poll() is not None:
             raise AssertionError(f"the run ended (exit {proc.returncode}) before it could be killed; use more --steps")
         kill_group(proc)

@@ -256,4 +256,4 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     from kill_resume_soak import soak
 
     summary = soak(kills=2, steps=10, seed=1, work=str(tmp_path), log=lambda *_: None)
-    assert summary["kills"] == 2
+    assert summary["kills"] == 2 and summary["kills_inside_a_save"] >= 1
