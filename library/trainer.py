@@ -10,24 +10,23 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
-import json
 import logging
 import math
 import os
 import random
 import signal
 import time
-from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from library import config_util, saving
+from library.checkpointer import Checkpointer, RunState, save_point, write_loss_log
 from library.data_loader import accumulation_group, make_data_loader
 from library.datasets import DatasetGroup, build_datasets, raise_on_errors
 from library.family import ModelFamily, TrainModels
-from library.lora_metadata import ESSENTIAL_KEYS, training_metadata
-from library.run_control import StopSignals, restore_rng_states, rng_states
+from library.lora_metadata import training_metadata
+from library.run_control import StopSignals, restore_rng_states
 from library.transfer import to_device
 
 logger = logging.getLogger("kiln")
@@ -227,20 +226,6 @@ def build_network(args, family: ModelFamily, models: TrainModels, train_te: bool
 # The run
 
 
-@dataclass
-class RunState:
-    epoch: int = 1
-    step: int = 0
-    batches_done: int = 0  # batches of the current epoch already trained
-    loss_history: list = field(default_factory=list)  # the loss of every step since step first_logged_step
-    first_logged_step: int = 1  # states written before kiln kept the whole history start later
-
-    @property
-    def last_epoch(self) -> int:
-        """The epoch of the last step taken (once an epoch is over, `epoch` already names the next one)."""
-        return self.epoch - 1 if self.batches_done == 0 and self.epoch > 1 else self.epoch
-
-
 @contextlib.contextmanager
 def evaluation_weights(optimizer, masters=None):
     """Schedule-free optimizers hold their evaluation weights apart: switch to them for sampling, validation and
@@ -298,53 +283,6 @@ class HalfPrecisionMasters:
         with torch.no_grad():
             for n, m in zip(self.names, self.masters):
                 m.copy_(state[n])
-
-
-class Checkpointer:
-    """Saves adapter files and training states with sd-scripts' names, atomically, and prunes old ones."""
-
-    def __init__(self, args, network, optimizer, lr_scheduler, metadata: dict[str, str], accelerator, masters=None) -> None:
-        self.args, self.network, self.optimizer, self.lr_scheduler = args, network, optimizer, lr_scheduler
-        self.masters = masters
-        self.metadata = metadata
-        self.accelerator = accelerator
-        self.ext = "." + args.save_model_as
-        self.dtype = saving.SAVE_DTYPES.get(args.save_precision) if args.save_precision else None
-
-    def save_model(self, name: str, state: RunState) -> str:
-        path = os.path.join(self.args.output_dir, name + self.ext)
-        if self.accelerator.is_main_process:
-            md = dict(self.metadata)
-            md.update({"ss_training_finished_at": str(time.time()), "ss_steps": str(state.step), "ss_epoch": str(state.last_epoch)})
-            if self.args.no_metadata:
-                md = {k: v for k, v in md.items() if k in ESSENTIAL_KEYS or k.startswith("modelspec.")}
-            saving.save_weights(path, self.network.state_dict(), md if self.ext == ".safetensors" else None, self.dtype)
-            logger.info(f"saved {path}")
-        self.accelerator.wait_for_everyone()
-        return path
-
-    def save_state(self, name: str, state: RunState, seed: int) -> str:
-        folder = os.path.join(self.args.output_dir, name + "-state")
-        if self.accelerator.is_main_process:
-            train_state = {
-                "current_epoch": state.epoch,
-                "current_step": state.step,
-                "batches_done": state.batches_done,
-                "seed": seed,
-                "first_logged_step": state.first_logged_step,
-                "loss_history": state.loss_history,
-            }
-            weights = self.network.state_dict()
-            if self.masters:  # the float32 weights the optimizer updates, so that a resume is exact
-                weights.update(self.masters.named_masters())
-            saving.save_state(folder, weights, self.optimizer, self.lr_scheduler, train_state, rng_states())
-            logger.info(f"saved state {folder}")
-        self.accelerator.wait_for_everyone()
-        return folder
-
-    def prune(self, kind: str, keep_from: int, state: bool) -> None:
-        if self.accelerator.is_main_process:
-            saving.prune_checkpoints(self.args.output_dir, self.args.output_name, self.ext, kind, keep_from, state)
 
 
 def train(args, family: ModelFamily) -> str:
@@ -669,7 +607,7 @@ class TrainingRun:
             saved.append(self.ckpt.save_state(args.output_name, state, self.seed))
         if not interrupted and (args.sample_every_n_steps or args.sample_every_n_epochs) and self.last_sampled != state.step:
             self.sample(state.step)
-        _write_loss_log(args, state, self.accelerator)
+        write_loss_log(args, state, self.accelerator)
         self.accelerator.end_training()
         if interrupted:
             how = f"continue with --resume {saved[1]}" if len(saved) > 1 else "add --save_state to be able to continue"
@@ -725,25 +663,6 @@ class TrainingRun:
                 self.log_with,
                 self.network,
             )
-
-
-def save_point(ckpt: Checkpointer, args, state: RunState, seed: int, step: int | None = None, epoch: int | None = None) -> None:
-    """A checkpoint (and its state with --save_state) at a step or epoch, then pruning by --save_last_n_*."""
-    name = saving.checkpoint_name(args.output_name, epoch=epoch, step=step)
-    ckpt.save_model(name, state)
-    if args.save_state:
-        ckpt.save_state(name, state, seed)
-    if step is not None:
-        if args.save_last_n_steps:
-            ckpt.prune("step", step - args.save_last_n_steps, False)
-        if args.save_last_n_steps_state:
-            ckpt.prune("step", step - args.save_last_n_steps_state, True)
-    else:
-        every = args.save_every_n_epochs or 1
-        if args.save_last_n_epochs:
-            ckpt.prune("epoch", epoch - (args.save_last_n_epochs - 1) * every, False)
-        if args.save_last_n_epochs_state:
-            ckpt.prune("epoch", epoch - (args.save_last_n_epochs_state - 1) * every, True)
 
 
 def all_reduce_mean(params: list[torch.Tensor], num_processes: int) -> None:
@@ -904,10 +823,3 @@ def _loggable_config(args) -> dict:
             v = os.path.basename(v)
         out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
-
-
-def _write_loss_log(args, state: RunState, accelerator) -> None:
-    """`{output_name}_losses.json`: the loss of every step, across resumes (states keep the history)."""
-    if accelerator.is_main_process:
-        path = os.path.join(args.output_dir, f"{args.output_name}_losses.json")
-        saving.atomic_write_bytes(path, json.dumps({"first_step": state.first_logged_step, "losses": state.loss_history}).encode())
