@@ -4,6 +4,8 @@ one batch, sampling and metadata. The DDPM families (SD 1.x/2.x, SDXL) share `Dd
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -11,6 +13,8 @@ import torch
 
 from library import sd_train_utils as ddpm
 from library.transfer import to_device
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,10 +77,58 @@ class ModelFamily(ABC):
         return self.encode_text(args, models, batch["captions"])
 
     def place_models(self, args, models: TrainModels, device: torch.device, dtype: torch.dtype) -> None:
-        """Put the text encoders and the denoiser on the device in the working dtype (families with block swap or fp8
-        storage place their denoiser themselves)."""
+        """Put the text encoders and the denoiser on the device in the working dtype; float8-stored weights stay
+        float8 (place_module). Families with block swap place their denoiser themselves."""
         for m in [*models.text_encoders, models.denoiser]:
-            m.to(device, dtype)
+            place_module(m, device, dtype)
+
+    # --- the base model before any adapter: --base_weights merged in, then --fp8_base storage -------------------------
+
+    def merge_lora(self, models: TrainModels, state_dict: dict[str, torch.Tensor], multiplier: float) -> int:
+        """Add multiplier x a LoRA file's deltas to the base weights it adapts (this family's LoRA names); returns the
+        number of modules merged. Keys of another kind or matching no module are a ValueError naming one."""
+        raise NotImplementedError(f"{type(self).__name__} cannot merge LoRA files into its base model")
+
+    def fp8_modules(self, args, models: TrainModels) -> list[torch.nn.Module]:
+        """The models --fp8_base / --fp8_base_unet store in float8: the denoiser, with --fp8_base (and not
+        --fp8_base_unet, as sd-scripts) the text encoders too."""
+        if not (getattr(args, "fp8_base", False) or getattr(args, "fp8_base_unet", False)):
+            return []
+        with_te = args.fp8_base and not args.fp8_base_unet
+        return [models.denoiser, *(self.fp8_text_encoders(models) if with_te else [])]
+
+    def fp8_text_encoders(self, models: TrainModels) -> list[torch.nn.Module]:
+        return list(models.text_encoders)
+
+    def prepare_base_models(self, args, models: TrainModels) -> TrainModels:
+        """The end of every family's load_models: merge the --base_weights LoRA files into the base weights (at
+        --base_weights_multiplier), then store the frozen Linear weights of fp8_modules in float8. Both happen before
+        any adapter wraps a Linear (the adapters capture the forward of what they wrap)."""
+        from library.checkpoint_files import ModelLoadError
+        from library.saving import load_weights_file
+
+        try:
+            plan = base_weights_plan(args)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
+        for path, multiplier in plan:
+            state_dict, _ = load_weights_file(path)
+            try:
+                n = self.merge_lora(models, state_dict, multiplier)
+            except ValueError as e:
+                raise ModelLoadError(f"--base_weights {path}: {e}") from None
+            if n == 0:
+                raise ModelLoadError(f"--base_weights {path}: the file holds no LoRA weights")
+            logger.info(f"merged {n} LoRA modules of {path} into the base model at multiplier {multiplier}")
+        targets = self.fp8_modules(args, models)
+        if targets:
+            from library.fp8_utils import store_linear_weights_fp8
+
+            dtype = torch.float16 if args.mixed_precision == "fp16" else torch.bfloat16
+            for model in targets:
+                model.requires_grad_(False)  # base weights are frozen (the converter leaves trainable ones alone)
+                store_linear_weights_fp8(model, compute_dtype=dtype)
+        return models
 
     def gradient_checkpointing_func(self, args):
         """The per-block checkpoint function for the denoiser's enable_gradient_checkpointing: with
@@ -88,8 +140,8 @@ class ModelFamily(ABC):
         return HostActivationOffload().checkpoint
 
     def vae_dtype(self, args, weight_dtype: torch.dtype) -> torch.dtype:
-        """float32 under fp16 (SD VAEs overflow there), else the working dtype."""
-        return torch.float32 if weight_dtype == torch.float16 else weight_dtype
+        """float32 with --no_half_vae or under fp16 (SD VAEs overflow there), else the working dtype."""
+        return torch.float32 if getattr(args, "no_half_vae", False) or weight_dtype == torch.float16 else weight_dtype
 
     # families whose frozen text encoders' outputs can be cached (they then implement text_cache_identity)
     caches_text_encoder_outputs: bool = False
@@ -158,6 +210,7 @@ class DdpmFamily(ModelFamily):
         return self._scheduler
 
     def check_args(self, args) -> None:
+        check_base_model_args(args)
         if args.scale_v_pred_loss_like_noise_pred and not args.v_parameterization:
             raise ValueError("--scale_v_pred_loss_like_noise_pred needs --v_parameterization")
         if args.v_pred_like_loss and args.v_parameterization:
@@ -173,6 +226,11 @@ class DdpmFamily(ModelFamily):
             raise ValueError(
                 "--huber_scale applies to --loss_type huber/smooth_l1 with --huber_schedule constant or exponential only"
             )
+
+    def merge_lora(self, models, state_dict, multiplier):
+        from networks.merge import merge_into_models
+
+        return merge_into_models(state_dict, multiplier, models.text_encoders, models.denoiser, **self.lora_options(models))
 
     @abstractmethod
     def call_denoiser(
@@ -266,3 +324,49 @@ def check_text_cache_args(args) -> None:
         raise ValueError(
             "--cache_text_encoder_outputs needs --network_train_unet_only: a trained text encoder changes its outputs"
         )
+
+
+def place_module(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    """module.to(device, dtype), except that a module with float8-stored weights (--fp8_base) keeps them: its other
+    frozen weights are in the compute dtype already, and what it keeps in float32 on purpose stays float32."""
+    from library.fp8_utils import FP8_DTYPES
+
+    if any(p.dtype in FP8_DTYPES for p in module.parameters()):
+        module.to(device)
+    else:
+        module.to(device, dtype)
+
+
+def add_fp8_arguments(group, base_help: str, unet_help: str) -> None:
+    """--fp8_base / --fp8_base_unet with the family's wording of what they store in float8."""
+    common = (
+        " in float8 (e4m3, per-tensor scale; kiln's own addition: sd-scripts casts without a scale) and compute in the "
+        "--mixed_precision dtype (bf16 or fp16 required); Conv2d layers, norms, embeddings and biases stay in that dtype"
+    )
+    group.add_argument("--fp8_base", action="store_true", help=base_help + common)
+    group.add_argument("--fp8_base_unet", action="store_true", help=unet_help + " (wins over --fp8_base)")
+
+
+def check_base_model_args(args) -> None:
+    """--fp8_base needs mixed precision; --base_weights files must exist, one multiplier each (base_weights_plan)."""
+    if (getattr(args, "fp8_base", False) or getattr(args, "fp8_base_unet", False)) and args.mixed_precision == "no":
+        raise ValueError("--fp8_base needs --mixed_precision bf16 or fp16: float8 weights are computed in that precision")
+    base_weights_plan(args)
+
+
+def base_weights_plan(args) -> list[tuple[str, float]]:
+    """(file, multiplier) of each --base_weights file: one --base_weights_multiplier per file, or none for 1.0 each.
+    Missing files and a multiplier count that does not match are a ValueError."""
+    files = list(getattr(args, "base_weights", None) or [])
+    multipliers = list(getattr(args, "base_weights_multiplier", None) or [])
+    if multipliers and not files:
+        raise ValueError("--base_weights_multiplier is given without --base_weights")
+    if multipliers and len(multipliers) != len(files):
+        raise ValueError(
+            f"--base_weights_multiplier has {len(multipliers)} values for {len(files)} --base_weights files: "
+            "give one per file, or none for 1.0 each"
+        )
+    for path in files:
+        if not os.path.isfile(path):
+            raise ValueError(f"--base_weights {path}: no such file")
+    return list(zip(files, multipliers or [1.0] * len(files)))

@@ -10,7 +10,15 @@ import torch
 
 from library import flux_train_utils as flow
 from library import sd_train_utils
-from library.family import ModelFamily, TrainModels, add_text_cache_arguments, check_text_cache_args
+from library.family import (
+    ModelFamily,
+    TrainModels,
+    add_fp8_arguments,
+    add_text_cache_arguments,
+    check_base_model_args,
+    check_text_cache_args,
+    place_module,
+)
 from library.sample_prompts import FLUX_DEFAULTS
 from library.strategy_flux import TE_OUTPUT_KEYS, FluxTextEncodingStrategy, FluxTokenizeStrategy
 from library.transfer import to_device
@@ -78,11 +86,12 @@ class FluxFamily(ModelFamily):
         )
         add_text_cache_arguments(g)
         g = parser.add_argument_group("FLUX.1 memory")
-        g.add_argument(
-            "--fp8_base", action="store_true", help="store the frozen Linear weights of the transformer and T5 in float8 (per-tensor scale; compute in bf16/fp16; "
-            "T5's feed-forward outputs stay float32 as T5 requires)"
+        add_fp8_arguments(
+            g,
+            "store the frozen Linear weights of the transformer and T5 (CLIP-L stays; T5's feed-forward outputs stay "
+            "float32 as T5 requires)",
+            "store only the transformer's frozen Linear weights in float8",
         )
-        g.add_argument("--fp8_base_unet", action="store_true", help="store only the frozen transformer weights in float8")
         g.add_argument(
             "--blocks_to_swap",
             type=int,
@@ -98,8 +107,7 @@ class FluxFamily(ModelFamily):
         check_text_cache_args(args)
         if args.weighted_captions:
             raise ValueError("--weighted_captions is for SD 1.x/2.x and SDXL")
-        if (args.fp8_base or args.fp8_base_unet) and args.mixed_precision == "no":
-            raise ValueError("--fp8_base needs --mixed_precision bf16 or fp16: float8 weights are computed in that precision")
+        check_base_model_args(args)
 
     def load_models(self, args) -> TrainModels:
         from library.flux_models import load_flux_model
@@ -115,14 +123,19 @@ class FluxFamily(ModelFamily):
         self.is_schnell = m.is_schnell
         if args.t5xxl_max_token_length is None:
             args.t5xxl_max_token_length = 256 if m.is_schnell else 512
-        if args.fp8_base or args.fp8_base_unet:  # before any adapter wraps a Linear
-            from library.fp8_utils import store_linear_weights_fp8
+        models = TrainModels([m.text_encoder, m.text_encoder_2], [m.tokenizer, m.tokenizer_2], m.vae, m.transformer)
+        return self.prepare_base_models(args, models)
 
-            dtype = torch.float16 if args.mixed_precision == "fp16" else torch.bfloat16
-            for model in [m.transformer] + ([m.text_encoder_2] if args.fp8_base else []):
-                model.requires_grad_(False)  # base weights are frozen (the converter leaves trainable ones alone)
-                store_linear_weights_fp8(model, compute_dtype=dtype)
-        return TrainModels([m.text_encoder, m.text_encoder_2], [m.tokenizer, m.tokenizer_2], m.vae, m.transformer)
+    def fp8_text_encoders(self, models: TrainModels) -> list[torch.nn.Module]:
+        return [models.text_encoders[1]]  # T5 only: CLIP-L is small and stays in the compute dtype
+
+    def merge_lora(self, models, state_dict, multiplier):
+        from networks.lora_flux import is_peft_layout, merge_into_transformer
+        from networks.merge import check_lora_keys
+
+        if not is_peft_layout(state_dict):
+            check_lora_keys(state_dict)
+        return merge_into_transformer(state_dict, multiplier, models.denoiser, models.text_encoders)
 
     def place_models(self, args, models: TrainModels, device, dtype) -> None:
         """fp8-stored modules keep their float8 weights (the rest was cast with them); with --blocks_to_swap the
@@ -144,10 +157,8 @@ class FluxFamily(ModelFamily):
                     self.swapper = BlockSwapper(blocks, args.blocks_to_swap, device)
                 except ValueError as e:
                     raise ValueError(f"--blocks_to_swap: {e}") from None
-            elif has_fp8:
-                m.to(device)
             else:
-                m.to(device, dtype)
+                place_module(m, device, dtype)
 
     def strategies(self, args, models: TrainModels):
         if not hasattr(self, "_tokenize"):

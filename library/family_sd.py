@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from library.family import DdpmFamily, TrainModels
+from library.family import DdpmFamily, TrainModels, add_fp8_arguments
 from library.sample_prompts import SD_UNSUPPORTED_OPTIONS
 from library.strategy_sd import SdTextEncodingStrategy, SdTokenizeStrategy
 
@@ -17,6 +17,13 @@ class SdFamily(DdpmFamily):
     default_resolution = 512
     sample_unsupported = SD_UNSUPPORTED_OPTIONS
 
+    def add_arguments(self, parser) -> None:
+        add_fp8_arguments(
+            parser.add_argument_group("SD 1.x/2.x memory"),
+            "store the frozen Linear weights of the U-Net and the text encoder",
+            "store only the U-Net's frozen Linear weights in float8",
+        )
+
     def load_models(self, args) -> TrainModels:
         from library.sd_models import load_sd_model
 
@@ -24,7 +31,7 @@ class SdFamily(DdpmFamily):
             args.pretrained_model_name_or_path, v2=args.v2, vae=args.vae, tokenizer_cache_dir=args.tokenizer_cache_dir
         )
         self.v2 = model.v2
-        return TrainModels([model.text_encoder], [model.tokenizer], model.vae, model.unet)
+        return self.prepare_base_models(args, TrainModels([model.text_encoder], [model.tokenizer], model.vae, model.unet))
 
     def strategies(self, args, models: TrainModels):
         if not hasattr(self, "_tokenize"):

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from library.family import DdpmFamily, TrainModels, add_text_cache_arguments, check_text_cache_args
+from library.family import DdpmFamily, TrainModels, add_fp8_arguments, add_text_cache_arguments, check_text_cache_args
 from library.sample_prompts import SD_UNSUPPORTED_OPTIONS
 from library.strategy_sdxl import TE_OUTPUT_KEYS, SdxlTextEncodingStrategy, SdxlTokenizeStrategy, size_conditioning
 from library.transfer import to_device
@@ -26,8 +26,12 @@ class SdxlFamily(DdpmFamily):
 
     def add_arguments(self, parser) -> None:
         g = parser.add_argument_group("SDXL")
-        g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 (the SDXL VAE overflows in fp16)")
         add_text_cache_arguments(g)
+        add_fp8_arguments(
+            parser.add_argument_group("SDXL memory"),
+            "store the frozen Linear weights of the U-Net and both text encoders",
+            "store only the U-Net's frozen Linear weights in float8",
+        )
 
     def check_args(self, args) -> None:
         super().check_args(args)
@@ -37,14 +41,12 @@ class SdxlFamily(DdpmFamily):
         if args.clip_skip:
             logger.warning("--clip_skip has no effect on SDXL: it uses the text encoders' penultimate layers by design")
 
-    def vae_dtype(self, args, weight_dtype: torch.dtype) -> torch.dtype:
-        return torch.float32 if args.no_half_vae or weight_dtype == torch.float16 else weight_dtype
-
     def load_models(self, args) -> TrainModels:
         from library.sdxl_models import load_sdxl_model
 
         m = load_sdxl_model(args.pretrained_model_name_or_path, vae=args.vae, tokenizer_cache_dir=args.tokenizer_cache_dir)
-        return TrainModels([m.text_encoder, m.text_encoder_2], [m.tokenizer, m.tokenizer_2], m.vae, m.unet)
+        models = TrainModels([m.text_encoder, m.text_encoder_2], [m.tokenizer, m.tokenizer_2], m.vae, m.unet)
+        return self.prepare_base_models(args, models)
 
     def strategies(self, args, models: TrainModels):
         if not hasattr(self, "_tokenize"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -9,6 +10,23 @@ import time
 
 from library.datasets import DatasetGroup
 from library.family import ModelFamily
+from library.train_args import METADATA_OPTIONS
+
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp", ".gif": "image/gif"}
+
+
+def image_data_url(path: str) -> str:
+    """An image file as a data URL (modelspec.thumbnail). Raises ValueError naming the file when it is not a PNG,
+    JPEG, WebP or GIF file, or cannot be read."""
+    kind = IMAGE_TYPES.get(os.path.splitext(path)[1].lower())
+    if kind is None:
+        raise ValueError(f"--metadata_thumbnail {path}: use a .png, .jpg, .webp or .gif image")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"--metadata_thumbnail {path} cannot be read: {e.strerror}") from None
+    return f"data:{kind};base64,{base64.b64encode(data).decode()}"
 
 
 def training_metadata(
@@ -76,8 +94,8 @@ def training_metadata(
         "ss_huber_schedule": args.huber_schedule,
         "ss_huber_scale": str(args.huber_scale),
         "ss_huber_c": str(args.huber_c),
-        "ss_fp8_base": "False",
-        "ss_fp8_base_unet": "False",
+        "ss_fp8_base": str(bool(getattr(args, "fp8_base", False))),
+        "ss_fp8_base_unet": str(bool(getattr(args, "fp8_base_unet", False))),
         "ss_validation_seed": str(args.validation_seed),
         "ss_validation_split": str(args.validation_split),
         "ss_max_validation_steps": str(args.max_validation_steps),
@@ -142,9 +160,11 @@ def training_metadata(
             "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
         }
     )
-    for name in ("author", "description", "license", "tags"):
-        if getattr(args, f"metadata_{name}"):
+    for name in METADATA_OPTIONS[1:]:  # the title is set above
+        if getattr(args, f"metadata_{name}", None):
             md[f"modelspec.{name}"] = getattr(args, f"metadata_{name}")
+    if getattr(args, "metadata_thumbnail", None):
+        md["modelspec.thumbnail"] = image_data_url(args.metadata_thumbnail)
     if args.clip_skip:
         md["modelspec.encoder_layer"] = str(args.clip_skip)
     if args.min_timestep is not None or args.max_timestep is not None:

@@ -14,6 +14,12 @@ from library.args import add_dataset_arguments
 
 logger = logging.getLogger(__name__)
 
+# --metadata_<name> options written as modelspec.<name> (strings as given)
+METADATA_OPTIONS = (
+    "title", "author", "description", "license", "tags", "usage_hint", "merged_from", "trigger_phrase", "preprocessor",
+    "is_negative_embedding",
+)
+
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
@@ -34,8 +40,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder with tokenizers saved per hub id (e.g. openai_clip-vit-large-patch14/) for single-file models offline",
     )
     g = parser.add_argument_group("model metadata (modelspec)")
-    for name in ("title", "author", "description", "license", "tags"):
+    for name in METADATA_OPTIONS:
         g.add_argument(f"--metadata_{name}", type=str, default=None, help=f"modelspec.{name} of the saved file")
+    g.add_argument(
+        "--metadata_thumbnail", type=str, default=None, help="image file stored as a data URL in modelspec.thumbnail"
+    )
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +59,12 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--training_comment", type=str, default=None, help="free text stored as ss_training_comment")
     g.add_argument("--save_every_n_epochs", type=int, default=None, help="save a checkpoint every N epochs")
     g.add_argument("--save_every_n_steps", type=int, default=None, help="save a checkpoint every N steps")
+    g.add_argument(
+        "--save_n_epoch_ratio",
+        type=int,
+        default=None,
+        help="save about N epoch checkpoints over the run: every floor(epochs / N) epochs (at least every epoch)",
+    )
     g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep only the last N epoch checkpoints")
     g.add_argument("--save_last_n_steps", type=int, default=None, help="keep only step checkpoints of the last N steps")
     g.add_argument("--save_last_n_epochs_state", type=int, default=None, help="keep only the last N epoch states")
@@ -78,6 +93,11 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="compute precision")
     g.add_argument("--full_fp16", action="store_true", help="keep the trained weights in fp16 too (less memory, less precise)")
     g.add_argument("--full_bf16", action="store_true", help="keep the trained weights in bf16 too (less memory, less precise)")
+    g.add_argument(
+        "--no_half_vae",
+        action="store_true",
+        help="keep the VAE in float32 under --mixed_precision bf16/fp16 (under fp16 it is float32 anyway: SD VAEs overflow there)",
+    )
     g.add_argument(
         "--clip_skip", type=int, default=None, help="use the text encoder's N-th layer from the end (2 for many anime models)"
     )
@@ -148,6 +168,21 @@ def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--unet_lr", type=float, default=None, help="learning rate of the U-Net adapters (default --learning_rate)")
     g.add_argument("--text_encoder_lr", type=float, default=None, nargs="*", help="learning rate(s) of the text-encoder adapters")
     g.add_argument("--scale_weight_norms", type=float, default=None, help="max norm of each adapter's weight delta (1 suggested)")
+    g.add_argument(
+        "--base_weights",
+        type=str,
+        default=None,
+        nargs="*",
+        help="LoRA files merged into the base model's weights before the trained network is created (and before "
+        "--fp8_base): training starts from the model with these LoRAs applied",
+    )
+    g.add_argument(
+        "--base_weights_multiplier",
+        type=float,
+        default=None,
+        nargs="*",
+        help="multiplier of each --base_weights file, one per file (default 1.0 each)",
+    )
 
 
 def _add_sample_and_validation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -174,9 +209,32 @@ def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb_run_name", type=str, default=None, help="wandb run name")
     g.add_argument("--wandb_api_key", type=str, default=None, help="wandb API key (prefer the WANDB_API_KEY variable)")
     g.add_argument("--log_config", action="store_true", help="log the run's arguments (paths and keys removed)")
+    g.add_argument(
+        "--log_tracker_config", type=str, default=None, help="TOML file of tracker settings, a table per tracker (e.g. [wandb])"
+    )
+    g.add_argument(
+        "--console_log_level",
+        type=str,
+        default=None,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="least important console messages shown (default INFO)",
+    )
+    g.add_argument("--console_log_file", type=str, default=None, help="write the log to this file instead of the console")
+    g.add_argument("--console_log_simple", action="store_true", help="log messages without level and logger name")
+    g.add_argument(
+        "--ddp_timeout",
+        type=int,
+        default=None,
+        help="minutes the processes of a multi-GPU run wait for each other before giving up (default: torch's)",
+    )
     g = parser.add_argument_group("configuration")
     g.add_argument("--config_file", type=str, default=None, help="read arguments from this TOML file (command line wins)")
     g.add_argument("--output_config", action="store_true", help="write the non-default arguments to --config_file and exit")
+    g.add_argument(
+        "--debug_dataset",
+        action="store_true",
+        help="print the first epoch's batches (bucket, images, processed captions) and exit without loading a model",
+    )
 
 
 def setup_network_parser(description: str) -> argparse.ArgumentParser:
@@ -219,7 +277,6 @@ OTHER_FAMILY_FLAGS = {
     "--blocks_to_swap": "flux_train_network.py or sd3_train_network.py",
     "--cache_text_encoder_outputs": "sdxl_train_network.py, sd3_train_network.py or flux_train_network.py",
     "--cache_text_encoder_outputs_to_disk": "sdxl_train_network.py, sd3_train_network.py or flux_train_network.py",
-    "--no_half_vae": "sdxl_train_network.py",
 }
 
 
