@@ -7,8 +7,10 @@
         --timestep_sampling flux_shift --model_prediction_type raw --guidance_scale 1.0 --mixed_precision bf16
 """
 
+from library import quiet
 from library.family_flux import FluxFamily
 from library.train_script import run_network_training
 
 if __name__ == "__main__":
+    quiet.install()  # before anything imports bitsandbytes, diffusers' pipelines or transformers
     run_network_training(FluxFamily(), __doc__)

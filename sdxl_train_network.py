@@ -6,8 +6,10 @@
         --cache_text_encoder_outputs_to_disk --mixed_precision bf16 --gradient_checkpointing
 """
 
+from library import quiet
 from library.family_sdxl import SdxlFamily
 from library.train_script import run_network_training
 
 if __name__ == "__main__":
+    quiet.install()  # before anything imports bitsandbytes, diffusers' pipelines or transformers
     run_network_training(SdxlFamily(), __doc__)

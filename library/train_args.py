@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import logging
 import os
+import shlex
 import sys
 
 import toml
@@ -241,7 +243,7 @@ def setup_network_parser(description: str) -> argparse.ArgumentParser:
     """The full parser of a LoRA training script (family scripts add their own flags)."""
     from library.optimizers import add_optimizer_arguments
 
-    parser = argparse.ArgumentParser(description=description)
+    parser = TrainingArgumentParser(description=description)
     _add_model_arguments(parser)
     add_dataset_arguments(parser)
     _add_output_arguments(parser)
@@ -252,16 +254,6 @@ def setup_network_parser(description: str) -> argparse.ArgumentParser:
     _add_logging_arguments(parser)
     parser.set_defaults(learning_rate=1e-4)
     return parser
-
-
-def _flatten(table: dict) -> dict:
-    out = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value))
-        else:
-            out[key] = value
-    return out
 
 
 # Flags of sd-scripts' other scripts, so that a command line meant for another family gets a helpful message.
@@ -280,19 +272,181 @@ OTHER_FAMILY_FLAGS = {
 }
 
 
-def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    args, unknown = parser.parse_known_args(argv)
+class TrainingArgumentParser(argparse.ArgumentParser):
+    """argparse with a short error: one line naming the problem and where the options are listed, not the whole usage
+    block (hundreds of lines for the training scripts). Exit status 2, as argparse."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\nsee `{self.prog} --help` for the options\n")
+
+
+def _near_flag(parser: argparse.ArgumentParser, flag: str) -> str | None:
+    flags = [s for a in parser._actions for s in a.option_strings if s.startswith("--") and a.help != argparse.SUPPRESS]
+    near = difflib.get_close_matches(flag, flags, n=1, cutoff=0.8)
+    return near[0] if near else None
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None, namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+    args, unknown = parser.parse_known_args(argv, namespace)
     if unknown:
         for item in unknown:
             flag = item.split("=", 1)[0]
             if flag in OTHER_FAMILY_FLAGS:
                 parser.error(f"{flag} belongs to another model family's script ({OTHER_FAMILY_FLAGS[flag]}), not {parser.prog}")
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        near = next((n for n in (_near_flag(parser, u.split("=", 1)[0]) for u in unknown if u.startswith("--")) if n), None)
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {near}?)" if near else ""))
     return args
 
 
+# Keys that the kohya_ss GUI writes into the TOML files it saves and passes to sd-scripts, and that are not options of
+# sd-scripts' LoRA scripts (the GUI's own settings: what it turns into network_args or accelerate options, LyCORIS and
+# block-weight fields, its presets). sd-scripts ignores them; so does kiln, with one warning line. They are listed so
+# that the near-miss rule of parse_args_with_config never mistakes one for a typo (noise_offset_type is close to
+# noise_offset, lr_warmup to lr_warmup_steps).
+GUI_ONLY_KEYS = frozenset(
+    """
+    LoRA_type LyCORIS_preset noise_offset_type epoch lr_warmup max_resolution optimizer additional_parameters model_list
+    save_as_bool sdxl sdxl_cache_text_encoder_outputs sdxl_no_half_vae flux1_checkbox sd3_checkbox
+    stop_text_encoder_training use_shell sample_every_n_epochs_checkbox
+
+    gpu_ids main_process_port multi_gpu num_cpu_threads_per_process num_machines num_processes
+    extra_accelerate_launch_args dynamo_mode dynamo_use_dynamic dynamo_use_fullgraph
+
+    conv_dim conv_alpha conv_dims conv_alphas conv_block_dims conv_block_alphas block_dims block_alphas
+    block_lr_zero_threshold down_lr_weight mid_lr_weight up_lr_weight unit factor use_cp use_tucker use_scalar
+    rank_dropout rank_dropout_scale module_dropout constrain rescaled train_norm decompose_both dora_wd bypass_mode
+    train_on_input enable_all_linear loraplus_lr_ratio loraplus_text_encoder_lr_ratio loraplus_unet_lr_ratio
+    train_double_block_indices train_single_block_indices img_attn_dim img_mlp_dim img_mod_dim single_dim
+    single_mod_dim txt_attn_dim txt_mlp_dim txt_mod_dim in_dims split_qkv train_t5xxl
+    """.split()
+)  # lines: GUI choices that become other options; accelerate launch settings; network_args fields (LoRA, LyCORIS,
+# block weights, FLUX per-block ranks, LoRA+)
+
+_NEAR_MISS_CUTOFF = 0.85  # difflib ratio, compared in lower case: learning_rat, network_dimm, Learning_Rate, netwrok_dim
+
+
+def _flatten(table: dict) -> dict:
+    """A config file's keys with sections (tables, at any depth) dissolved; a later key wins, as in sd-scripts."""
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value))
+        else:
+            out[key] = value
+    return out
+
+
+def _config_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Config key -> action: each option's destination and each of its --names (caption_extention included)."""
+    by_key: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction) or action.dest in ("config_file", "output_config"):
+            continue
+        for s in action.option_strings:
+            if s.startswith("--"):
+                by_key.setdefault(s[2:], action)
+        by_key.setdefault(action.dest, action)
+    return by_key
+
+
+def _show(value) -> str:
+    return f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def _scalar(action: argparse.Action, value):
+    """One TOML value as argparse would turn the same text on the command line into it (strings go through the
+    option's type; numbers of the right kind are taken as they are). Raises ValueError with the reason."""
+    kind = action.type or str
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError("expects " + ("one value, not a list" if isinstance(value, list) else f"a {getattr(kind, '__name__', 'value')}"))
+    try:
+        if kind is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError
+            value = int(value)
+        elif kind is str or (kind in (int, float) and not isinstance(value, str)):
+            value = kind(value)
+        else:
+            value = kind(value if isinstance(value, str) else str(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+        detail = f": {e}" if isinstance(e, argparse.ArgumentTypeError) else ""
+        raise ValueError(f"invalid {getattr(kind, '__name__', 'value')} value {_show(value)}{detail}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"invalid choice {_show(value)} (choose from {', '.join(map(str, action.choices))})")
+    return value
+
+
+def _config_value(action: argparse.Action, value):
+    """A config value converted for `action`: flags take true/false; list options (nargs) take a TOML array, a single
+    value, or a string split like a command line ("conv_dim=4 conv_alpha=1"); the others one value."""
+    if action.nargs == 0:  # store_true / store_false / store_const
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if isinstance(action.const, bool) and isinstance(value, bool):
+            return value
+        if value in (action.const, action.default) and not isinstance(value, (list, dict)):
+            return value
+        raise ValueError("is a flag: expects true or false")
+    if action.nargs in ("*", "+") or isinstance(action.nargs, int) or isinstance(action, argparse._AppendAction):
+        items = shlex.split(value) if isinstance(value, str) else value if isinstance(value, list) else [value]
+        if action.nargs == "+" and not items:
+            raise ValueError("expects at least one value")
+        if isinstance(action.nargs, int) and len(items) != action.nargs:
+            raise ValueError(f"expects {action.nargs} values, not {len(items)}")
+        return [_scalar(action, v) for v in items]
+    return _scalar(action, value)
+
+
+def read_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The options that `--config_file` sets, converted and checked. The rule for each key (after flattening sections):
+
+    1. The name of an option of this script (its destination or a --name, e.g. `learning_rate`): used, its value
+       converted as argparse would (a string "1e-4" for a float option, an integer for a float, a single value or a
+       command-line string for a list option such as network_args); a value argparse would refuse is an error naming
+       the key.
+    2. A key listed in GUI_ONLY_KEYS (settings the kohya_ss GUI writes that sd-scripts ignores, e.g. epoch, LoRA_type,
+       noise_offset_type, additional_parameters): ignored.
+    3. A near-miss of an option: difflib's ratio of the lower-cased names is at least 0.85 (`learning_rat`,
+       `network_dimm`, `Learning_Rate`): an error naming the option, since the value was surely meant for it and
+       would otherwise be silently unused.
+    4. Any other key: ignored, as sd-scripts ignores it.
+    The keys ignored under 2 and 4 are named in one warning line. A file with a `datasets` array of tables is a
+    dataset config: an error pointing to --dataset_config.
+    """
+    if not os.path.isfile(path):
+        parser.error(f"--config_file {path} does not exist")
+    try:
+        table = toml.load(path)
+    except (toml.TomlDecodeError, UnicodeDecodeError) as e:
+        parser.error(f"--config_file {path} cannot be parsed: {e}")
+    if isinstance(table.get("datasets"), list):
+        parser.error(f"--config_file {path} is a dataset config ([[datasets]]): pass it with --dataset_config")
+    actions = _config_actions(parser)
+    lowered = {k.lower(): k for k in actions}
+    values, ignored = {}, []
+    for key, value in _flatten(table).items():
+        action = actions.get(key)
+        if action is None:
+            near = difflib.get_close_matches(key.lower(), list(lowered), n=1, cutoff=_NEAR_MISS_CUTOFF)
+            if near and key not in GUI_ONLY_KEYS:
+                parser.error(f"--config_file {path}: unknown key '{key}'; did you mean '{lowered[near[0]]}'?")
+            ignored.append(key)
+            continue
+        try:
+            values[action.dest] = _config_value(action, value)
+        except ValueError as e:
+            parser.error(f"--config_file {path}: {key} = {_show(value)}: {e}")
+    if ignored:
+        logger.warning(
+            f"--config_file {path}: ignoring {len(ignored)} key(s) that are not options of {parser.prog} "
+            f"(sd-scripts ignores them too; the kohya_ss GUI writes some for itself): {', '.join(ignored)}"
+        )
+    return values
+
+
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line on top of `--config_file` (sections flattened). Unknown keys in the file are errors."""
+    """Parse the command line on top of `--config_file` (see read_config_file for what the file may hold); the
+    command line wins. With --output_config, write the command line's non-default options to that file and exit."""
     args = _parse(parser, argv)
     if not args.config_file:
         return args
@@ -300,30 +454,36 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
     if args.output_config:
         write_config(parser, args, path)
         sys.exit(0)
-    if not os.path.isfile(path):
-        parser.error(f"--config_file {path} does not exist")
-    try:
-        values = _flatten(toml.load(path))
-    except (toml.TomlDecodeError, UnicodeDecodeError) as e:
-        parser.error(f"--config_file {path} cannot be parsed: {e}")
-    known = {a.dest for a in parser._actions}
-    for key in values:
-        if key not in known:
-            near = difflib.get_close_matches(key, sorted(known), n=1)
-            parser.error(f"--config_file {path}: unknown argument '{key}'" + (f"; did you mean '{near[0]}'?" if near else ""))
-    parser.set_defaults(**values)
-    return _parse(parser, argv)
+    return _parse(parser, argv, argparse.Namespace(**read_config_file(parser, path)))
 
 
 def write_config(parser: argparse.ArgumentParser, args: argparse.Namespace, path: str) -> None:
-    """--output_config: the arguments that differ from the defaults, as TOML; never overwrites a file."""
+    """--output_config: the options that differ from the defaults, as TOML that --config_file reads back into the same
+    arguments; never overwrites a file."""
     if os.path.exists(path):
         parser.error(f"--output_config: {path} already exists; choose another --config_file")
     defaults = vars(parser.parse_args([]))
     skip = {"config_file", "output_config", "wandb_api_key"}
     values = {k: v for k, v in vars(args).items() if k not in skip and v != defaults.get(k) and v is not None}
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        toml.dump(values, f)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(_toml_text(values))
     os.replace(tmp, path)
     print(f"wrote {path}")
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # the shortest text that reads back as the same number (inf and nan included)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    # a JSON string is a TOML basic string, but for DEL, which TOML wants escaped
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_text(values: dict) -> str:
+    """TOML for a flat table of strings, numbers, booleans and lists of them. (toml.dump writes Windows paths, whose
+    backslashes it leaves unescaped, as text that no TOML reader accepts.)"""
+    return "".join(f"{key} = {_toml_value(v)}\n" for key, v in values.items())

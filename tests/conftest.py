@@ -17,11 +17,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 SCRIPT_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def launch_script(script: str, *args, processes: int = 1, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def launch_script(
+    script: str, *args, processes: int = 1, check: bool = True, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run a training script of the repository through `accelerate launch` on CPU (two processes with processes=2);
-    with check, a failure raises with the end of its output."""
+    with check, a failure raises with the end of its output. `env`: variables to set on top of SCRIPT_ENV."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    env = dict(SCRIPT_ENV)
+    env = {**SCRIPT_ENV, **(env or {})}
     if processes > 1:
         cmd += ["--multi_gpu", "--num_processes", str(processes)]
         env.update({"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})

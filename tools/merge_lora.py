@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from library import quiet  # noqa: E402
 from library.saving import SAVE_DTYPES, SaveError, load_weights_file, save_weights  # noqa: E402
 from networks.merge import (  # noqa: E402
     FLUX_PART_FLAGS,
@@ -145,6 +146,7 @@ def _flux_files(parser: argparse.ArgumentParser, args) -> dict[str, tuple[str, s
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet.install()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--sd_model", type=str, default=None, help="SD 1.x/2.x or SDXL base (single file or diffusers folder); none: merge LoRAs"
