@@ -378,7 +378,10 @@ def _scalar(action: argparse.Action, value):
 
 def _config_value(action: argparse.Action, value):
     """A config value converted for `action`: flags take true/false; list options (nargs) take a TOML array, a single
-    value, or a string split like a command line ("conv_dim=4 conv_alpha=1"); the others one value."""
+    value, or a string split like a command line ("conv_dim=4 conv_alpha=1"); the others one value. An empty string
+    for an option without a default means "not given" (None), as the kohya_ss GUI writes unset fields."""
+    if value == "" and action.default is None:
+        return None
     if action.nargs == 0:  # store_true / store_false / store_const
         if isinstance(value, str) and value.lower() in ("true", "false"):
             value = value.lower() == "true"
@@ -403,7 +406,7 @@ def read_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
     1. The name of an option of this script (its destination or a --name, e.g. `learning_rate`): used, its value
        converted as argparse would (a string "1e-4" for a float option, an integer for a float, a single value or a
        command-line string for a list option such as network_args); a value argparse would refuse is an error naming
-       the key.
+       the key. An empty string leaves an option that has no default unset.
     2. A key listed in GUI_ONLY_KEYS (settings the kohya_ss GUI writes that sd-scripts ignores, e.g. epoch, LoRA_type,
        noise_offset_type, additional_parameters): ignored.
     3. A near-miss of an option: difflib's ratio of the lower-cased names is at least 0.85 (`learning_rat`,

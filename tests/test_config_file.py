@@ -59,6 +59,8 @@ shuffle_caption = true
 mixed_precision = "bf16"
 caption_extention = ".txt"
 optimizer_type = "AdamW8bit"
+vae = ""
+log_with = ""
 
 [model_arguments]  # sd-scripts' own examples use sections
 pretrained_model_name_or_path = "C:\\\\models\\\\v1-5.safetensors"
@@ -79,6 +81,7 @@ def test_gui_config_values_sections_and_one_warning(tmp_path, caplog):
     assert args.shuffle_caption is True and args.mixed_precision == "bf16" and args.dynamo_backend == "no"
     assert args.caption_extension == ".txt" and args.optimizer_type == "AdamW8bit"
     assert args.pretrained_model_name_or_path == "C:\\models\\v1-5.safetensors"
+    assert args.vae is None and args.log_with is None  # empty fields: not given
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
     ignored = warnings[0].split(": ")[-1].split(", ")
