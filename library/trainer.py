@@ -91,13 +91,16 @@ def check_args(args, family: ModelFamily) -> None:
         for lr in value if isinstance(value, list) else [value]:
             if lr is not None and lr < 0:
                 problems.append(f"--{flag} {lr}: a learning rate cannot be negative")
-    if args.torch_compile:
+    no_compile = str(args.dynamo_backend).lower() == "no"  # what accelerate and the kohya_ss GUI write for "off"
+    if args.torch_compile and no_compile:
+        problems.append("--torch_compile with --dynamo_backend no: leave out one of them (or name a backend, e.g. inductor)")
+    elif args.torch_compile:
         import torch._dynamo
 
         backends = torch._dynamo.list_backends(exclude_tags=())
         if args.dynamo_backend not in backends:
             problems.append(f"--dynamo_backend {args.dynamo_backend} is not a torch.compile backend; one of: {', '.join(backends)}")
-    elif args.dynamo_backend != "inductor":
+    elif args.dynamo_backend != "inductor" and not no_compile:
         problems.append("--dynamo_backend chooses the backend of --torch_compile: add --torch_compile")
     if args.log_with == "wandb":
         import importlib.util
@@ -606,7 +609,9 @@ class TrainingRun:
         if args.save_state or args.save_state_on_train_end:
             saved.append(self.ckpt.save_state(args.output_name, state, self.seed))
         if not interrupted and (args.sample_every_n_steps or args.sample_every_n_epochs) and self.last_sampled != state.step:
-            self.sample(state.step)
+            # at the end of an epoch, samples by epochs are named by it (<name>_e000003_...), as sd-scripts names them
+            at_epoch_end = args.sample_every_n_epochs and state.batches_done == 0 and state.epoch > 1
+            self.sample(state.step, state.last_epoch if at_epoch_end else None)
         write_loss_log(args, state, self.accelerator)
         self.accelerator.end_training()
         if interrupted:

@@ -17,6 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv: list[str] | None = None) -> int:
+    from library import quiet
+
+    quiet.install()  # before the imports below load bitsandbytes and diffusers
     from accelerate import Accelerator
 
     from library.train_script import parse_tool_args, tool_errors
