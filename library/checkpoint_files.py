@@ -81,6 +81,28 @@ def detect_family(keys: Iterable[str] | Mapping[str, Any]) -> str:
     return "unknown"
 
 
+def detect_lora_family(keys: Iterable[str]) -> str:
+    """Which model family a kohya-format adapter file (LoRA, LoCon, ...) is for, from its key names: "sd1" (SD 1.x/2.x),
+    "sdxl", "sd3", "flux" or "unknown" (no family's mark: other formats, or U-Net-only diffusers names that SD and SDXL
+    share)."""
+    modules = {k.split(".", 1)[0] for k in keys}
+    has = lambda *prefixes: any(m.startswith(prefixes) for m in modules)  # noqa: E731
+
+    if has("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te3_"):  # lora_te3_: sd-scripts' FLUX T5
+        return "flux"
+    if has("lora_unet_joint_blocks_"):
+        return "sd3"
+    # lora_te1_ alone is no mark: FLUX files name CLIP-L lora_te1_ too
+    if has("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "lora_te2_"):
+        return "sdxl"
+    if any(m.startswith("lora_unet_") and "add_embedding" in m for m in modules):
+        return "sdxl"
+    # SD 1.x/2.x: one text encoder (lora_te_), or attention in the first down block (SDXL's first level has none)
+    if has("lora_te_", "lora_unet_down_blocks_0_attentions_"):
+        return "sd1"
+    return "unknown"
+
+
 def _family_error(path: str, family: str) -> ModelLoadError:
     if family in ("sdxl", "sd3", "flux"):
         return ModelLoadError(
@@ -103,12 +125,71 @@ def _is_pickle_path(path: str) -> bool:
     return path.lower().endswith(PICKLE_SUFFIXES)
 
 
+def safetensors_fault(path: str) -> str | None:
+    """What is wrong with `path` as a safetensors file ("empty ...", "truncated ...", "not a safetensors file ..."),
+    from its 8-byte header length, its JSON header and the data offsets it lists; None when it looks complete. Reads
+    only the header."""
+    import json
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = f.read(min(max(n, 0), max(size - 8, 0)))
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    if size == 0:
+        return "empty (0 bytes)"
+    if n <= 0 or n > size - 8:
+        if n > 0 and header[:1] == b"{":  # a real header that the file ends inside of
+            return f"truncated (it ends inside its safetensors header, after {size} bytes)"
+        return f"not a safetensors file (it starts with {head!r}: another format, or an HTML page saved under this name?)"
+    try:
+        entries = json.loads(header)
+        ends = [int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "not a safetensors file (its header is not safetensors JSON)"
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        return f"truncated (it has {size} bytes, its header describes {expected})"
+    return None
+
+
+def safetensors_problem(path: str) -> str | None:
+    """One line naming `path`, what is wrong with it as a safetensors file and what to do; None when it looks complete."""
+    fault = safetensors_fault(path)
+    return f"{path} is {fault}: download or copy it again" if fault else None
+
+
+def unreadable_model(path: str, error: Exception) -> ModelLoadError:
+    """The ModelLoadError for a model file that failed to load with `error`: truncated, not safetensors, or why not."""
+    if path.lower().endswith(".safetensors"):
+        problem = safetensors_problem(path)
+        if problem:
+            return ModelLoadError(problem)
+        return ModelLoadError(f"cannot read {path} as safetensors: {error}")
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
+    return ModelLoadError(
+        f"{path} is truncated or not a torch checkpoint ({first}): download or copy it again, or use a .safetensors file"
+    )
+
+
 def read_key_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of a .safetensors file without reading the tensors."""
+    """Names and shapes of a .safetensors file without reading the tensors. A truncated file or one that is not
+    safetensors raises ModelLoadError saying so."""
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"model file not found: {path}")
+    problem = safetensors_problem(path)
+    if problem:
+        raise ModelLoadError(problem)
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise unreadable_model(path, e) from e
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -124,7 +205,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         try:
             return load_file(path)
         except Exception as e:
-            raise ModelLoadError(f"cannot read {path} as safetensors: {e}") from e
+            raise unreadable_model(path, e) from e
     if not _is_pickle_path(path):
         raise ModelLoadError(f"unsupported model file type: {path} (expected .safetensors, .ckpt, .pt, .pth or .bin)")
     try:
@@ -136,7 +217,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             f"a .safetensors release of the model. (torch: {str(e).splitlines()[0]})"
         ) from e
     except Exception as e:
-        raise ModelLoadError(f"cannot read {path}: {e}") from e
+        raise unreadable_model(path, e) from e
     while isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

@@ -38,7 +38,7 @@ from PIL import Image
 from library.captions import process_caption
 from library.config_util import SubsetConfig
 from library.datasets import DatasetGroup, ImageInfo
-from library.image_util import load_image, resize_image
+from library.image_util import ImageReadError, load_image, resize_image
 
 
 @dataclass(frozen=True)
@@ -330,6 +330,32 @@ def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class BatchLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers are ended as soon as a batch fails, so that the error can be reported and the process
+    can exit (the workers ignore SIGTERM, and a failed iterator lives on in the error's traceback). An image that cannot
+    be decoded arrives as one ImageReadError line naming the file, whichever process decoded it."""
+
+    def __iter__(self):
+        it = super().__iter__()
+        try:
+            yield from it
+            return
+        except ImageReadError as e:
+            message = str(e)  # raised below, outside this handler: the new error holds no worker traceback
+        except BaseException:
+            _end_workers(it)
+            raise
+        _end_workers(it)
+        del it
+        raise ImageReadError(message)
+
+
+def _end_workers(it) -> None:
+    shutdown = getattr(it, "_shutdown_workers", None)  # multi-process iterators only
+    if shutdown is not None:
+        shutdown()
+
+
 def make_data_loader(
     group: DatasetGroup,
     num_workers: int = 0,
@@ -346,7 +372,7 @@ def make_data_loader(
     """A DataLoader of whole bucket batches; call `loader.batch_sampler.set_epoch(e)` before each epoch. pin_memory
     (for a CUDA device): batches arrive in pinned memory, pinned by a background thread, so their copies to the device
     run asynchronously."""
-    return torch.utils.data.DataLoader(
+    return BatchLoader(
         TrainDataset(group, max_train_steps, latent_cache, te_cache),
         batch_sampler=EpochBatchSampler(group, validation, num_processes, process_index, batches_per_step),
         collate_fn=collate,

@@ -1,9 +1,11 @@
 """Datasets from resolved configs: finding images and captions, the validation split, regularisation balance,
-bucket assignment and the per-epoch batch order. No pixels are decoded here and torch is not imported:
+bucket assignment and the per-epoch batch order. Scanning decodes no pixels, and torch is not imported:
 `tools/check_dataset.py` uses this module as it is, and the trainers' data loader sits on top of it.
 
 Every problem found (unreadable image, missing caption, missing conditioning image, ...) is collected as a `Problem`
-naming its file, so a dataset can be checked completely before a model is loaded.
+naming its file, so a dataset can be checked completely before a model is loaded. Scanning reads image headers only;
+`decode_problems` decodes images in threads to find truncated or corrupt files (tools/check_dataset.py, and the
+trainers for the images they decode while training).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 
 from library.bucketing import BucketChoice, BucketSelector
 from library.config_util import CONTROLNET, FINETUNING, DatasetConfig, SubsetConfig
-from library.image_util import ImageReadError, image_extensions, list_images, read_image_size
+from library.image_util import ImageReadError, image_extensions, list_images, load_image, read_image_size
 
 logger = logging.getLogger(__name__)
 
@@ -494,6 +496,43 @@ def raise_on_errors(datasets: list[Dataset]) -> None:
         more = f"\n  ... and {len(errors) - 50} more" if len(errors) > 50 else ""
         raise DatasetError(
             f"the dataset has {len(errors)} error(s); run tools/check_dataset.py for a full report:\n  {shown}{more}"
+        )
+
+
+def image_paths(datasets: list[Dataset], images: bool = True, conditioning: bool = True) -> list[str]:
+    """The distinct image files (training, regularisation, validation) and/or conditioning image files, sorted."""
+    found = set()
+    for ds in datasets:
+        for info in ds.train + ds.validation:
+            found.update(p for p in ((info.path if images else None), (info.conditioning_path if conditioning else None)) if p)
+    return sorted(found)
+
+
+def decode_problems(paths: list[str], workers: int) -> list[Problem]:
+    """Decode every image of `paths` once, in `workers` threads, to find truncated or corrupt files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(path: str) -> Problem | None:
+        try:
+            load_image(path)
+        except ImageReadError as e:
+            return Problem(path, str(e), "error")
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return [p for p in pool.map(check, paths) if p is not None]
+
+
+def raise_on_undecodable(paths: list[str], workers: int) -> None:
+    """Raise DatasetError (one line naming the files and what to do) if any image of `paths` cannot be decoded."""
+    bad = decode_problems(paths, workers)
+    if len(bad) == 1:
+        raise DatasetError(bad[0].problem)
+    if bad:
+        shown = ", ".join(p.file for p in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise DatasetError(
+            f"{len(bad)} images cannot be decoded (truncated or corrupt): {shown}; remove them or re-save them with an "
+            "image editor (tools/check_dataset.py shows each one's error)"
         )
 
 

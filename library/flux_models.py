@@ -534,10 +534,7 @@ def _load_folder(path: str, tokenizer_cache_dir, dtype, skip: set[str]) -> dict:
 def _load_transformer_file(path: str, dtype) -> Any:
     # Decide the family from the names first: a wrong-family file (maybe tens of GB) is refused before it is read.
     if path.lower().endswith(".safetensors"):
-        try:
-            family = detect_family(read_key_shapes(path))
-        except Exception as e:
-            raise ModelLoadError(f"cannot read {path} as safetensors: {e}") from e
+        family = detect_family(read_key_shapes(path))  # ModelLoadError: truncated / not safetensors
         if family != "flux":
             raise _wrong_family(path, family)
     checkpoint = read_state_dict(path)

@@ -40,7 +40,17 @@ RESIZE_FILTERS = {
 
 
 class ImageReadError(Exception):
-    """An image file that cannot be opened or decoded; the message names the file."""
+    """An image file that cannot be opened or decoded; the message names the file.
+
+    A DataLoader worker's error reaches the training process as this class made from the worker's whole traceback
+    text; the message is then cut back to the original one line."""
+
+    def __init__(self, message: str = "") -> None:
+        if "Original Traceback" in message:
+            last = [line for line in message.strip().splitlines() if "ImageReadError: " in line]
+            if last:
+                message = last[-1].split("ImageReadError: ", 1)[1]
+        super().__init__(message)
 
 
 @lru_cache(maxsize=1)
@@ -133,7 +143,7 @@ def load_image(path: str, keep_alpha: bool = False) -> Image.Image:
     except ImageReadError:
         raise
     except Exception as e:
-        raise ImageReadError(f"cannot decode image {path}: {e}") from e
+        raise ImageReadError(f"cannot decode image {path}: {e}; remove the file or re-save it with an image editor") from e
 
 
 def resize_image(img: Image.Image, size: tuple[int, int], interpolation: str | None = None) -> Image.Image:

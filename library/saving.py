@@ -164,8 +164,16 @@ def load_weights_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        from library.checkpoint_files import ModelLoadError, safetensors_problem, unreadable_model
+
+        problem = safetensors_problem(path)
+        if problem:
+            raise ModelLoadError(problem)
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as e:
+            raise unreadable_model(path, e) from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -263,21 +271,54 @@ def remove_unfinished(output_dir: str, output_name: str) -> list[str]:
     return touched
 
 
+class StateError(ValueError):
+    """A --resume state folder holds a file that cannot be read; the message names it and says what to do."""
+
+
+TRAIN_STATE_KEYS = ("current_epoch", "current_step", "batches_done", "seed")
+
+
+def _read_train_state(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        state = json.load(f)
+    if not isinstance(state, dict):
+        raise ValueError("not a JSON object")
+    missing = [k for k in TRAIN_STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    return state
+
+
 def load_state(folder: str) -> dict:
-    """Read a state folder (weights-only loading). Returns network weights, optimizer, scheduler, rng, train_state."""
+    """Read a state folder (weights-only loading). Returns network weights, optimizer, scheduler, rng, train_state.
+    A missing file raises FileNotFoundError, a truncated or corrupt one StateError naming it."""
     needed = ["network.safetensors", "optimizer.pt", "lr_scheduler.pt", "rng.pt", "train_state.json"]
     missing = [n for n in needed if not os.path.isfile(os.path.join(folder, n))]
     if missing:
         raise FileNotFoundError(f"--resume {folder} is not a kiln state folder (missing {', '.join(missing)})")
-    network, _ = load_weights_file(os.path.join(folder, "network.safetensors"))
-    with open(os.path.join(folder, "train_state.json")) as f:
-        train_state = json.load(f)
+
+    def read(name: str, reader):
+        from library.checkpoint_files import safetensors_fault
+
+        path = os.path.join(folder, name)
+        fault = safetensors_fault(path) if name.endswith(".safetensors") else None
+        if fault is None:
+            try:
+                return reader(path)
+            except Exception as e:
+                fault = f"truncated or corrupt ({(str(e).strip().splitlines() or [type(e).__name__])[0]})"
+        raise StateError(
+            f"--resume {folder}: {path} is {fault}; this state cannot be used: resume from another state folder, "
+            "or start again without --resume"
+        )
+
+    pickled = lambda path: torch.load(path, map_location="cpu", weights_only=True)  # noqa: E731
     return {
-        "network": network,
-        "optimizer": torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=True),
-        "lr_scheduler": torch.load(os.path.join(folder, "lr_scheduler.pt"), map_location="cpu", weights_only=True),
-        "rng": torch.load(os.path.join(folder, "rng.pt"), map_location="cpu", weights_only=True),
-        "train_state": train_state,
+        "network": read("network.safetensors", lambda path: load_weights_file(path)[0]),
+        "optimizer": read("optimizer.pt", pickled),
+        "lr_scheduler": read("lr_scheduler.pt", pickled),
+        "rng": read("rng.pt", pickled),
+        "train_state": read("train_state.json", _read_train_state),
     }
 
 

@@ -653,10 +653,7 @@ def _load_folder(path: str, v2: bool, tokenizer_cache_dir: str | None, dtype, ne
 def _load_single_file(path: str, v2: bool, tokenizer_cache_dir: str | None, dtype, need_vae: bool) -> tuple:
     # Decide the family from the names first: a wrong-family file (maybe tens of GB) is refused before it is read.
     if path.lower().endswith(".safetensors"):
-        try:
-            shapes = read_key_shapes(path)
-        except Exception as e:
-            raise ModelLoadError(f"cannot read {path} as safetensors: {e}") from e
+        shapes = read_key_shapes(path)  # ModelLoadError: truncated / not safetensors
         family = detect_family(shapes)
         if family not in ("sd1", "sd2"):
             raise _family_error(path, family)

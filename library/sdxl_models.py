@@ -353,10 +353,7 @@ def _load_folder(path: str, tokenizer_cache_dir: str | None, dtype, need_vae: bo
 def _load_single_file(path: str, tokenizer_cache_dir: str | None, dtype, need_vae: bool) -> tuple:
     # Decide the family from the names first: a wrong-family file (maybe tens of GB) is refused before it is read.
     if path.lower().endswith(".safetensors"):
-        try:
-            shapes = read_key_shapes(path)
-        except Exception as e:
-            raise ModelLoadError(f"cannot read {path} as safetensors: {e}") from e
+        shapes = read_key_shapes(path)  # ModelLoadError: truncated / not safetensors
         family = detect_family(shapes)
         if family != "sdxl":
             raise _wrong_family(path, family)

@@ -13,16 +13,40 @@ import sys
 from library.family import ModelFamily
 
 
+def training_parser(family: ModelFamily, description: str) -> argparse.ArgumentParser:
+    """The parser of a LoRA training script: kiln's flags, the family's, and the sd-scripts options kiln handles
+    otherwise (library/compat_args.py), so that every sd-scripts option of that script parses."""
+    from library.compat_args import add_compat_arguments
+    from library.train_args import setup_network_parser
+
+    parser = setup_network_parser(description)
+    family.add_arguments(parser)
+    add_compat_arguments(parser, family.arch)
+    return parser
+
+
+def setup_console_logging(args) -> None:
+    """sd-scripts' console options: --console_log_level, --console_log_file (the log goes there instead of the
+    console), --console_log_simple (messages without level and logger name)."""
+    fmt = "%(message)s" if args.console_log_simple else "%(levelname)s %(name)s: %(message)s"
+    handler = logging.FileHandler(args.console_log_file, encoding="utf-8") if args.console_log_file else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, args.console_log_level or "INFO"))
+
+
 def run_network_training(family: ModelFamily, description: str, argv: list[str] | None = None) -> None:
     from library.run_control import stop_with_launcher
     from library.saving import SaveError
-    from library.train_args import parse_args_with_config, setup_network_parser
+    from library.train_args import parse_args_with_config
     from library.trainer import TrainingInterrupted, train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = setup_network_parser(description)
-    family.add_arguments(parser)
-    args = parse_args_with_config(parser, argv)
+    args = parse_args_with_config(training_parser(family, description), argv)
+    setup_console_logging(args)
     stop_with_launcher()
     try:
         train(args, family)
@@ -59,12 +83,17 @@ def detect_model_family(path: str | None) -> str:
 
 def tool_family(argv: list[str] | None) -> ModelFamily:
     """The family a cache tool works for, from `--sdxl` / `--flux` or the model given with --pretrained_model_name_or_path."""
+    from library.checkpoint_files import ModelLoadError
+
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--sdxl", action="store_true")
     pre.add_argument("--flux", action="store_true")
     pre.add_argument("--pretrained_model_name_or_path", default=None)
     known, _ = pre.parse_known_args(argv)
-    kind = "sdxl" if known.sdxl else "flux" if known.flux else detect_model_family(known.pretrained_model_name_or_path)
+    try:
+        kind = "sdxl" if known.sdxl else "flux" if known.flux else detect_model_family(known.pretrained_model_name_or_path)
+    except ModelLoadError:  # a truncated or broken model file: the loader reports it as one error line
+        kind = "sd"
     if kind == "sdxl":
         from library.family_sdxl import SdxlFamily
 
@@ -78,8 +107,15 @@ def tool_family(argv: list[str] | None) -> ModelFamily:
     return SdFamily()
 
 
-def parse_tool_args(argv: list[str] | None, description: str):
-    """(family, args) for a cache tool: the training script's flags of the detected family, plus --sdxl."""
+# What every cache tool reads besides the dataset flags: the model, the family switches and --config_file.
+TOOL_MODEL_OPTIONS = ("pretrained_model_name_or_path", "v2", "vae", "tokenizer_cache_dir", "clip_l", "t5xxl", "ae", "sdxl", "flux")
+
+
+def parse_tool_args(argv: list[str] | None, description: str, options: tuple[str, ...] = ()):
+    """(family, args) for a cache tool: the training script's flags of the detected family, plus --sdxl/--flux.
+    --help shows only the model and dataset flags, --config_file and the tool's own `options` (argument names); the
+    other training flags are accepted and ignored, so a training command line or config file can be reused."""
+    from library.args import add_dataset_arguments
     from library.train_args import parse_args_with_config, setup_network_parser
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -88,6 +124,14 @@ def parse_tool_args(argv: list[str] | None, description: str):
     family.add_arguments(parser)
     parser.add_argument("--sdxl", action="store_true", help="the model is SDXL (detected from the model when not given)")
     parser.add_argument("--flux", action="store_true", help="the model is FLUX.1 (detected from the model when not given)")
+    dataset = argparse.ArgumentParser(add_help=False)
+    add_dataset_arguments(dataset, training=False)
+    shown = {"help", "config_file", *TOOL_MODEL_OPTIONS, *options, *(a.dest for a in dataset._actions)}
+    for action in parser._actions:
+        if action.dest not in shown:
+            action.help = argparse.SUPPRESS
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the tool's docstring keeps its lines
+    parser.epilog = "The training scripts' other options are accepted and ignored, so a training command line can be reused."
     return family, parse_args_with_config(parser, argv)
 
 
@@ -96,6 +140,8 @@ def tool_errors() -> tuple[type[Exception], ...]:
     from library.checkpoint_files import ModelLoadError
     from library.config_util import ConfigError
     from library.datasets import DatasetError
+    from library.image_util import ImageReadError
+    from library.saving import StateError
     from library.trainer import TrainingError
 
-    return (ConfigError, DatasetError, TrainingError, ModelLoadError, FileNotFoundError)
+    return (ConfigError, DatasetError, TrainingError, ModelLoadError, StateError, ImageReadError, FileNotFoundError)

@@ -22,10 +22,11 @@ from tqdm import tqdm
 
 from library import config_util, saving
 from library.checkpointer import Checkpointer, RunState, save_point, write_loss_log
+from library.compat_args import check_compat_arguments
 from library.data_loader import accumulation_group, make_data_loader
-from library.datasets import DatasetGroup, build_datasets, raise_on_errors
-from library.family import ModelFamily, TrainModels
-from library.lora_metadata import training_metadata
+from library.datasets import DatasetGroup, build_datasets, image_paths, raise_on_errors, raise_on_undecodable
+from library.family import ModelFamily, TrainModels, place_module
+from library.lora_metadata import image_data_url, training_metadata
 from library.run_control import StopSignals, restore_rng_states
 from library.transfer import to_device
 
@@ -80,6 +81,19 @@ def check_args(args, family: ModelFamily) -> None:
         problems.append("--cpu_offload_checkpointing offloads checkpointed activations: add --gradient_checkpointing")
     if args.gradient_accumulation_steps < 1:
         problems.append("--gradient_accumulation_steps must be at least 1")
+    problems += check_compat_arguments(args)
+    if args.save_n_epoch_ratio is not None and args.save_n_epoch_ratio < 1:
+        problems.append(f"--save_n_epoch_ratio {args.save_n_epoch_ratio}: the number of checkpoints must be at least 1")
+    if args.metadata_thumbnail:
+        try:
+            image_data_url(args.metadata_thumbnail)
+        except ValueError as e:
+            problems.append(str(e))
+    if args.log_tracker_config:
+        try:
+            tracker_settings(args.log_tracker_config)
+        except ValueError as e:
+            problems.append(str(e))
     if args.network_dim is not None and args.network_dim < 1 and not args.dim_from_weights:
         problems.append(f"--network_dim {args.network_dim}: the LoRA rank must be at least 1")
     if args.max_train_epochs is not None and args.max_train_epochs < 1:
@@ -91,6 +105,9 @@ def check_args(args, family: ModelFamily) -> None:
         for lr in value if isinstance(value, list) else [value]:
             if lr is not None and lr < 0:
                 problems.append(f"--{flag} {lr}: a learning rate cannot be negative")
+    from library.preflight import preflight_problems
+
+    problems += preflight_problems(args, family)  # output folder, all-zero learning rates, --network_weights
     no_compile = str(args.dynamo_backend).lower() == "no"  # what accelerate and the kohya_ss GUI write for "off"
     if args.torch_compile and no_compile:
         problems.append("--torch_compile with --dynamo_backend no: leave out one of them (or name a backend, e.g. inductor)")
@@ -153,7 +170,9 @@ def compile_repeated_blocks(model: torch.nn.Module, backend: str) -> int:
     return len(blocks)
 
 
-def load_datasets(args, family: ModelFamily, seed: int) -> DatasetGroup:
+def load_datasets(args, family: ModelFamily, seed: int, decode_check: bool = True) -> DatasetGroup:
+    """The run's datasets, every problem reported before a model loads; with decode_check, the images that training
+    will decode (all without --cache_latents, else the conditioning images) are decoded once to find broken files."""
     configs = config_util.load_dataset_configs(args)
     if getattr(args, "masked_loss", False) and not any(s.alpha_mask for cfg in configs for s in cfg.subsets):
         raise config_util.ConfigError("--masked_loss needs subsets with alpha_mask = true (the mask is the images' alpha channel)")
@@ -172,6 +191,8 @@ def load_datasets(args, family: ModelFamily, seed: int) -> DatasetGroup:
             if p.severity == "warning":
                 logger.warning(str(p))
     raise_on_errors(datasets)
+    if decode_check:
+        raise_on_undecodable(image_paths(datasets, images=not args.cache_latents), min(8, os.cpu_count() or 1))
     return DatasetGroup(datasets, seed)
 
 
@@ -288,9 +309,42 @@ class HalfPrecisionMasters:
                 m.copy_(state[n])
 
 
-def train(args, family: ModelFamily) -> str:
-    """Run a whole training; returns the path of the final adapter file."""
+def train(args, family: ModelFamily) -> str | None:
+    """Run a whole training; returns the path of the final adapter file. With --debug_dataset, show the batches of
+    the first epoch instead and train nothing (None)."""
+    if args.debug_dataset:
+        check_args(args, family)
+        show_batches(load_datasets(args, family, args.seed if args.seed is not None else 0))
+        return None
     return TrainingRun(args, family).run()
+
+
+def tracker_settings(path: str) -> dict:
+    """--log_tracker_config: a TOML file with a table of settings per tracker ([wandb], [tensorboard]), passed to the
+    trackers as they start. Raises ValueError naming the file when it cannot be read."""
+    import toml
+
+    try:
+        settings = toml.load(path)
+    except (OSError, toml.TomlDecodeError) as e:
+        raise ValueError(f"--log_tracker_config {path} cannot be read: {e}") from None
+    bad = [k for k, v in settings.items() if not isinstance(v, dict)]
+    if bad:
+        raise ValueError(f"--log_tracker_config {path}: '{bad[0]}' is not a table; write [tracker] tables, e.g. [wandb]")
+    return settings
+
+
+def show_batches(group: DatasetGroup) -> None:
+    """--debug_dataset: print the first epoch's batches as training would draw them (bucket, images, processed
+    captions), without loading a model."""
+    loader = make_data_loader(group)
+    loader.batch_sampler.set_epoch(1)
+    for n, batch in enumerate(loader):
+        height, width = batch["images"].shape[-2:]
+        print(f"batch {n + 1}: bucket {width}x{height}")
+        for key, caption in zip(batch["image_keys"], batch["captions"]):
+            print(f"  {key}: {caption}")
+    print(f"{len(loader.batch_sampler)} batches per epoch; --debug_dataset trains nothing")
 
 
 class TrainingRun:
@@ -318,7 +372,9 @@ class TrainingRun:
         )
         self.ckpt = Checkpointer(args, self.network, self.optimizer, self.lr_scheduler, metadata, self.accelerator, self.masters)
         if self.log_with:
-            init_kwargs = {"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {}
+            init_kwargs = tracker_settings(args.log_tracker_config) if args.log_tracker_config else {}
+            if args.wandb_run_name:
+                init_kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
             self.accelerator.init_trackers(
                 args.log_tracker_name or "network_train",
                 config=_loggable_config(args) if args.log_config else {},
@@ -360,14 +416,26 @@ class TrainingRun:
             logging_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
         self.log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
         trackers = None if self.log_with is None else ("all" if self.log_with == "all" else [self.log_with])
-        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers, project_dir=logging_dir)
+        handlers = []
+        if args.ddp_timeout:
+            from datetime import timedelta
+
+            from accelerate.utils import InitProcessGroupKwargs
+
+            handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout)))
+        self.accelerator = Accelerator(
+            mixed_precision=args.mixed_precision, log_with=trackers, project_dir=logging_dir, kwargs_handlers=handlers
+        )
         self.device = self.accelerator.device
         if args.mixed_precision == "fp16" and self.device.type == "cpu":
             raise TrainingError("--mixed_precision fp16 does not run on CPU (it would silently train in float32); use bf16")
         tune_backends(self.device)
         logger.info(f"device {self.device}; torch uses {torch.get_num_threads()} CPU threads")
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-        os.makedirs(args.output_dir, exist_ok=True)
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+        except OSError as e:
+            raise TrainingError(f"--output_dir {args.output_dir} cannot be created: {e.strerror or e}") from None
         if self.accelerator.is_main_process:
             for path in saving.remove_unfinished(args.output_dir, args.output_name):
                 logger.info(f"cleaned up after a run that was stopped while saving: {path}")
@@ -383,7 +451,7 @@ class TrainingRun:
         self.te_cache = None
         if getattr(args, "cache_text_encoder_outputs", False):
             for te in models.text_encoders:
-                te.to(device, dtype)
+                place_module(te, device, dtype)  # float8 text encoders stay float8
             self.te_cache = cache_all_text_outputs(args, family, models, self.group, self.accelerator)
         self.train_te = not args.network_train_unet_only
         train_unet = not args.network_train_text_encoder_only
@@ -451,6 +519,9 @@ class TrainingRun:
         if args.max_train_epochs:
             args.max_train_steps = args.max_train_epochs * steps_per_epoch
         self.num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+        if args.save_n_epoch_ratio:
+            args.save_every_n_epochs = max(1, self.num_epochs // args.save_n_epoch_ratio)
+            logger.info(f"--save_n_epoch_ratio {args.save_n_epoch_ratio}: a checkpoint every {args.save_every_n_epochs} epochs")
         lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, n_proc)
         self.metric_scheduler = scheduler_needs_metric(lr_scheduler)
         self.optimizer, self.lr_scheduler = acc.prepare(optimizer, lr_scheduler)
@@ -484,9 +555,11 @@ class TrainingRun:
         )
         self.network.train()
         with StopSignals() as stop:
-            while state.epoch <= self.num_epochs and state.step < args.max_train_steps and not self.stop_requested(stop):
-                self.train_epoch(stop)
-            self.progress.close()
+            try:
+                while state.epoch <= self.num_epochs and state.step < args.max_train_steps and not self.stop_requested(stop):
+                    self.train_epoch(stop)
+            finally:
+                self.progress.close()  # an error message then starts on a line of its own
             return self.finish(stop)
 
     def train_epoch(self, stop: StopSignals) -> None:

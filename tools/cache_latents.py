@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     from library.train_script import parse_tool_args, tool_errors
     from library.trainer import cache_all_latents, load_datasets
 
-    family, args = parse_tool_args(argv, __doc__)
+    family, args = parse_tool_args(argv, __doc__, ("vae_batch_size", "skip_cache_check"))
     args.cache_latents = args.cache_latents_to_disk = True
     try:
         group = load_datasets(args, family, args.seed or 0)

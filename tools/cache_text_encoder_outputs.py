@@ -25,13 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     from library.train_script import parse_tool_args, tool_errors
     from library.trainer import cache_all_text_outputs, load_datasets
 
-    family, args = parse_tool_args(argv, __doc__)
+    options = ("text_encoder_batch_size", "text_encoder_cache_variants", "max_token_length", "clip_skip", "weighted_captions",
+               "t5xxl_max_token_length", "apply_t5_attn_mask", "mixed_precision", "fp8_base")
+    family, args = parse_tool_args(argv, __doc__, options)
     if not family.caches_text_encoder_outputs:
         print("error: SD 1.x/2.x has no text-encoder output cache; pass --sdxl with an SDXL model", file=sys.stderr)
         return 1
     args.cache_text_encoder_outputs = args.cache_text_encoder_outputs_to_disk = True
     try:
-        group = load_datasets(args, family, args.seed or 0)
+        group = load_datasets(args, family, args.seed or 0, decode_check=False)  # no image is decoded here
         accelerator = Accelerator(mixed_precision=args.mixed_precision)
         models = family.load_models(args)
         for te in models.text_encoders:

@@ -12,29 +12,12 @@ import argparse
 import json
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from library import config_util  # noqa: E402
 from library.args import add_dataset_arguments  # noqa: E402
-from library.datasets import Dataset, Problem, build_datasets  # noqa: E402
-from library.image_util import ImageReadError, load_image  # noqa: E402
-
-
-def decode_problems(datasets: list[Dataset], workers: int) -> list[Problem]:
-    """Decode every image (and conditioning image) once to find truncated or corrupt files."""
-    paths = sorted({p for ds in datasets for i in ds.train + ds.validation for p in (i.path, i.conditioning_path) if p})
-
-    def check(path: str) -> Problem | None:
-        try:
-            load_image(path)
-        except ImageReadError as e:
-            return Problem(path, str(e), "error")
-        return None
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return [p for p in pool.map(check, paths) if p is not None]
+from library.datasets import Dataset, Problem, build_datasets, decode_problems, image_paths  # noqa: E402
 
 
 def report(datasets: list[Dataset], problems: list[Problem]) -> dict:
@@ -111,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     datasets = build_datasets(configs, args.seed)
     problems = [p for ds in datasets for p in ds.problems]
     if not args.no_decode:
-        problems += decode_problems(datasets, args.workers)
+        problems += decode_problems(image_paths(datasets), args.workers)
     rep = report(datasets, problems)
     if args.json:
         print(json.dumps(rep, indent=1))
