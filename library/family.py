@@ -355,18 +355,18 @@ def check_base_model_args(args) -> None:
 
 
 def base_weights_plan(args) -> list[tuple[str, float]]:
-    """(file, multiplier) of each --base_weights file: one --base_weights_multiplier per file, or none for 1.0 each.
-    Missing files and a multiplier count that does not match are a ValueError."""
+    """(file, multiplier) of each --base_weights file: the --base_weights_multiplier values in order, 1.0 for files
+    after the last one given (as sd-scripts). Missing files and more multipliers than files are a ValueError."""
     files = list(getattr(args, "base_weights", None) or [])
     multipliers = list(getattr(args, "base_weights_multiplier", None) or [])
     if multipliers and not files:
         raise ValueError("--base_weights_multiplier is given without --base_weights")
-    if multipliers and len(multipliers) != len(files):
+    if len(multipliers) > len(files):
         raise ValueError(
             f"--base_weights_multiplier has {len(multipliers)} values for {len(files)} --base_weights files: "
-            "give one per file, or none for 1.0 each"
+            "give at most one per file (files without one use 1.0)"
         )
     for path in files:
         if not os.path.isfile(path):
             raise ValueError(f"--base_weights {path}: no such file")
-    return list(zip(files, multipliers or [1.0] * len(files)))
+    return list(zip(files, multipliers + [1.0] * (len(files) - len(multipliers))))

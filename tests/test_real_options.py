@@ -168,6 +168,14 @@ def test_base_weights_default_multiplier_and_merge_before_fp8(tmp_path):
     for where in d1:
         expected = module_at(original, where).weight + d1[where] + d2[where]
         torch.testing.assert_close(module_at(merged, where).weight, expected, rtol=0, atol=1e-6)
+    # fewer multipliers than files: the rest count 1.0, as in sd-scripts
+    family, args = family_and_args(
+        "sd", "--base_weights", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--base_weights_multiplier", 0.5
+    )
+    partly = family.load_models(args)
+    for where in d1:
+        expected = module_at(original, where).weight + 0.5 * d1[where] + d2[where]
+        torch.testing.assert_close(module_at(partly, where).weight, expected, rtol=0, atol=1e-6)
     family, args = family_and_args(
         "sd", "--base_weights", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--mixed_precision", "bf16", "--fp8_base"
     )
