@@ -97,7 +97,7 @@ class FluxFamily(ModelFamily):
             type=int,
             default=None,
             help="keep the weights of this many transformer blocks in host memory and stream them in per block "
-            "(less GPU memory, slower; at most the block count minus 2)",
+            "(less GPU memory, slower; FLUX.1 has 57 blocks: at most 55; more is lowered to that, with a warning)",
         )
 
     def check_args(self, args) -> None:
@@ -107,6 +107,8 @@ class FluxFamily(ModelFamily):
         check_text_cache_args(args)
         if args.weighted_captions:
             raise ValueError("--weighted_captions is for SD 1.x/2.x and SDXL")
+        if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
+            raise ValueError(f"--blocks_to_swap {args.blocks_to_swap}: give a number of blocks, 0 or more")
         check_base_model_args(args)
 
     def load_models(self, args) -> TrainModels:
@@ -148,15 +150,18 @@ class FluxFamily(ModelFamily):
                 from library.custom_offloading_utils import BlockSwapper
 
                 blocks = [*m.transformer_blocks, *m.single_transformer_blocks]
+                count = min(args.blocks_to_swap, len(blocks) - 2)
+                if count < args.blocks_to_swap:
+                    logger.warning(
+                        f"--blocks_to_swap {args.blocks_to_swap}: this transformer has {len(blocks)} blocks, so "
+                        f"{count} are swapped (at most the block count minus 2)"
+                    )
                 if not has_fp8:
                     m.to(dtype=dtype)
                 for name, child in m.named_children():
                     if name not in ("transformer_blocks", "single_transformer_blocks"):
                         child.to(device)
-                try:
-                    self.swapper = BlockSwapper(blocks, args.blocks_to_swap, device)
-                except ValueError as e:
-                    raise ValueError(f"--blocks_to_swap: {e}") from None
+                self.swapper = BlockSwapper(blocks, count, device)
             else:
                 place_module(m, device, dtype)
 

@@ -135,8 +135,27 @@ def test_fp8_base_trains_and_ddpm_options_are_refused(dataset, tmp_path):
     assert any(not torch.equal(runs["f8"][k], runs["bf16"][k]) for k in runs["f8"])  # float8 weights change the numbers
     res = launch(*BASE, *dataset, "--output_dir", tmp_path / "x", "--min_snr_gamma", "5", check=False)
     assert res.returncode != 0 and "--min_snr_gamma" in res.stderr
-    res = launch(*BASE, *dataset, "--output_dir", tmp_path / "x", "--blocks_to_swap", "99", check=False)
-    assert res.returncode != 0 and "blocks_to_swap" in res.stderr
+    res = launch(*BASE, *dataset, "--output_dir", tmp_path / "x", "--blocks_to_swap", "-1", "--cache_latents_to_disk", check=False)
+    assert res.returncode != 0 and "--blocks_to_swap -1" in res.stderr
+    assert not [n for n in os.listdir(tmp_path / "2_shapes") if n.endswith("_flux.safetensors")]  # refused before caching
+
+
+def test_readme_flux_command_runs_on_the_tiny_model(dataset, tmp_path):
+    """The README's FLUX command as written there, with kiln-tiny-flux instead of the model files: --blocks_to_swap 18
+    is lowered to what the tiny transformer has, with a warning."""
+    import shlex
+
+    lines = open(os.path.join(ROOT, "README.md")).read().split("accelerate launch flux_train_network.py", 1)[1]
+    args = shlex.split(lines.split("```", 1)[0].replace("\\\n", " "))
+    for flag in ("--clip_l", "--t5xxl", "--ae", "--dataset_config"):
+        del args[args.index(flag) : args.index(flag) + 2]
+    args[args.index("--pretrained_model_name_or_path") + 1] = "kiln-tiny-flux"
+    args[args.index("--output_dir") + 1] = str(tmp_path / "out")
+    res = launch(*args, *dataset, "--max_train_steps", 2, "--t5xxl_max_token_length", 16, "--max_data_loader_n_workers", 0)
+    assert "--blocks_to_swap 18: this transformer has 4 blocks, so 2 are swapped" in res.stderr
+    with safe_open(str(tmp_path / "out" / "mylora.safetensors"), framework="pt") as f:
+        md = f.metadata()
+    assert md["ss_network_dim"] == "16" and md["ss_fp8_base"] == "True" and md["ss_steps"] == "2"
 
 
 def test_merge_into_bfl_file_streaming(tmp_path):
