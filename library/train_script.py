@@ -25,11 +25,23 @@ def training_parser(family: ModelFamily, description: str) -> argparse.ArgumentP
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (not the stream of the moment it was made)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_console_logging(args) -> None:
     """sd-scripts' console options: --console_log_level, --console_log_file (the log goes there instead of the
     console), --console_log_simple (messages without level and logger name)."""
     fmt = "%(message)s" if args.console_log_simple else "%(levelname)s %(name)s: %(message)s"
-    handler = logging.FileHandler(args.console_log_file, encoding="utf-8") if args.console_log_file else logging.StreamHandler()
+    handler = logging.FileHandler(args.console_log_file, encoding="utf-8") if args.console_log_file else _StderrHandler()
     handler.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger()
     for old in list(root.handlers):

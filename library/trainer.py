@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 from library import config_util, saving
 from library.checkpointer import Checkpointer, RunState, save_point, write_loss_log
-from library.compat_args import check_compat_arguments
 from library.data_loader import accumulation_group, make_data_loader
 from library.datasets import DatasetGroup, build_datasets, image_paths, raise_on_errors, raise_on_undecodable
 from library.family import ModelFamily, TrainModels, place_module
-from library.lora_metadata import image_data_url, training_metadata
+from library.lora_metadata import training_metadata
+from library.preflight import argument_problems, tracker_settings
 from library.run_control import StopSignals, restore_rng_states
 from library.transfer import to_device
 
@@ -59,82 +59,8 @@ def sample_generators(seed: int, batch: dict, kind: str = "train") -> list[torch
 
 
 def check_args(args, family: ModelFamily) -> None:
-    """Refuse contradictory or meaningless flags before anything loads."""
-    problems = []
-    if not args.pretrained_model_name_or_path:
-        problems.append("--pretrained_model_name_or_path is required (try kiln-tiny-sd for a dry run)")
-    if not args.output_dir:
-        problems.append("--output_dir is required")
-    if args.network_train_unet_only and args.network_train_text_encoder_only:
-        problems.append("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
-    if args.full_fp16 and args.full_bf16:
-        problems.append("--full_fp16 and --full_bf16 exclude each other")
-    if args.full_fp16 and args.mixed_precision != "fp16":
-        problems.append("--full_fp16 needs --mixed_precision fp16")
-    if args.full_bf16 and args.mixed_precision != "bf16":
-        problems.append("--full_bf16 needs --mixed_precision bf16")
-    if (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first) and not args.sample_prompts:
-        problems.append("sample images were asked for but --sample_prompts is not given")
-    if args.dim_from_weights and not args.network_weights:
-        problems.append("--dim_from_weights needs --network_weights")
-    if args.cpu_offload_checkpointing and not args.gradient_checkpointing:
-        problems.append("--cpu_offload_checkpointing offloads checkpointed activations: add --gradient_checkpointing")
-    if args.gradient_accumulation_steps < 1:
-        problems.append("--gradient_accumulation_steps must be at least 1")
-    problems += check_compat_arguments(args)
-    if args.save_n_epoch_ratio is not None and args.save_n_epoch_ratio < 1:
-        problems.append(f"--save_n_epoch_ratio {args.save_n_epoch_ratio}: the number of checkpoints must be at least 1")
-    if args.metadata_thumbnail:
-        try:
-            image_data_url(args.metadata_thumbnail)
-        except ValueError as e:
-            problems.append(str(e))
-    if args.log_tracker_config:
-        try:
-            tracker_settings(args.log_tracker_config)
-        except ValueError as e:
-            problems.append(str(e))
-    if args.network_dim is not None and args.network_dim < 1 and not args.dim_from_weights:
-        problems.append(f"--network_dim {args.network_dim}: the LoRA rank must be at least 1")
-    if args.max_train_epochs is not None and args.max_train_epochs < 1:
-        problems.append(f"--max_train_epochs {args.max_train_epochs}: train for at least one epoch")
-    elif args.max_train_epochs is None and args.max_train_steps < 1:
-        problems.append(f"--max_train_steps {args.max_train_steps}: train for at least one step")
-    for flag in ("learning_rate", "unet_lr", "text_encoder_lr"):
-        value = getattr(args, flag, None)
-        for lr in value if isinstance(value, list) else [value]:
-            if lr is not None and lr < 0:
-                problems.append(f"--{flag} {lr}: a learning rate cannot be negative")
-    from library.preflight import preflight_problems
-
-    problems += preflight_problems(args, family)  # output folder, all-zero learning rates, --network_weights
-    no_compile = str(args.dynamo_backend).lower() == "no"  # what accelerate and the kohya_ss GUI write for "off"
-    if args.torch_compile and no_compile:
-        problems.append("--torch_compile with --dynamo_backend no: leave out one of them (or name a backend, e.g. inductor)")
-    elif args.torch_compile:
-        import torch._dynamo
-
-        backends = torch._dynamo.list_backends(exclude_tags=())
-        if args.dynamo_backend not in backends:
-            problems.append(f"--dynamo_backend {args.dynamo_backend} is not a torch.compile backend; one of: {', '.join(backends)}")
-    elif args.dynamo_backend != "inductor" and not no_compile:
-        problems.append("--dynamo_backend chooses the backend of --torch_compile: add --torch_compile")
-    if args.log_with == "wandb":
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is None:
-            problems.append("--log_with wandb needs the wandb package (pip install wandb); or use --log_with tensorboard")
-    if args.pretrained_model_name_or_path:
-        from library.train_script import detect_model_family
-
-        kind = detect_model_family(args.pretrained_model_name_or_path)
-        if kind != family.arch:
-            other = {"sd": "train_network.py", "sdxl": "sdxl_train_network.py", "flux": "flux_train_network.py"}[kind]
-            problems.append(f"{args.pretrained_model_name_or_path} is a model for {other}, not {family.script_name}")
-    try:
-        family.check_args(args)
-    except ValueError as e:
-        problems.append(str(e))
+    """Refuse contradictory or meaningless flags before anything loads (library/preflight.py lists the checks)."""
+    problems = argument_problems(args, family)
     if len(problems) == 1:
         raise TrainingError(problems[0])
     if problems:
@@ -317,21 +243,6 @@ def train(args, family: ModelFamily) -> str | None:
         show_batches(load_datasets(args, family, args.seed if args.seed is not None else 0))
         return None
     return TrainingRun(args, family).run()
-
-
-def tracker_settings(path: str) -> dict:
-    """--log_tracker_config: a TOML file with a table of settings per tracker ([wandb], [tensorboard]), passed to the
-    trackers as they start. Raises ValueError naming the file when it cannot be read."""
-    import toml
-
-    try:
-        settings = toml.load(path)
-    except (OSError, toml.TomlDecodeError) as e:
-        raise ValueError(f"--log_tracker_config {path} cannot be read: {e}") from None
-    bad = [k for k, v in settings.items() if not isinstance(v, dict)]
-    if bad:
-        raise ValueError(f"--log_tracker_config {path}: '{bad[0]}' is not a table; write [tracker] tables, e.g. [wandb]")
-    return settings
 
 
 def show_batches(group: DatasetGroup) -> None:

@@ -53,6 +53,18 @@ def write_caption(image_path, text, ext=".txt"):
     return stem + ext
 
 
+@pytest.fixture(autouse=True)
+def restore_root_logging():
+    """In-process script runs configure the root logger (handlers, level); put it back after each test."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture
 def repo_root():
     return ROOT
