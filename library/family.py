@@ -348,7 +348,7 @@ def add_fp8_arguments(group, base_help: str, unet_help: str) -> None:
 
 
 def check_base_model_args(args) -> None:
-    """--fp8_base needs mixed precision; --base_weights files must exist, one multiplier each (base_weights_plan)."""
+    """--fp8_base needs mixed precision; --base_weights files must exist, at most one multiplier each (base_weights_plan)."""
     if (getattr(args, "fp8_base", False) or getattr(args, "fp8_base_unet", False)) and args.mixed_precision == "no":
         raise ValueError("--fp8_base needs --mixed_precision bf16 or fp16: float8 weights are computed in that precision")
     base_weights_plan(args)

@@ -183,7 +183,7 @@ def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         nargs="*",
-        help="multiplier of each --base_weights file, one per file (default 1.0 each)",
+        help="multiplier of each --base_weights file, in order (files without one use 1.0, as sd-scripts)",
     )
 
 
