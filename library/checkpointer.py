@@ -32,6 +32,16 @@ class RunState:
         return self.epoch - 1 if self.batches_done == 0 and self.epoch > 1 else self.epoch
 
 
+def initial_position(step: int, steps_per_epoch: int, batches_per_step: int, skip: bool) -> RunState:
+    """Where a run given --initial_step `step` starts (sd-scripts' meaning). `skip` (--skip_until_initial_step): at
+    step `step`, in its epoch, past the batches of that epoch's earlier steps. Otherwise at step 0 at the start of the
+    epoch that holds step `step`: only the epoch counter moves."""
+    epoch = step // steps_per_epoch + 1
+    if not skip:
+        return RunState(epoch=epoch)
+    return RunState(epoch=epoch, step=step, batches_done=(step % steps_per_epoch) * batches_per_step, first_logged_step=step + 1)
+
+
 class Checkpointer:
     """Saves adapter files and training states with sd-scripts' names, atomically, and prunes old ones."""
 

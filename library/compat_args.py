@@ -95,24 +95,6 @@ OPTIONS = [
         refused=True,
     ),
     CompatOption(
-        "--initial_step",
-        "int",
-        "kiln does not start the step counter at a given step yet: continue a run with --save_state and --resume",
-        refused=True,
-    ),
-    CompatOption(
-        "--initial_epoch",
-        "int",
-        "kiln does not start the epoch counter at a given epoch yet: continue a run with --save_state and --resume",
-        refused=True,
-    ),
-    CompatOption(
-        "--skip_until_initial_step",
-        "flag",
-        "kiln does not skip to --initial_step yet: continue a run with --save_state and --resume",
-        refused=True,
-    ),
-    CompatOption(
         "--controlnet_model_name_or_path",
         "str",
         "training a LoRA alongside a FLUX ControlNet is not supported by kiln",

@@ -122,6 +122,17 @@ def argument_problems(args, family: ModelFamily) -> list[str]:
         problems.append("--cpu_offload_checkpointing offloads checkpointed activations: add --gradient_checkpointing")
     if args.gradient_accumulation_steps < 1:
         problems.append("--gradient_accumulation_steps must be at least 1")
+    if args.initial_step is not None and args.initial_step < 0:
+        problems.append(f"--initial_step {args.initial_step}: the first step must be 0 or more")
+    if args.initial_epoch is not None and args.initial_epoch < 1:
+        problems.append(f"--initial_epoch {args.initial_epoch}: epochs count from 1")
+    if args.skip_until_initial_step and args.initial_step is None and args.initial_epoch is None:
+        problems.append("--skip_until_initial_step skips to --initial_step or --initial_epoch: give one of them")
+    if args.initial_step is not None and args.max_train_epochs is None and args.initial_step >= args.max_train_steps:
+        problems.append(
+            f"--initial_step {args.initial_step} leaves nothing to train: --max_train_steps ({args.max_train_steps}) "
+            "counts from the first step, so it must be greater"
+        )
     problems += check_compat_arguments(args)
     if args.save_n_epoch_ratio is not None and args.save_n_epoch_ratio < 1:
         problems.append(f"--save_n_epoch_ratio {args.save_n_epoch_ratio}: the number of checkpoints must be at least 1")

@@ -74,6 +74,26 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save_state", action="store_true", help="save the training state with every checkpoint (for --resume)")
     g.add_argument("--save_state_on_train_end", action="store_true", help="save the training state at the end")
     g.add_argument("--resume", type=str, default=None, help="continue from a state folder written by --save_state")
+    g.add_argument(
+        "--initial_step",
+        type=int,
+        default=None,
+        help="start the run as if N steps were done (sd-scripts): with --skip_until_initial_step the step counter starts "
+        "at N and the data of the first N steps is skipped; without it only the epoch counter moves to the epoch of "
+        "step N. Weights come from --network_weights or --resume; the learning-rate schedule starts from the "
+        "beginning unless --resume gives its state. Overrides the position of a --resume state",
+    )
+    g.add_argument(
+        "--initial_epoch",
+        type=int,
+        default=None,
+        help="like --initial_step (E-1) * steps per epoch: start at epoch E (1 = the first); --initial_step wins if both",
+    )
+    g.add_argument(
+        "--skip_until_initial_step",
+        action="store_true",
+        help="with --initial_step/--initial_epoch: skip the batches of the steps before it and count steps from there",
+    )
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from library import config_util, saving
-from library.checkpointer import Checkpointer, RunState, save_point, write_loss_log
+from library.checkpointer import Checkpointer, RunState, initial_position, save_point, write_loss_log
 from library.data_loader import accumulation_group, make_data_loader
 from library.datasets import DatasetGroup, build_datasets, image_paths, raise_on_errors, raise_on_undecodable
 from library.family import ModelFamily, TrainModels, place_module
@@ -278,6 +278,8 @@ class TrainingRun:
         self.state = RunState()
         if resume:
             self._resume(resume)
+        if args.initial_step is not None or args.initial_epoch is not None:
+            self._start_at_initial_step()
         metadata = training_metadata(
             args, family, self.group, self.seed, self.num_epochs, self.batches_per_epoch, self.optimizer_name, self.optimizer_args
         )
@@ -454,6 +456,31 @@ class TrainingRun:
             first_logged_step=ts.get("first_logged_step", ts["current_step"] + 1 - len(history)),
         )
         logger.info(f"resumed from {self.args.resume} at step {self.state.step} (epoch {self.state.epoch})")
+
+    def _start_at_initial_step(self) -> None:
+        """--initial_step/--initial_epoch (with or without --skip_until_initial_step), as sd-scripts."""
+        args = self.args
+        steps_per_epoch = math.ceil(self.batches_per_epoch / args.gradient_accumulation_steps)
+        step = args.initial_step if args.initial_step is not None else (args.initial_epoch - 1) * steps_per_epoch
+        if args.initial_step is not None and args.initial_epoch is not None:
+            logger.info(f"--initial_step {args.initial_step} and --initial_epoch {args.initial_epoch}: --initial_step wins")
+        if step >= args.max_train_steps:
+            raise TrainingError(
+                f"the run would start at step {step} (--initial_step/--initial_epoch) but --max_train_steps is "
+                f"{args.max_train_steps}: nothing is left to train; raise --max_train_steps or --max_train_epochs"
+            )
+        if args.resume:
+            logger.info(f"the position of the --resume state (step {self.state.step}) is replaced by step {step}")
+        self.state = initial_position(step, steps_per_epoch, args.gradient_accumulation_steps, args.skip_until_initial_step)
+        if args.skip_until_initial_step:
+            logger.info(f"starting at step {step} (epoch {self.state.epoch}); the batches of the steps before it are skipped")
+        else:
+            logger.info(
+                f"starting at epoch {self.state.epoch} (the epoch of step {step}), counting steps from 0; add "
+                f"--skip_until_initial_step to count from step {step}"
+            )
+        if not args.resume:
+            logger.info("the learning-rate schedule starts from its beginning (only a --resume state holds its position)")
 
     # -- the loop -------------------------------------------------------------------------------------------------
 

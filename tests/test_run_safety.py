@@ -58,6 +58,10 @@ def same_files(a: str, b: str) -> bool:
         (["--max_train_epochs", "0"], "--max_train_epochs 0"),
         (["--learning_rate", "-1"], "--learning_rate -1.0"),
         (["--unet_lr", "-0.5"], "--unet_lr -0.5"),
+        (["--initial_step", "1600"], "--initial_step 1600 leaves nothing to train"),
+        (["--initial_step", "-1"], "--initial_step -1"),
+        (["--initial_epoch", "0"], "--initial_epoch 0"),
+        (["--skip_until_initial_step"], "give one of them"),
     ],
 )
 def test_arguments_that_cannot_train_stop_before_the_model_loads(flags, named, tmp_path, capsys):
@@ -180,6 +184,32 @@ def test_gradient_accumulation_groups_each_epoch_and_resumes_exactly(tiny_sd, tm
     launch(*sgd, "--output_dir", tmp_path / "acc3", "--gradient_accumulation_steps", 3)
     assert losses(tmp_path / "acc1", "s") == losses(tmp_path / "acc3", "s")
     assert same_files(str(tmp_path / "acc1" / "s.safetensors"), str(tmp_path / "acc3" / "s.safetensors"))
+
+
+@pytest.mark.slow
+def test_initial_step_continues_a_run_and_initial_epoch_moves_the_epoch(tiny_sd, tmp_path):
+    """3 steps an epoch. From the step-4 LoRA, --initial_step 4 --skip_until_initial_step trains steps 5 and 6 on the
+    batches the whole run gave them (plain SGD with a constant rate keeps no state), so the LoRA is the same; without
+    --skip_until_initial_step, --initial_epoch 2 only starts the epoch counter at 2 (sd-scripts' meaning)."""
+    config = image_folder(tmp_path / "three", 3)
+    common = ["--pretrained_model_name_or_path", tiny_sd, "--dataset_config", config, "--output_name", "i",
+              "--max_train_steps", 6, *BASE, "--optimizer_type", "torch.optim.SGD", "--learning_rate", "0.5"]
+    full, cont, moved = tmp_path / "full", tmp_path / "continued", tmp_path / "moved"
+    launch(*common, "--output_dir", full, "--save_every_n_steps", 1)
+    out = launch(*common, "--output_dir", cont, "--network_weights", full / "i-step00000004.safetensors",
+                 "--initial_step", 4, "--skip_until_initial_step").stderr
+    assert "starting at step 4 (epoch 2)" in out
+    assert losses(cont, "i") == {"first_step": 5, "losses": losses(full, "i")["losses"][4:]}
+    assert same_files(str(full / "i.safetensors"), str(cont / "i.safetensors"))
+    with safe_open(str(cont / "i.safetensors"), framework="pt") as f:
+        assert f.metadata()["ss_steps"] == "6" and f.metadata()["ss_epoch"] == "2"
+
+    # from the step-3 LoRA, epoch 2 alone trains as the whole run's epoch 2, but its steps count from 1
+    launch(*common, "--output_dir", moved, "--network_weights", full / "i-step00000003.safetensors", "--initial_epoch", 2)
+    assert losses(moved, "i") == {"first_step": 1, "losses": losses(full, "i")["losses"][3:]}
+    assert same_files(str(full / "i.safetensors"), str(moved / "i.safetensors"))
+    with safe_open(str(moved / "i.safetensors"), framework="pt") as f:
+        assert f.metadata()["ss_steps"] == "3" and f.metadata()["ss_epoch"] == "2"
 
 
 def wait_for(path, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -64,7 +64,7 @@ def run_in_process(arch: str, argv: list[str], capsys) -> tuple[int, list[str]]:
     [
         ("sd", ["--deepspeed", "--zero_stage", "3"], "--deepspeed, --zero_stage: kiln does not run DeepSpeed"),
         ("sd", ["--huggingface_repo_id", "me/lora"], "--huggingface_repo_id: kiln does not upload"),
-        ("sdxl", ["--initial_step", "5"], "--initial_step: "),
+        ("sdxl", ["--dataset_class", "my.Dataset"], "--dataset_class: "),
         ("sd", ["--conditioning_data_dir", "masks"], "alpha channel"),
         ("flux", ["--model_type", "chroma"], "Chroma is not supported"),
     ],
