@@ -43,17 +43,17 @@ from library.checkpoint_files import (
     read_key_shapes,
     read_state_dict,
 )
-from library.sd_models import (
+from library.model_files import (
     CLIP_L_HUB_ID,
     SD_VAE_COMMON,
-    _build_and_load,
-    _cast,
-    _check_tokenizer,
-    _folder_family,
-    _indices,
-    _is_tokenizer_folder,
+    build_and_load,
+    cast_model,
+    check_tokenizer,
+    folder_family,
     hub_cache_folder,
-    infer_text_encoder_config,
+    infer_clip_text_config,
+    is_tokenizer_folder,
+    key_indices,
     load_clip_tokenizer,
     vae_from_state_dict,
     write_single_file,
@@ -150,8 +150,8 @@ def infer_flux_transformer_config(state_dict_bfl: Mapping[str, Any]) -> dict:
         "patch_size": 1,
         "in_channels": in_channels,
         "out_channels": out_channels,
-        "num_layers": len(_indices(sd, "double_blocks.")),
-        "num_single_layers": len(_indices(sd, "single_blocks.")),
+        "num_layers": len(key_indices(sd, "double_blocks.")),
+        "num_single_layers": len(key_indices(sd, "single_blocks.")),
         "attention_head_dim": head_dim,
         "num_attention_heads": hidden // head_dim,
         "joint_attention_dim": joint,
@@ -360,7 +360,7 @@ def transformer_from_bfl(
     converted = flux_transformer_from_bfl(_upcast(state_dict_bfl, dtype), config)
     if copy:
         converted = _not_sharing(converted, state_dict_bfl, dtype)
-    return _build_and_load(lambda: FluxTransformer2DModel(**config), converted, dtype, "transformer", source)
+    return build_and_load(lambda: FluxTransformer2DModel(**config), converted, dtype, "transformer", source)
 
 
 def clip_l_from_state_dict(state_dict: Mapping[str, torch.Tensor], dtype=torch.bfloat16, source="clip_l"):
@@ -375,8 +375,8 @@ def clip_l_from_state_dict(state_dict: Mapping[str, torch.Tensor], dtype=torch.b
         sd[k] = v
     if "embeddings.token_embedding.weight" not in sd:
         raise ModelLoadError(f"{source} is not a CLIP text encoder in Hugging Face layout (text_model.embeddings.*)")
-    config = CLIPTextConfig(**infer_text_encoder_config(sd, v2=False))
-    return _build_and_load(lambda: CLIPTextModel(config), sd, dtype, "CLIP-L text encoder", source)
+    config = CLIPTextConfig(**infer_clip_text_config(sd))
+    return build_and_load(lambda: CLIPTextModel(config), sd, dtype, "CLIP-L text encoder", source)
 
 
 def infer_t5_config(state_dict: Mapping[str, Any]) -> dict:
@@ -395,7 +395,7 @@ def infer_t5_config(state_dict: Mapping[str, Any]) -> dict:
         "d_model": d_model,
         "d_kv": inner // heads,
         "d_ff": d_ff,
-        "num_layers": len(_indices(sd, "encoder.block.")),
+        "num_layers": len(key_indices(sd, "encoder.block.")),
         "num_heads": heads,
         "relative_attention_num_buckets": buckets,
     }
@@ -417,7 +417,7 @@ def t5_from_state_dict(state_dict: Mapping[str, torch.Tensor], dtype=torch.bfloa
     if "encoder.embed_tokens.weight" in names and "encoder.embed_tokens.weight" not in sd:
         sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
     sd = {k: v for k, v in sd.items() if k in names}
-    return _build_and_load(lambda: T5EncoderModel(config), sd, dtype, "T5 text encoder", source)
+    return build_and_load(lambda: T5EncoderModel(config), sd, dtype, "T5 text encoder", source)
 
 
 def _read(path: str, what: str, option: str) -> dict[str, torch.Tensor]:
@@ -509,7 +509,7 @@ def _load_folder(path: str, tokenizer_cache_dir, dtype, skip: set[str]) -> dict:
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
     try:
-        family, _ = _folder_family(path)
+        family, _ = folder_family(path)
     except ModelLoadError:
         family = "unknown"
     if family != "flux":
@@ -524,7 +524,7 @@ def _load_folder(path: str, tokenizer_cache_dir, dtype, skip: set[str]) -> dict:
         parts["text_encoder"] = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
     if "text_encoder_2" not in skip:
         parts["text_encoder_2"] = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype)
-    if _is_tokenizer_folder(os.path.join(path, "tokenizer")):
+    if is_tokenizer_folder(os.path.join(path, "tokenizer")):
         parts["tokenizer"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
     if _is_t5_tokenizer_folder(os.path.join(path, "tokenizer_2")):
         parts["tokenizer_2"] = T5Tokenizer.from_pretrained(path, subfolder="tokenizer_2")
@@ -594,10 +594,10 @@ def load_flux_model(
         parts["tokenizer"] = _load_clip_tokenizer(tokenizer_cache_dir, parts["text_encoder"].config.vocab_size)
     if parts.get("tokenizer_2") is None:
         parts["tokenizer_2"] = load_t5_tokenizer(tokenizer_cache_dir, parts["text_encoder_2"].config.vocab_size)
-    _check_tokenizer(parts["tokenizer"], parts["text_encoder"], name_or_path)
-    _check_tokenizer(parts["tokenizer_2"], parts["text_encoder_2"], name_or_path)
+    check_tokenizer(parts["tokenizer"], parts["text_encoder"], name_or_path)
+    check_tokenizer(parts["tokenizer_2"], parts["text_encoder_2"], name_or_path)
 
-    models = {k: _cast(parts[k], dtype).eval() for k in ("transformer", "vae", "text_encoder", "text_encoder_2")}
+    models = {k: cast_model(parts[k], dtype).eval() for k in ("transformer", "vae", "text_encoder", "text_encoder_2")}
     return FluxModel(
         **models,
         tokenizer=parts["tokenizer"],

@@ -38,31 +38,32 @@ from library.checkpoint_files import (
     read_state_dict,
 )
 from library.ldm_names import text_encoder_ldm_param_names, unet_ldm_module_names
-from library.sd_models import (
+from library.model_files import (
     CLIP_L_HUB_ID,
-    SD15_TEXT_ENCODER,
+    CLIP_L_TEXT_CONFIG,
     SD_VAE_COMMON,
-    UNET_LDM_SETTINGS,
-    _build_and_load,
-    _cast,
-    _check_tokenizer,
-    _folder_family,
-    _is_tokenizer_folder,
-    _open_clip_state_dict,
-    _text_encoder_to_diffusers_layout,
-    _vae_to_diffusers_layout,
-    infer_text_encoder_config,
-    infer_unet_config,
+    build_and_load,
+    cast_model,
+    check_tokenizer,
+    folder_family,
     infer_vae_config,
+    is_tokenizer_folder,
     load_clip_tokenizer,
     load_vae,
-    text_encoder_from_ldm,
-    unet_to_ldm_state_dict,
     vae_from_state_dict,
-    vae_to_ldm_state_dict,
+    vae_to_diffusers_layout,
     write_single_file,
 )
-from library.tiny_models import sdxl_scheduler_config
+from library.sd_models import (
+    UNET_LDM_SETTINGS,
+    _open_clip_state_dict,
+    _text_encoder_to_diffusers_layout,
+    infer_text_encoder_config,
+    infer_unet_config,
+    text_encoder_from_ldm,
+    unet_to_ldm_state_dict,
+    vae_to_ldm_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ SDXL_BASE_UNET = {
     **UNET_LDM_SETTINGS,
 }
 SDXL_VAE = {**SD_VAE_COMMON, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
-SDXL_TEXT_ENCODER = dict(SD15_TEXT_ENCODER)  # CLIP ViT-L/14 text tower, as SD 1.x
+SDXL_TEXT_ENCODER = dict(CLIP_L_TEXT_CONFIG)  # CLIP ViT-L/14 text tower, as SD 1.x
 SDXL_TEXT_ENCODER_2 = {  # OpenCLIP ViT-bigG/14 text tower, all 32 layers (SDXL reads the penultimate hidden states)
     **SDXL_TEXT_ENCODER,
     "hidden_size": 1280,
@@ -119,6 +120,23 @@ SDXL_TEXT_ENCODER_2 = {  # OpenCLIP ViT-bigG/14 text tower, all 32 layers (SDXL 
     "hidden_act": "gelu",
     "projection_dim": 1280,
 }
+
+
+def sdxl_scheduler_config() -> dict:
+    """The Euler scheduler SDXL base 1.0 ships (same DDPM betas as SD)."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "interpolation_type": "linear",
+        "prediction_type": "epsilon",
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "use_karras_sigmas": False,
+    }
+
+
 SDXL_SCHEDULER = sdxl_scheduler_config()
 REFERENCE_CONFIGS = {
     "unet": SDXL_BASE_UNET,
@@ -243,7 +261,7 @@ def infer_sdxl_single_file_configs(checkpoint: Mapping[str, Any]) -> dict[str, d
         "text_encoder_2": te2,
     }
     if any(k.startswith(VAE_PREFIX) for k in checkpoint):
-        configs["vae"] = infer_vae_config(_vae_to_diffusers_layout(checkpoint, "checkpoint"), reference=SDXL_VAE)
+        configs["vae"] = infer_vae_config(vae_to_diffusers_layout(checkpoint, "checkpoint"), reference=SDXL_VAE)
     return configs
 
 
@@ -263,7 +281,7 @@ def unet_from_sgm(
     if isinstance(config["layers_per_block"], list):
         raise ModelLoadError(f"{source}: U-Net levels with different numbers of layers are not supported")
     converted = convert_ldm_unet_checkpoint(dict(checkpoint), config)
-    return _build_and_load(lambda: UNet2DConditionModel(**config), converted, dtype, "U-Net", source)
+    return build_and_load(lambda: UNet2DConditionModel(**config), converted, dtype, "U-Net", source)
 
 
 def text_encoder_1_from_sgm(checkpoint: Mapping[str, torch.Tensor], dtype=torch.float32, source="checkpoint"):
@@ -279,7 +297,7 @@ def text_encoder_2_from_sgm(checkpoint: Mapping[str, torch.Tensor], dtype=torch.
 
     converted = _text_encoder_2_to_diffusers_layout(checkpoint, source)
     config = CLIPTextConfig(**infer_sdxl_text_encoder_2_config(converted))
-    return _build_and_load(lambda: CLIPTextModelWithProjection(config), converted, dtype, "text encoder 2", source)
+    return build_and_load(lambda: CLIPTextModelWithProjection(config), converted, dtype, "text encoder 2", source)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -290,7 +308,7 @@ def text_encoder_2_from_sgm(checkpoint: Mapping[str, torch.Tensor], dtype=torch.
 def load_sdxl_tokenizers(tokenizer_cache_dir: str | None = None, vocab_size: int | None = None, vocab_size_2: int | None = None):
     """(tokenizer, tokenizer_2) for an SDXL single file, offline: from `tokenizer_cache_dir/openai_clip-vit-large-patch14`
     and `tokenizer_cache_dir/laion_CLIP-ViT-bigG-14-laion2B-39B-b160k`, else the local Hugging Face cache, else kiln's
-    tiny tokenizer for tiny vocabularies (see sd_models.load_clip_tokenizer). The second pads with "!" (id 0), as
+    tiny tokenizer for tiny vocabularies (see model_files.load_clip_tokenizer). The second pads with "!" (id 0), as
     OpenCLIP's tokenizer, whatever its files say."""
     tokenizer = load_clip_tokenizer(
         CLIP_L_HUB_ID, None, tokenizer_cache_dir, vocab_size, model_name="SDXL (text encoder 1, CLIP ViT-L)"
@@ -325,7 +343,7 @@ def _load_folder(path: str, tokenizer_cache_dir: str | None, dtype, need_vae: bo
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    family, _ = _folder_family(path)
+    family, _ = folder_family(path)
     if family != "sdxl":
         raise _wrong_family(path, family)
     for sub in ("unet", "text_encoder", "text_encoder_2") + (("vae",) if need_vae else ()):
@@ -337,9 +355,9 @@ def _load_folder(path: str, tokenizer_cache_dir: str | None, dtype, need_vae: bo
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype) if need_vae else None
 
     tokenizer = tokenizer_2 = None
-    if _is_tokenizer_folder(os.path.join(path, "tokenizer")):
+    if is_tokenizer_folder(os.path.join(path, "tokenizer")):
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    if _is_tokenizer_folder(os.path.join(path, "tokenizer_2")):
+    if is_tokenizer_folder(os.path.join(path, "tokenizer_2")):
         tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
         if tokenizer_2.pad_token != TOKENIZER_2_PAD:
             tokenizer_2.pad_token = TOKENIZER_2_PAD
@@ -399,7 +417,7 @@ def load_sdxl_model(
 ) -> SDXLModel:
     """Load an SDXL model: the built-in name kiln-tiny-sdxl, a diffusers SDXL folder, or an original (sgm) single file
     (.safetensors; .ckpt/.pt only through weights_only). `vae` replaces the model's VAE (a diffusers VAE folder or a
-    single file, as sd_models.load_vae; single files get SDXL's scaling factor). Raises ModelLoadError for missing
+    single file, as model_files.load_vae; single files get SDXL's scaling factor). Raises ModelLoadError for missing
     paths, incomplete files and other families (naming their script)."""
     from library.tiny_models import BUILTIN_MODELS
 
@@ -418,12 +436,12 @@ def load_sdxl_model(
             "a .safetensors/.ckpt file; kiln does not download models from a hub)"
         )
     text_encoder, text_encoder_2, tokenizer, tokenizer_2, model_vae, unet = parts
-    _check_tokenizer(tokenizer, text_encoder, name_or_path)
-    _check_tokenizer(tokenizer_2, text_encoder_2, name_or_path)
+    check_tokenizer(tokenizer, text_encoder, name_or_path)
+    check_tokenizer(tokenizer_2, text_encoder_2, name_or_path)
     if vae is not None:
         model_vae = load_vae(os.fspath(vae), dtype, reference=SDXL_VAE)
     text_encoder, text_encoder_2, model_vae, unet = (
-        _cast(m, dtype).eval() for m in (text_encoder, text_encoder_2, model_vae, unet)
+        cast_model(m, dtype).eval() for m in (text_encoder, text_encoder_2, model_vae, unet)
     )
     return SDXLModel(
         text_encoder=text_encoder,

@@ -118,23 +118,12 @@ def tiny_vae_config() -> dict:
     }
 
 
-def sd_scheduler_config(v2_v: bool = False) -> dict:
-    """The DDPM schedule every SD 1.x/2.x model uses."""
-    return {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "clip_sample": False,
-        "steps_offset": 1,
-        "prediction_type": "v_prediction" if v2_v else "epsilon",
-    }
-
-
 def build_tiny_sd(v2: bool = False, seed: int = 0) -> dict:
     """Tiny SD components: {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    from library.sd_models import sd_scheduler_config
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny_unet_config(v2))
@@ -179,27 +168,14 @@ def tiny_sdxl_unet_config() -> dict:
     }
 
 
-def sdxl_scheduler_config() -> dict:
-    """The Euler scheduler SDXL base 1.0 ships (same DDPM betas as SD)."""
-    return {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "interpolation_type": "linear",
-        "prediction_type": "epsilon",
-        "steps_offset": 1,
-        "timestep_spacing": "leading",
-        "use_karras_sigmas": False,
-    }
-
-
 def build_tiny_sdxl(seed: int = 0) -> dict:
     """Tiny SDXL components: {"unet", "vae", "text_encoder" (CLIPTextModel, CLIP-L style), "text_encoder_2"
     (CLIPTextModelWithProjection, bigG style: gelu, pads with id 0), "tokenizer", "tokenizer_2" (pads with "!" = id 0),
     "scheduler"}."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from library.sdxl_models import sdxl_scheduler_config
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny_sdxl_unet_config())
@@ -221,40 +197,6 @@ def build_tiny_sdxl(seed: int = 0) -> dict:
         "tokenizer_2": tokenizer_2,
         "scheduler": scheduler,
     }
-
-
-
-
-def save_diffusers_folder(components: dict, folder: str) -> None:
-    """Save components as a diffusers pipeline folder (model_index.json and one folder each): a FluxPipeline when they
-    include `transformer` (build_tiny_flux), a StableDiffusionXLPipeline when they include `text_encoder_2`, else a
-    StableDiffusionPipeline."""
-    os.makedirs(folder, exist_ok=True)
-    flux = "transformer" in components
-    sdxl = not flux and "text_encoder_2" in components
-    class_name = "FluxPipeline" if flux else "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
-    index = {"_class_name": class_name, "_diffusers_version": "0.42.1"}
-    libraries = {
-        "unet": "diffusers",
-        "transformer": "diffusers",
-        "vae": "diffusers",
-        "scheduler": "diffusers",
-        "text_encoder": "transformers",
-        "tokenizer": "transformers",
-        "text_encoder_2": "transformers",
-        "tokenizer_2": "transformers",
-    }
-    for name, obj in components.items():
-        obj.save_pretrained(os.path.join(folder, name))
-        index[name] = [libraries[name], type(obj).__name__]
-    if flux or sdxl:
-        index.update({"image_encoder": [None, None], "feature_extractor": [None, None]})
-        if sdxl:
-            index["force_zeros_for_empty_prompt"] = True
-    else:
-        index.update({"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -73,7 +73,8 @@ def repo_root():
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """The built-in tiny SD 1.x saved as a diffusers folder (built once per test run)."""
-    from library.tiny_models import build_tiny_sd, save_diffusers_folder
+    from library.model_files import save_diffusers_folder
+    from library.tiny_models import build_tiny_sd
 
     folder = tmp_path_factory.mktemp("models") / "tiny_sd1"
     save_diffusers_folder(build_tiny_sd(), str(folder))

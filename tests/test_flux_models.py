@@ -18,10 +18,10 @@ from library.flux_models import (
     load_t5_tokenizer,
     save_flux_transformer_bfl,
 )
+from library.model_files import save_diffusers_folder
 from library.tiny_models import (
     TINY_FLUX,
     build_tiny_flux,
-    save_diffusers_folder,
     tiny_flux_transformer_config,
 )
 

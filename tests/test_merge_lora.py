@@ -50,8 +50,9 @@ def sd1(tmp_path_factory):
     the rest fp32, with SD_EXTRAS and metadata; its diffusers folder (config for from_single_file); a LoRA with conv."""
     from transformers import CLIPTextModel
 
+    from library.model_files import save_diffusers_folder
     from library.sd_models import sd_to_ldm_state_dict
-    from library.tiny_models import build_tiny_sd, save_diffusers_folder, tiny_clip_config
+    from library.tiny_models import build_tiny_sd, tiny_clip_config
     from networks.lora import create_network
 
     folder = tmp_path_factory.mktemp("sd1")

@@ -381,7 +381,7 @@ def test_every_sd_scripts_sampler_is_known():
 @pytest.mark.parametrize("v_prediction", [False, True])
 def test_make_scheduler(name, v_prediction):
     from library.sampling import make_scheduler
-    from library.tiny_models import sd_scheduler_config
+    from library.sd_models import sd_scheduler_config
 
     sched = make_scheduler(name, sd_scheduler_config(), v_prediction)
     assert type(sched).__name__ == EXPECTED_SCHEDULERS[name]

@@ -8,13 +8,13 @@ import os
 import pytest
 import torch
 
-from library import ldm_names, sd_models
+from library import ldm_names, model_files, sd_models
+from library.model_files import save_diffusers_folder
 from library.sd_models import ModelLoadError, SDModel, load_sd_model, save_sd_single_file
 from library.tiny_models import (
     TINY_SD,
     TINY_SD2,
     build_tiny_sd,
-    save_diffusers_folder,
     tiny_vae_config,
     write_tiny_clip_tokenizer,
 )
@@ -178,7 +178,7 @@ def test_single_file_layout_details(tiny):
         assert shapes[p + "transformer.resblocks.0.attn.in_proj_bias"] == (3 * te.hidden_size,)
         assert shapes[p + "text_projection"] == (te.hidden_size, te.hidden_size)
         assert shapes[p + "positional_embedding"] == (77, te.hidden_size)
-        layers = sd_models._indices(shapes, p + "transformer.resblocks.")
+        layers = model_files.key_indices(shapes, p + "transformer.resblocks.")
         assert layers == list(range(te.num_hidden_layers + 1))
         assert not any(k.startswith(sd_models.CLIP_L_PREFIX) for k in shapes)
     else:
@@ -408,7 +408,7 @@ def test_vae_override_formats(tiny1, tmp_path):
     torch.save({"state_dict": bare}, paths["ldm_bare_pt"])
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, paths["diffusers_layout"])
     for kind, path in paths.items():
-        assert_same_params(sd_models.load_vae(path), other, kind)
+        assert_same_params(model_files.load_vae(path, reference=sd_models.reference_config("sd15", "vae")), other, kind)
     model = load_sd_model(tiny1.single, tokenizer_cache_dir=tiny1.tokenizers, vae=paths["ldm_bare"])
     assert_same_params(model.vae, other, "load_sd_model(vae=...)")
     model = load_sd_model(tiny1.folder, vae=paths["folder"])
@@ -549,7 +549,7 @@ def test_real_configs_inferred_from_shapes(name, v2):
     state = sd_models.sd_to_ldm_state_dict(te, vae, unet, v2)
     assert sd_models.detect_family(state) == ("sd2" if v2 else "sd1")
     if v2:  # 24 OpenCLIP layers in the file, as in the released SD2 checkpoints
-        assert sd_models._indices(state, sd_models.OPEN_CLIP_PREFIX + "transformer.resblocks.") == list(range(24))
+        assert model_files.key_indices(state, sd_models.OPEN_CLIP_PREFIX + "transformer.resblocks.") == list(range(24))
     inferred = sd_models.infer_single_file_configs(state, v2)
     for component, config in ref.items():
         for key, value in config.items():
@@ -559,7 +559,7 @@ def test_real_configs_inferred_from_shapes(name, v2):
     # the full conversion path at real size, still without weights
     unet2 = sd_models.unet_from_ldm(state, v2)
     te2 = sd_models.text_encoder_from_ldm(state, v2)
-    vae2 = sd_models.vae_from_state_dict(state, v2=v2)
+    vae2 = model_files.vae_from_state_dict(state, reference=sd_models.reference_config("sd2-base" if v2 else "sd15", "vae"))
     for a, b in ((unet, unet2), (te, te2), (vae, vae2)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)

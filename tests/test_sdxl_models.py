@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from library import sd_models, sdxl_models
+from library import model_files, sd_models, sdxl_models
+from library.model_files import save_diffusers_folder
 from library.sd_models import ModelLoadError, load_sd_model, save_sd_single_file
 from library.sdxl_models import SDXLModel, load_sdxl_model, save_sdxl_single_file, sdxl_unet_lora_name_map
 from library.tiny_models import (
@@ -17,7 +18,6 @@ from library.tiny_models import (
     TINY_SDXL,
     build_tiny_sd,
     build_tiny_sdxl,
-    save_diffusers_folder,
     tiny_vae_config,
     write_tiny_clip_tokenizer,
 )
@@ -52,8 +52,8 @@ class Tiny:
         )
         # sd-scripts' --tokenizer_cache_dir layout; the bigG files pad with eos here: kiln must still pad with "!"
         self.tokenizers = str(root / "tokenizers")
-        write_tiny_clip_tokenizer(sd_models.hub_cache_folder(self.tokenizers, sd_models.CLIP_L_HUB_ID))
-        write_tiny_clip_tokenizer(sd_models.hub_cache_folder(self.tokenizers, sdxl_models.BIGG_HUB_ID))
+        write_tiny_clip_tokenizer(model_files.hub_cache_folder(self.tokenizers, model_files.CLIP_L_HUB_ID))
+        write_tiny_clip_tokenizer(model_files.hub_cache_folder(self.tokenizers, sdxl_models.BIGG_HUB_ID))
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +236,7 @@ def test_single_file_layout(tiny):
         state[p1 + "encoder.layers.0.self_attn.q_proj.weight"], te1.state_dict()["encoder.layers.0.self_attn.q_proj.weight"]
     )
     p2 = "conditioner.embedders.1.model."
-    layers = sd_models._indices(state, p2 + "transformer.resblocks.")
+    layers = model_files.key_indices(state, p2 + "transformer.resblocks.")
     assert layers == list(range(te2.config.num_hidden_layers))  # all layers, no SD2-style extra one
     assert state[p2 + "transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * h2, h2)
     assert state[p2 + "positional_embedding"].shape == (77, h2)
@@ -398,7 +398,7 @@ def test_tokenizer_sources(tmp_path, monkeypatch):
     assert len(tok1) == len(tok2) == 514 and tok2.pad_token == "!"
 
     # a real-size model with no tokenizer anywhere: the error names the folder to fill
-    monkeypatch.setattr(sd_models, "_hf_cache_folder", lambda hub_id, subfolder: None)
+    monkeypatch.setattr(model_files, "hf_cache_folder", lambda hub_id, subfolder: None)
     empty = str(tmp_path / "empty")
     with pytest.raises(ModelLoadError) as err:
         sdxl_models.load_sdxl_tokenizers(empty, 49408, 49408)
@@ -526,7 +526,7 @@ def test_real_configs_inferred_from_shapes(real_unet):
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**ref["text_encoder_2"]))
     state = sdxl_models.sdxl_to_sgm_state_dict(te1, te2, vae, real_unet)
     assert sd_models.detect_family(state) == "sdxl"
-    assert sd_models._indices(state, sdxl_models.TE2_PREFIX + "transformer.resblocks.") == list(range(32))
+    assert model_files.key_indices(state, sdxl_models.TE2_PREFIX + "transformer.resblocks.") == list(range(32))
     assert state["model.diffusion_model.label_emb.0.0.weight"].shape == (1280, 2816)
     inferred = sdxl_models.infer_sdxl_single_file_configs(state)
     for component, config in ref.items():
@@ -541,7 +541,7 @@ def test_real_configs_inferred_from_shapes(real_unet):
         "unet": sdxl_models.unet_from_sgm(state, te2b.config.projection_dim),
         "text_encoder": sdxl_models.text_encoder_1_from_sgm(state),
         "text_encoder_2": te2b,
-        "vae": sd_models.vae_from_state_dict(state, reference=sdxl_models.SDXL_VAE),
+        "vae": model_files.vae_from_state_dict(state, reference=sdxl_models.SDXL_VAE),
     }
     for name, original in (("unet", real_unet), ("text_encoder", te1), ("text_encoder_2", te2), ("vae", vae)):
         sa, sb = original.state_dict(), rebuilt[name].state_dict()

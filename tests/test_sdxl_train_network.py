@@ -29,7 +29,8 @@ def launch(script: str, *args, check: bool = True) -> subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory):
-    from library.tiny_models import build_tiny_sdxl, save_diffusers_folder
+    from library.model_files import save_diffusers_folder
+    from library.tiny_models import build_tiny_sdxl
 
     folder = tmp_path_factory.mktemp("models") / "tiny_sdxl"
     save_diffusers_folder(build_tiny_sdxl(), str(folder))

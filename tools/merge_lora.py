@@ -89,8 +89,9 @@ def _save_single(path: str, state: dict, dtype) -> None:
 def _save_folder(modules: dict, others: dict, dtype, folder: str) -> None:
     from diffusers import DDPMScheduler
 
+    from library.model_files import save_diffusers_folder
     from library.saving import new_temp_folder, publish_folder
-    from library.tiny_models import save_diffusers_folder, sd_scheduler_config
+    from library.sd_models import sd_scheduler_config
 
     parts = {k: (v.to(dtype) if dtype is not None else v) for k, v in modules.items()}
     parts.update(others)
