@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -19,7 +21,8 @@ from library.family import (
     check_text_cache_args,
     place_module,
 )
-from library.sample_prompts import FLUX_DEFAULTS
+from library.sample_prompts import FLUX_DEFAULTS, SamplePrompt
+from library.sampling import sample_with_pipeline
 from library.strategy_flux import TE_OUTPUT_KEYS, FluxTextEncodingStrategy, FluxTokenizeStrategy
 from library.transfer import to_device
 
@@ -278,8 +281,6 @@ class FluxFamily(ModelFamily):
         return md
 
     def sample_images(self, args, models: TrainModels, prompts, output_dir: str, output_name: str, step, epoch, device, dtype):
-        from library.sampling import sample_flux_images
-
         def encode_prompts(texts: list[str]) -> dict:
             with torch.no_grad():
                 l_pooled, t5_out, t5_mask = self.encode_text(args, models, texts)
@@ -309,3 +310,77 @@ class FluxFamily(ModelFamily):
                 dtype=dtype,
             )
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preview sampling
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def sample_flux_images(
+    models,
+    scheduler_config: Mapping[str, Any],
+    prompts: Sequence[SamplePrompt],
+    encode_prompts: Callable[[list[str]], dict],
+    output_dir: str,
+    output_name: str | None,
+    step: int | None = None,
+    epoch: int | None = None,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> list[str]:
+    """FLUX.1 preview images: flow-matching Euler, embedded guidance from `--g` (default 3.5), true CFG with the negative
+    prompt when `--l` is above 1. `encode_prompts([prompt, negative])` returns {"prompt_embeds": T5 states (2, L, D),
+    "pooled": CLIP-L pooled (2, D2)}."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    te1, te2 = models.text_encoders
+    tok1, tok2 = models.tokenizers
+
+    def make_pipe(scheduler):
+        return FluxPipeline(
+            scheduler=scheduler,
+            vae=models.vae,
+            text_encoder=te1,
+            tokenizer=tok1,
+            text_encoder_2=te2,
+            tokenizer_2=tok2,
+            transformer=models.denoiser,
+        )
+
+    def embed_kwargs(prompt: SamplePrompt) -> dict:
+        out = encode_prompts([prompt.prompt, prompt.negative_prompt])
+        embeds, pooled = out["prompt_embeds"].to(device), out["pooled"].to(device)
+        kwargs = {
+            "prompt_embeds": embeds[:1],
+            "pooled_prompt_embeds": pooled[:1],
+            "guidance_scale": 3.5 if prompt.guidance is None else prompt.guidance,
+        }
+        if "mask" in out:
+            image_tokens = (prompt.height // 16) * (prompt.width // 16)
+            kwargs["joint_attention_kwargs"] = flow.joint_attention_mask(out["mask"].to(device), image_tokens)
+        if prompt.scale > 1.0:
+            kwargs.update(
+                {
+                    "negative_prompt_embeds": embeds[1:],
+                    "negative_pooled_prompt_embeds": pooled[1:],
+                    "true_cfg_scale": prompt.scale,
+                }
+            )
+        return kwargs
+
+    return sample_with_pipeline(
+        make_pipe,
+        embed_kwargs,
+        (models.denoiser, models.vae, te1, te2),
+        lambda name: FlowMatchEulerDiscreteScheduler.from_config(scheduler_config),
+        prompts,
+        output_dir,
+        output_name,
+        step,
+        epoch,
+        device,
+        dtype,
+        "euler",
+        False,
+    )

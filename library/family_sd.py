@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
 import torch
 
 from library.family import DdpmFamily, TrainModels, add_fp8_arguments
-from library.sample_prompts import SD_UNSUPPORTED_OPTIONS
+from library.sample_prompts import SAMPLER_NAMES, SD_UNSUPPORTED_OPTIONS, SamplePrompt
+from library.sampling import SAMPLERS, sample_with_pipeline
 from library.strategy_sd import SdTextEncodingStrategy, SdTokenizeStrategy
 
 
@@ -61,8 +65,6 @@ class SdFamily(DdpmFamily):
         }
 
     def sample_images(self, args, models: TrainModels, prompts, output_dir: str, output_name: str, step, epoch, device, dtype):
-        from library.sampling import sample_sd_images
-
         scheduler_config = self.sampling_scheduler_config(args)
 
         def encode_prompts(texts: list[str]) -> torch.Tensor:
@@ -86,3 +88,98 @@ class SdFamily(DdpmFamily):
             default_sampler=args.sample_sampler,
             v_prediction=args.v_parameterization,
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preview sampling
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_sd_prompts(prompts: Sequence[SamplePrompt], default_sampler: str) -> None:
+    """Raise ValueError before the first image for a prompt SD / SDXL sampling cannot honour: an unknown sampler, a FLUX
+    or ControlNet option, a size that is not a multiple of 8."""
+    for p in prompts:
+        name = p.sampler or default_sampler
+        if str(name).strip().lower() not in SAMPLERS:  # fail before the first image, not in the middle
+            raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLER_NAMES)}")
+        for name, option in (("guidance", "--g"), ("flow_shift", "--fs"), ("controlnet_image", "--cn")):
+            if getattr(p, name) is not None:
+                where = f" ({p.source})" if p.source else ""
+                raise ValueError(
+                    f"sample prompt {p.index}{where} sets {option}, which SD sampling cannot honour; load the prompts "
+                    "with unsupported=SD_UNSUPPORTED_OPTIONS so such files are rejected at start-up"
+                )
+        if p.width % 8 or p.height % 8:
+            raise ValueError(f"sample prompt {p.index}: width and height must be multiples of 8, got {p.width}x{p.height}")
+
+
+def sample_sd_images(
+    unet: torch.nn.Module,
+    vae: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    tokenizer,
+    scheduler_config: Mapping[str, Any],
+    prompts: Sequence[SamplePrompt],
+    encode_prompts: Callable[[list[str]], torch.Tensor],
+    output_dir: str,
+    output_name: str | None,
+    step: int | None = None,
+    epoch: int | None = None,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    default_sampler: str = "ddim",
+    v_prediction: bool = False,
+) -> list[str]:
+    """Generate one preview image per prompt with SD1/2 models; return the paths of the PNGs written.
+
+    `unet`, `vae`, `text_encoder` are the unwrapped models (not DDP wrappers). `encode_prompts(texts)` returns the
+    text-encoder hidden states the U-Net is trained on, one row per text, all rows the same length; it is called with
+    [prompt, negative prompt]. `scheduler_config` is the model's noise-schedule config (e.g. `scheduler.config`);
+    each prompt gets a fresh scheduler for its sampler (`--ss`, else `default_sampler`).
+
+    Images are denoised under autocast in `dtype` (unless float32) on `device`; the initial noise comes from a CPU
+    torch.Generator seeded with the prompt's seed (a fresh random one when None), so a seed gives the same image on any
+    device. The seed used is in the file name (see `sample_image_path`). Files are written atomically.
+
+    Models are moved to `device` for sampling and back afterwards; their train/eval modes and every global random
+    generator are restored, so sampling does not change the training run's random numbers.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    def make_pipe(scheduler):
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def embed_kwargs(prompt: SamplePrompt) -> dict:
+        embeds = encode_prompts([prompt.prompt, prompt.negative_prompt])
+        if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or embeds.shape[0] != 2:
+            shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise ValueError(f"encode_prompts must return a (2, tokens, width) tensor for [prompt, negative], got {shape}")
+        embeds = embeds.to(device)
+        return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
+
+    return sample_with_pipeline(
+        make_pipe,
+        embed_kwargs,
+        (unet, vae, text_encoder),
+        scheduler_config,
+        prompts,
+        output_dir,
+        output_name,
+        step,
+        epoch,
+        device,
+        dtype,
+        default_sampler,
+        v_prediction,
+        check_prompts=check_sd_prompts,
+    )

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from library.family import DdpmFamily, TrainModels, add_fp8_arguments, add_text_cache_arguments, check_text_cache_args
-from library.sample_prompts import SD_UNSUPPORTED_OPTIONS
+from library.family_sd import check_sd_prompts
+from library.sample_prompts import SD_UNSUPPORTED_OPTIONS, SamplePrompt
+from library.sampling import sample_with_pipeline
 from library.strategy_sdxl import TE_OUTPUT_KEYS, SdxlTextEncodingStrategy, SdxlTokenizeStrategy, size_conditioning
 from library.transfer import to_device
 
@@ -81,8 +85,6 @@ class SdxlFamily(DdpmFamily):
         }
 
     def sample_images(self, args, models: TrainModels, prompts, output_dir: str, output_name: str, step, epoch, device, dtype):
-        from library.sampling import sample_sdxl_images
-
         scheduler_config = self.sampling_scheduler_config(args)
 
         def encode_prompts(texts: list[str]) -> dict:
@@ -104,3 +106,70 @@ class SdxlFamily(DdpmFamily):
             default_sampler=args.sample_sampler,
             v_prediction=args.v_parameterization,
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preview sampling
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def sample_sdxl_images(
+    models,
+    scheduler_config: Mapping[str, Any],
+    prompts: Sequence[SamplePrompt],
+    encode_prompts: Callable[[list[str]], dict],
+    output_dir: str,
+    output_name: str | None,
+    step: int | None = None,
+    epoch: int | None = None,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    default_sampler: str = "ddim",
+    v_prediction: bool = False,
+) -> list[str]:
+    """SDXL preview images; like sample_sd_images. `models` is the trainer's TrainModels (two text encoders);
+    `encode_prompts([prompt, negative])` returns {"prompt_embeds": (2, tokens, width), "pooled": (2, width2)}."""
+    from diffusers import StableDiffusionXLPipeline
+
+    te1, te2 = models.text_encoders
+    tok1, tok2 = models.tokenizers
+
+    def make_pipe(scheduler):
+        return StableDiffusionXLPipeline(
+            vae=models.vae,
+            text_encoder=te1,
+            text_encoder_2=te2,
+            tokenizer=tok1,
+            tokenizer_2=tok2,
+            unet=models.denoiser,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=False,
+        )
+
+    def embed_kwargs(prompt: SamplePrompt) -> dict:
+        out = encode_prompts([prompt.prompt, prompt.negative_prompt])
+        embeds, pooled = out["prompt_embeds"].to(device), out["pooled"].to(device)
+        return {
+            "prompt_embeds": embeds[:1],
+            "negative_prompt_embeds": embeds[1:],
+            "pooled_prompt_embeds": pooled[:1],
+            "negative_pooled_prompt_embeds": pooled[1:],
+        }
+
+    return sample_with_pipeline(
+        make_pipe,
+        embed_kwargs,
+        (models.denoiser, models.vae, te1, te2),
+        scheduler_config,
+        prompts,
+        output_dir,
+        output_name,
+        step,
+        epoch,
+        device,
+        dtype,
+        default_sampler,
+        v_prediction,
+        check_prompts=check_sd_prompts,
+    )

@@ -428,7 +428,7 @@ def make_encoder(sd, calls=None):
 
 
 def sample(sd, prompts, out, calls=None, **kw):
-    from library.sampling import sample_sd_images
+    from library.family_sd import sample_sd_images
 
     kw.setdefault("step", 10)
     return sample_sd_images(
