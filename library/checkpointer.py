@@ -45,9 +45,12 @@ def initial_position(step: int, steps_per_epoch: int, batches_per_step: int, ski
 class Checkpointer:
     """Saves adapter files and training states with sd-scripts' names, atomically, and prunes old ones."""
 
-    def __init__(self, args, network, optimizer, lr_scheduler, metadata: dict[str, str], accelerator, masters=None) -> None:
+    def __init__(
+        self, args, network, optimizer, lr_scheduler, metadata: dict[str, str], accelerator, masters=None, deepspeed=None
+    ) -> None:
         self.args, self.network, self.optimizer, self.lr_scheduler = args, network, optimizer, lr_scheduler
         self.masters = masters
+        self.deepspeed = deepspeed  # library.deepspeed_run.DeepSpeedSteps: the optimizer state is every process's
         self.metadata = metadata
         self.accelerator = accelerator
         self.ext = "." + args.save_model_as
@@ -67,6 +70,7 @@ class Checkpointer:
 
     def save_state(self, name: str, state: RunState, seed: int) -> str:
         folder = os.path.join(self.args.output_dir, name + "-state")
+        optimizer_state = self.deepspeed.state_dicts() if self.deepspeed else self.optimizer.state_dict()
         if self.accelerator.is_main_process:
             train_state = {
                 "current_epoch": state.epoch,
@@ -79,7 +83,7 @@ class Checkpointer:
             weights = self.network.state_dict()
             if self.masters:  # the float32 weights the optimizer updates, so that a resume is exact
                 weights.update(self.masters.named_masters())
-            saving.save_state(folder, weights, self.optimizer, self.lr_scheduler, train_state, rng_states())
+            saving.save_state(folder, weights, optimizer_state, self.lr_scheduler.state_dict(), train_state, rng_states())
             logger.info(f"saved state {folder}")
         self.accelerator.wait_for_everyone()
         return folder

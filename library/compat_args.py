@@ -16,10 +16,6 @@ from dataclasses import dataclass
 
 logger = logging.getLogger("kiln")
 
-DEEPSPEED = (
-    "kiln does not run DeepSpeed yet; to fit a model in less GPU memory use --gradient_checkpointing, "
-    "--cpu_offload_checkpointing, --fp8_base and (FLUX) --blocks_to_swap"
-)
 NO_UPLOAD = "kiln does not upload to the Hugging Face Hub; upload the output folder afterwards (e.g. `hf upload`)"
 NO_DDP_WRAPPER = "kiln averages the adapter gradients itself in one all-reduce per step (no DDP wrapper), so {flag} changes nothing"
 
@@ -59,15 +55,6 @@ OPTIONS = [
         "use --blocks_to_swap to save memory",
         scripts=("flux",),
     ),
-    CompatOption("--deepspeed", "flag", DEEPSPEED, refused=True),
-    CompatOption("--zero_stage", "int", DEEPSPEED, refused=True, choices=("0", "1", "2", "3"), default=2),
-    CompatOption("--offload_optimizer_device", "str", DEEPSPEED, refused=True, choices=("cpu", "nvme")),
-    CompatOption("--offload_optimizer_nvme_path", "str", DEEPSPEED, refused=True),
-    CompatOption("--offload_param_device", "str", DEEPSPEED, refused=True, choices=("cpu", "nvme")),
-    CompatOption("--offload_param_nvme_path", "str", DEEPSPEED, refused=True),
-    CompatOption("--zero3_init_flag", "flag", DEEPSPEED, refused=True),
-    CompatOption("--zero3_save_16bit_model", "flag", DEEPSPEED, refused=True),
-    CompatOption("--fp16_master_weights_and_gradients", "flag", DEEPSPEED, refused=True),
     CompatOption("--huggingface_repo_id", "str", NO_UPLOAD, refused=True),
     CompatOption("--huggingface_repo_type", "str", NO_UPLOAD, refused=True),
     CompatOption("--huggingface_path_in_repo", "str", NO_UPLOAD, refused=True),

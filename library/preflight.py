@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 from library.compat_args import check_compat_arguments
+from library.deepspeed_run import deepspeed_problems
 from library.family import ModelFamily
 from library.lora_metadata import image_data_url
 
@@ -134,6 +135,7 @@ def argument_problems(args, family: ModelFamily) -> list[str]:
             "counts from the first step, so it must be greater"
         )
     problems += check_compat_arguments(args)
+    problems += deepspeed_problems(args)
     if args.save_n_epoch_ratio is not None and args.save_n_epoch_ratio < 1:
         problems.append(f"--save_n_epoch_ratio {args.save_n_epoch_ratio}: the number of checkpoints must be at least 1")
     if args.metadata_thumbnail:

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -221,18 +222,19 @@ def prune_checkpoints(output_dir: str, output_name: str, ext: str, kind: str, ke
 
 
 def save_state(
-    folder: str, network_state: dict[str, torch.Tensor], optimizer, lr_scheduler, train_state: dict, rng: dict
+    folder: str, network_state: dict[str, torch.Tensor], optimizer_state, scheduler_state: dict, train_state: dict, rng: dict
 ) -> None:
-    """Write a state folder atomically: a complete new folder replaces the old one, or the old one stays. `rng`: the
-    random generators' states (library.run_control.rng_states)."""
+    """Write a state folder atomically: a complete new folder replaces the old one, or the old one stays.
+    `optimizer_state`: the optimizer's state_dict (a list of them under --deepspeed); `rng`: the random generators'
+    states (library.run_control.rng_states)."""
     tmp = folder + ".tmp"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     try:
         os.makedirs(tmp)
         save_weights(os.path.join(tmp, "network.safetensors"), network_state, None, None)
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
+        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+        torch.save(scheduler_state, os.path.join(tmp, "lr_scheduler.pt"))
         torch.save(rng, os.path.join(tmp, "rng.pt"))
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
             json.dump(train_state, f, indent=1)
@@ -289,9 +291,10 @@ def _read_train_state(path: str) -> dict:
     return state
 
 
-def load_state(folder: str) -> dict:
+def load_state(folder: str, deepspeed: bool = False) -> dict:
     """Read a state folder (weights-only loading). Returns network weights, optimizer, scheduler, rng, train_state.
-    A missing file raises FileNotFoundError, a truncated or corrupt one StateError naming it."""
+    A missing file raises FileNotFoundError, a truncated or corrupt one StateError naming it. `deepspeed`: the run
+    reading it uses --deepspeed."""
     needed = ["network.safetensors", "optimizer.pt", "lr_scheduler.pt", "rng.pt", "train_state.json"]
     missing = [n for n in needed if not os.path.isfile(os.path.join(folder, n))]
     if missing:
@@ -305,6 +308,8 @@ def load_state(folder: str) -> dict:
         if fault is None:
             try:
                 return reader(path)
+            except StateError:
+                raise
             except Exception as e:
                 fault = f"truncated or corrupt ({(str(e).strip().splitlines() or [type(e).__name__])[0]})"
         raise StateError(
@@ -313,9 +318,24 @@ def load_state(folder: str) -> dict:
         )
 
     pickled = lambda path: torch.load(path, map_location="cpu", weights_only=True)  # noqa: E731
+
+    def optimizer_state(path: str):
+        """Weights-only; a --deepspeed run's state holds three plain-data DeepSpeed classes, allowed by name."""
+        if not deepspeed:
+            try:
+                return pickled(path)
+            except pickle.UnpicklingError as e:
+                if "deepspeed" not in str(e):
+                    raise
+                raise StateError(f"--resume {folder}: this state was written by a --deepspeed run; add --deepspeed") from None
+        from library.deepspeed_run import state_classes
+
+        with torch.serialization.safe_globals(state_classes()):
+            return pickled(path)
+
     return {
         "network": read("network.safetensors", lambda path: load_weights_file(path)[0]),
-        "optimizer": read("optimizer.pt", pickled),
+        "optimizer": read("optimizer.pt", optimizer_state),
         "lr_scheduler": read("lr_scheduler.pt", pickled),
         "rng": read("rng.pt", pickled),
         "train_state": read("train_state.json", _read_train_state),

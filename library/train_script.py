@@ -17,10 +17,12 @@ def training_parser(family: ModelFamily, description: str) -> argparse.ArgumentP
     """The parser of a LoRA training script: kiln's flags, the family's, and the sd-scripts options kiln handles
     otherwise (library/compat_args.py), so that every sd-scripts option of that script parses."""
     from library.compat_args import add_compat_arguments
+    from library.deepspeed_run import add_deepspeed_arguments
     from library.train_args import setup_network_parser
 
     parser = setup_network_parser(description)
     family.add_arguments(parser)
+    add_deepspeed_arguments(parser)
     add_compat_arguments(parser, family.arch)
     return parser
 

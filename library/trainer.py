@@ -267,7 +267,7 @@ class TrainingRun:
         check_args(args, family)
         self.args, self.family = args, family
         args.output_name = args.output_name or "last"
-        resume = saving.load_state(args.resume) if args.resume else None
+        resume = saving.load_state(args.resume, deepspeed=args.deepspeed) if args.resume else None
         self._setup_accelerator()
         self.seed = resume["train_state"]["seed"] if resume else (args.seed if args.seed is not None else self._shared_random_seed())
         set_seed(self.seed)  # adapter initialisation and dropout draw from torch's global RNG
@@ -283,7 +283,9 @@ class TrainingRun:
         metadata = training_metadata(
             args, family, self.group, self.seed, self.num_epochs, self.batches_per_epoch, self.optimizer_name, self.optimizer_args
         )
-        self.ckpt = Checkpointer(args, self.network, self.optimizer, self.lr_scheduler, metadata, self.accelerator, self.masters)
+        self.ckpt = Checkpointer(
+            args, self.network, self.optimizer, self.lr_scheduler, metadata, self.accelerator, self.masters, self.deepspeed
+        )
         if self.log_with:
             init_kwargs = tracker_settings(args.log_tracker_config) if args.log_tracker_config else {}
             if args.wandb_run_name:
@@ -329,17 +331,36 @@ class TrainingRun:
             logging_dir = os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
         self.log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
         trackers = None if self.log_with is None else ("all" if self.log_with == "all" else [self.log_with])
-        handlers = []
+        process_group = {}
         if args.ddp_timeout:
             from datetime import timedelta
 
+            process_group["timeout"] = timedelta(minutes=args.ddp_timeout)
+        if args.deepspeed and not torch.cuda.is_available():
+            process_group["backend"] = "gloo"  # without a GPU accelerate picks no backend for DeepSpeed's processes
+        handlers = []
+        if process_group:
             from accelerate.utils import InitProcessGroupKwargs
 
-            handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout)))
+            handlers.append(InitProcessGroupKwargs(**process_group))
+        plugin = None
+        if args.deepspeed:
+            from library.deepspeed_run import deepspeed_plugin
+
+            plugin = deepspeed_plugin(args)
         self.accelerator = Accelerator(
-            mixed_precision=args.mixed_precision, log_with=trackers, project_dir=logging_dir, kwargs_handlers=handlers
+            mixed_precision=args.mixed_precision,
+            log_with=trackers,
+            project_dir=logging_dir,
+            kwargs_handlers=handlers,
+            deepspeed_plugin=plugin,
         )
         self.device = self.accelerator.device
+        if args.deepspeed and self.accelerator.distributed_type != "DEEPSPEED":
+            raise TrainingError(
+                f"--deepspeed: accelerate started {self.accelerator.distributed_type.value} instead of DeepSpeed (on a "
+                "CPU-only machine, launch without --cpu and without ACCELERATE_USE_CPU=true)"
+            )
         if args.mixed_precision == "fp16" and self.device.type == "cpu":
             raise TrainingError("--mixed_precision fp16 does not run on CPU (it would silently train in float32); use bf16")
         tune_backends(self.device)
@@ -435,15 +456,30 @@ class TrainingRun:
         if args.save_n_epoch_ratio:
             args.save_every_n_epochs = max(1, self.num_epochs // args.save_n_epoch_ratio)
             logger.info(f"--save_n_epoch_ratio {args.save_n_epoch_ratio}: a checkpoint every {args.save_every_n_epochs} epochs")
-        lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, n_proc)
-        self.metric_scheduler = scheduler_needs_metric(lr_scheduler)
-        self.optimizer, self.lr_scheduler = acc.prepare(optimizer, lr_scheduler)
+        self.deepspeed = None
+        if args.deepspeed:
+            from library.deepspeed_run import DeepSpeedSteps
+
+            engine, self.optimizer = acc.prepare(self.network, optimizer)
+            self.deepspeed = DeepSpeedSteps(engine)
+            # the scheduler drives the optimizer DeepSpeed steps (with CPU offload, DeepSpeed's own CPU Adam)
+            lr_scheduler = make_lr_scheduler(args, self.deepspeed.torch_optimizer, args.max_train_steps, n_proc)
+            self.lr_scheduler = acc.prepare_scheduler(lr_scheduler)  # steps n_proc times a step, as without DeepSpeed
+        else:
+            lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, n_proc)
+            self.optimizer, self.lr_scheduler = acc.prepare(optimizer, lr_scheduler)
+        self.metric_scheduler = scheduler_needs_metric(self.lr_scheduler)
 
     def _resume(self, resume: dict) -> None:
         self.network.load_weights(resume["network"], self.args.resume)
         if self.masters:
             self.masters.load(resume["network"])
-        self.optimizer.load_state_dict(resume["optimizer"])
+        if self.deepspeed:
+            self.deepspeed.load_state_dicts(resume["optimizer"], self.args.resume)
+        elif isinstance(resume["optimizer"], list):
+            raise TrainingError(f"--resume {self.args.resume}: this state was written by a --deepspeed run; add --deepspeed")
+        else:
+            self.optimizer.load_state_dict(resume["optimizer"])
         self.lr_scheduler.load_state_dict(resume["lr_scheduler"])
         restore_rng_states(resume["rng"])
         ts = resume["train_state"]
@@ -509,7 +545,7 @@ class TrainingRun:
         for batch in self.loader:
             _, group_size = accumulation_group(state.batches_done, self.batches_per_epoch, args.gradient_accumulation_steps)
             state.batches_done += 1
-            step_losses.append(self.backward(batch, group_size))
+            step_losses.append(self.backward(batch, group_size, last_of_group=len(step_losses) + 1 == group_size))
             if len(step_losses) < group_size:
                 continue
             self.optimizer_step(step_losses)
@@ -528,14 +564,17 @@ class TrainingRun:
         flag = torch.tensor(float(stop.signum is not None), device=self.device)
         return self.accelerator.reduce(flag, "sum").item() > 0
 
-    def backward(self, batch: dict, group_size: int) -> torch.Tensor:
+    def backward(self, batch: dict, group_size: int, last_of_group: bool) -> torch.Tensor:
         """Forward and backward of one batch of a step of `group_size` batches (the step trains on their mean loss),
         queued without waiting for the GPU; returns the logged loss (device)."""
         use_dataset_multiplier(self.network, batch)
         loss, logged = batch_loss(
             self.args, self.family, self.models, batch, self.seed, self.device, self.weight_dtype, self.train_te, self.accelerator
         )
-        self.accelerator.backward(loss / group_size)
+        if self.deepspeed:
+            self.deepspeed.backward(loss / group_size, last_of_group)
+        else:
+            self.accelerator.backward(loss / group_size)
         return logged
 
     def read_losses(self, losses: list[torch.Tensor]) -> list[float]:
@@ -553,15 +592,19 @@ class TrainingRun:
     def optimizer_step(self, losses: list[torch.Tensor]) -> None:
         """One optimizer step on the accumulated gradients; `losses`: the step's batch losses (a plateau scheduler
         reads their mean)."""
-        if self.accelerator.num_processes > 1:
-            all_reduce_mean(self.trainable, self.accelerator.num_processes)
-        if self.masters:
-            self.masters.grads_to_masters()
-        if self.args.max_grad_norm:
-            self.accelerator.clip_grad_norm_(self.optimized, self.args.max_grad_norm)
-        self.optimizer.step()
+        if self.deepspeed:  # DeepSpeed reduces, clips, steps and zeroes the gradients itself
+            self.deepspeed.step()
+        else:
+            if self.accelerator.num_processes > 1:
+                all_reduce_mean(self.trainable, self.accelerator.num_processes)
+            if self.masters:
+                self.masters.grads_to_masters()
+            if self.args.max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.optimized, self.args.max_grad_norm)
+            self.optimizer.step()
         self.lr_scheduler.step(torch.stack(losses).mean().item()) if self.metric_scheduler else self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if not self.deepspeed:
+            self.optimizer.zero_grad(set_to_none=True)
         if self.masters:
             self.masters.masters_to_params()
         self.state.step += 1

@@ -80,7 +80,8 @@ class LoRAModule(nn.Module):
     def org_module(self) -> nn.Module:
         return self._org[0]
 
-    def apply(self) -> None:
+    def apply_to(self) -> None:
+        """Route the original module's forward through this adapter (nn.Module.apply keeps its own meaning)."""
         if self._org_forward is None:
             self._org_forward = self.org_module.forward
             self.org_module.forward = self.forward
@@ -289,7 +290,7 @@ class LoRANetwork(nn.Module):
                 delattr(self, m.lora_name)
             self.unet_loras = []
         for m in self.loras:
-            m.apply()
+            m.apply_to()
 
     def restore(self) -> None:
         for m in self.loras:

@@ -110,7 +110,8 @@ class FusedLoRAModule(LoRAModule):
     def org_modules(self) -> list[nn.Linear]:
         return self._org
 
-    def apply(self) -> None:
+    def apply_to(self) -> None:
+        """Route the original module's forward through this adapter (nn.Module.apply keeps its own meaning)."""
         if self._org_forwards is None:
             self._org_forwards = [m.forward for m in self._org]
             for i, m in enumerate(self._org):

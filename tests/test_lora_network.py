@@ -281,8 +281,8 @@ def test_linear_adapter_arithmetic_and_restore(sd, unet_inputs, base_outputs):
     assert torch.equal(unet_out(sd["unet"], unet_inputs), base_outputs[0])
     # apply twice does not chain the adapter twice
     network.set_multiplier(1.0)
-    m.apply()
-    m.apply()
+    m.apply_to()
+    m.apply_to()
     try:
         with torch.no_grad():
             assert torch.allclose(lin(x), base + (x @ down.T @ up.T) * 0.5, atol=1e-5)
@@ -323,7 +323,7 @@ def test_lora_delta_matches_3x3_conv_module(sd):
         assert delta.shape == conv.weight.shape
         assert m.scale == 0.5
         expected = F.conv2d(x, conv.weight + 0.8 * delta, conv.bias, conv.stride, conv.padding)
-        m.apply()
+        m.apply_to()
         try:
             with torch.no_grad():
                 got = conv(x)
@@ -346,7 +346,7 @@ def test_lora_delta_1x1_conv_and_linear():
         m.lora_down.weight.copy_(down[:, :, None, None])
         m.lora_up.weight.copy_(up[:, :, None, None])
     x = torch.randn(2, 7, 4, 4, generator=g)
-    m.apply()
+    m.apply_to()
     with torch.no_grad():
         got = conv(x)
     m.restore()
@@ -359,7 +359,7 @@ def test_half_precision_base_with_float_adapter():
     m = LoRAModule("m", lin, rank=3, alpha=3)
     randomize_module(m)
     x = torch.randn(2, 6).to(torch.bfloat16)
-    m.apply()
+    m.apply_to()
     with torch.no_grad():
         out = lin(x)
     m.restore()
@@ -372,7 +372,7 @@ def test_gradients_reach_adapters_only():
     torch.manual_seed(0)
     lin = nn.Linear(6, 5).requires_grad_(False)
     m = LoRAModule("m", lin, rank=3, alpha=1)
-    m.apply()
+    m.apply_to()
     lin(torch.randn(4, 6)).square().sum().backward()
     m.restore()
     assert lin.weight.grad is None
@@ -396,7 +396,7 @@ def identity_adapter(org: nn.Module, rank: int, **kwargs) -> LoRAModule:
     with torch.no_grad():
         m.lora_down.weight.copy_(eye.reshape(m.lora_down.weight.shape))
         m.lora_up.weight.copy_(eye.reshape(m.lora_up.weight.shape))
-    m.apply()
+    m.apply_to()
     return m
 
 
@@ -407,7 +407,7 @@ def test_dropouts_do_nothing_in_eval():
     randomize_module(m)
     x = torch.randn(4, 6)
     expected = F.linear(x, lin.weight + m.delta_weight(), lin.bias)
-    m.apply()
+    m.apply_to()
     m.eval()
     with torch.no_grad():
         outs = [lin(x) for _ in range(20)]
@@ -430,7 +430,7 @@ def test_module_dropout_one_gives_base_output():
     randomize_module(m)
     x = torch.randn(4, 6)
     base = F.linear(x, lin.weight, lin.bias)
-    m.apply()
+    m.apply_to()
     m.train()
     with torch.no_grad():
         assert all(torch.equal(lin(x), base) for _ in range(10))
@@ -497,7 +497,7 @@ def test_rank_dropout_keeps_expected_value():
     x = torch.randn(3, 4, 6)
     with torch.no_grad():
         expected = F.linear(x, lin.weight + m.delta_weight(), lin.bias)
-        m.apply()
+        m.apply_to()
         m.train()
         mean = torch.stack([lin(x) for _ in range(3000)]).mean(0)
         m.restore()

@@ -63,7 +63,7 @@ class Toy(nn.Module):
         self.adapters = nn.ModuleList(LoRAModule(f"b{i}", blk.fc1, rank=2, alpha=1.0) for i, blk in enumerate(self.blocks))
         for a in self.adapters:
             nn.init.normal_(a.lora_up.weight, std=0.1)
-            a.apply()
+            a.apply_to()
 
     def forward(self, x):
         h = self.inp(x)
@@ -361,7 +361,7 @@ def test_fp8_skip_and_other_params_in_compute_dtype():
     assert m[2].weight.dtype == m[1].weight.dtype == m[3].weight.dtype == m[0].bias.dtype == torch.bfloat16
     # an already wrapped Linear is refused
     lin = nn.Linear(8, 8).requires_grad_(False)
-    LoRAModule("x", lin, 2, 1.0).apply()
+    LoRAModule("x", lin, 2, 1.0).apply_to()
     with pytest.raises(ValueError):
         store_linear_weights_fp8(nn.Sequential(lin))
 
@@ -371,7 +371,7 @@ def test_fp8_gradients_flow_to_adapter():
     store_linear_weights_fp8(nn.Sequential(lin))
     lora = LoRAModule("l", lin, rank=4, alpha=4).to(torch.bfloat16)
     nn.init.normal_(lora.lora_up.weight, std=0.1)
-    lora.apply()
+    lora.apply_to()
     x = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
     out = lin(x)
     with torch.no_grad():  # the adapter sees the same input as the base path
@@ -420,7 +420,7 @@ def test_activation_offload_keeps_only_block_inputs_and_changes_no_gradient():
     adapters = [LoRAModule(f"a{i}", blk.attn.to_q, rank=2, alpha=1.0) for i, blk in enumerate(model.transformer_blocks)]
     for a in adapters:
         nn.init.normal_(a.lora_up.weight, std=0.1)
-        a.apply()
+        a.apply_to()
     cfg = model.config
     g = torch.Generator().manual_seed(1)
     inputs = {

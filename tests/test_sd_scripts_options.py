@@ -62,7 +62,7 @@ def run_in_process(arch: str, argv: list[str], capsys) -> tuple[int, list[str]]:
 @pytest.mark.parametrize(
     "arch,flags,named",
     [
-        ("sd", ["--deepspeed", "--zero_stage", "3"], "--deepspeed, --zero_stage: kiln does not run DeepSpeed"),
+        ("sd", ["--deepspeed", "--zero_stage", "3"], "--deepspeed: kiln runs ZeRO stages 1 and 2"),
         ("sd", ["--huggingface_repo_id", "me/lora"], "--huggingface_repo_id: kiln does not upload"),
         ("sdxl", ["--dataset_class", "my.Dataset"], "--dataset_class: "),
         ("sd", ["--conditioning_data_dir", "masks"], "alpha channel"),
