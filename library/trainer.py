@@ -468,7 +468,7 @@ class TrainingRun:
         else:
             lr_scheduler = make_lr_scheduler(args, optimizer, args.max_train_steps, n_proc)
             self.optimizer, self.lr_scheduler = acc.prepare(optimizer, lr_scheduler)
-        self.metric_scheduler = scheduler_needs_metric(self.lr_scheduler)
+        self.metric_scheduler = scheduler_needs_metric(lr_scheduler)
 
     def _resume(self, resume: dict) -> None:
         self.network.load_weights(resume["network"], self.args.resume)
@@ -548,6 +548,7 @@ class TrainingRun:
             step_losses.append(self.backward(batch, group_size, last_of_group=len(step_losses) + 1 == group_size))
             if len(step_losses) < group_size:
                 continue
+            step_losses = self.global_losses(step_losses)
             self.optimizer_step(step_losses)
             epoch_losses += self.read_losses(step_losses)
             step_losses = []
@@ -566,7 +567,7 @@ class TrainingRun:
 
     def backward(self, batch: dict, group_size: int, last_of_group: bool) -> torch.Tensor:
         """Forward and backward of one batch of a step of `group_size` batches (the step trains on their mean loss),
-        queued without waiting for the GPU; returns the logged loss (device)."""
+        queued without waiting for the GPU; returns this process's [loss sum, real sample count] (device)."""
         use_dataset_multiplier(self.network, batch)
         loss, logged = batch_loss(
             self.args, self.family, self.models, batch, self.seed, self.device, self.weight_dtype, self.train_te, self.accelerator
@@ -577,10 +578,18 @@ class TrainingRun:
             self.accelerator.backward(loss / group_size)
         return logged
 
-    def read_losses(self, losses: list[torch.Tensor]) -> list[float]:
+    def global_losses(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Each batch's mean loss over every process's real samples, from the batches' [loss sum, sample count]
+        (a process whose share of a batch is only padding counts nothing); still on the device."""
+        totals = torch.stack(parts)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, "sum")
+        return totals[:, 0] / totals[:, 1].clamp(min=1)
+
+    def read_losses(self, losses: torch.Tensor) -> list[float]:
         """The step's batch losses as numbers: the one point per step where the host waits for the GPU (after the
         optimizer step is queued). A non-finite loss stops the run before anything is saved."""
-        values = torch.stack(losses).tolist()
+        values = losses.tolist()
         bad = next((v for v in values if not math.isfinite(v)), None)
         if bad is not None:
             raise TrainingError(
@@ -589,9 +598,9 @@ class TrainingRun:
             )
         return values
 
-    def optimizer_step(self, losses: list[torch.Tensor]) -> None:
-        """One optimizer step on the accumulated gradients; `losses`: the step's batch losses (a plateau scheduler
-        reads their mean)."""
+    def optimizer_step(self, losses: torch.Tensor) -> None:
+        """One optimizer step on the accumulated gradients; `losses`: the step's batch losses over all processes (a
+        plateau scheduler reads their mean, the same in every process)."""
         if self.deepspeed:  # DeepSpeed reduces, clips, steps and zeroes the gradients itself
             self.deepspeed.step()
         else:
@@ -602,7 +611,7 @@ class TrainingRun:
             if self.args.max_grad_norm:
                 self.accelerator.clip_grad_norm_(self.optimized, self.args.max_grad_norm)
             self.optimizer.step()
-        self.lr_scheduler.step(torch.stack(losses).mean().item()) if self.metric_scheduler else self.lr_scheduler.step()
+        self.lr_scheduler.step(losses.mean().item()) if self.metric_scheduler else self.lr_scheduler.step()
         if not self.deepspeed:
             self.optimizer.zero_grad(set_to_none=True)
         if self.masters:
@@ -766,7 +775,8 @@ def batch_loss(
     timesteps: torch.Tensor | None = None,
     kind: str = "train",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to backpropagate, this process's mean sample loss for logging as a 0-d device tensor). Nothing in here
+    """(loss to backpropagate, this process's [sum of weighted sample losses, real sample count] for logging, on
+    the device: Trainer.global_losses turns them into each batch's mean over every process). Nothing in here
     waits for the GPU: host tensors go over with to_device, and the logged value is read once per optimizer step."""
     generators = sample_generators(seed, batch, kind)
     latents = batch_latents(family, models, batch, generators, device, dtype)
@@ -777,7 +787,7 @@ def batch_loss(
     loss = (losses * to_device(batch["loss_weights"] * batch["loss_scales"], device)).sum()
     real = batch["loss_scales"] > 0  # padding samples of an uneven per-process share have scale 0
     weighted = losses.detach() * to_device(batch["loss_weights"], device)
-    logged = torch.where(to_device(real, device), weighted, 0.0).sum() / max(int(real.sum()), 1)
+    logged = torch.stack([torch.where(to_device(real, device), weighted, 0.0).sum(), weighted.new_tensor(float(real.sum()))])
     return loss, logged
 
 

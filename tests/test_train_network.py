@@ -235,6 +235,9 @@ def test_two_processes_equal_one_with_twice_the_batch(tiny_sd, tmp_path):
     assert changed  # training happened
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
+    # the logged loss of a step is the mean over both processes' samples, not the main process's share
+    logged = [json.loads((tmp_path / run / "d_losses.json").read_text())["losses"] for run in ("two", "one")]
+    assert logged[0] == pytest.approx(logged[1], rel=1e-5)
 
 
 def _fail(*args):
