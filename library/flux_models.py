@@ -50,18 +50,21 @@ from library.model_files import (
     cast_model,
     check_tokenizer,
     folder_family,
-    hub_cache_folder,
     infer_clip_text_config,
+    is_t5_tokenizer_folder,
     is_tokenizer_folder,
     key_indices,
     load_clip_tokenizer,
+    own_memory,
+    t5_from_state_dict,
+    upcast_fp8,
     vae_from_state_dict,
     write_single_file,
 )
+from library.model_files import load_t5_tokenizer as _load_t5_tokenizer
 
 logger = logging.getLogger(__name__)
 
-T5_HUB_ID = "google/t5-v1_1-xxl"
 MLP_RATIO = 4  # FluxTransformer2DModel's fixed MLP width: 4 x hidden
 
 FLUX_VAE = {  # ae.safetensors: SD's autoencoder layout with 16 latent channels and no quant convs
@@ -72,15 +75,6 @@ FLUX_VAE = {  # ae.safetensors: SD's autoencoder layout with 16 latent channels 
     "shift_factor": 0.1159,
     "use_quant_conv": False,
     "use_post_quant_conv": False,
-}
-T5_XXL = {  # google/t5-v1_1-xxl encoder: what shapes cannot tell
-    "feed_forward_proj": "gated-gelu",
-    "relative_attention_max_distance": 128,
-    "layer_norm_epsilon": 1e-6,
-    "dropout_rate": 0.0,
-    "is_encoder_decoder": False,
-    "use_cache": False,
-    "tie_word_embeddings": False,
 }
 
 
@@ -321,30 +315,6 @@ def flux_lora_targets(transformer) -> list[tuple[str, list[str]]]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _upcast(state_dict: Mapping[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
-    """fp8 tensors -> `dtype` (the conversion concatenates, which fp8 does not support); others unchanged here."""
-    fp8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
-    target = dtype if dtype not in fp8 else torch.bfloat16
-    return {k: (v.to(target) if v.dtype in fp8 else v) for k, v in state_dict.items()}
-
-
-def _not_sharing(converted: dict[str, torch.Tensor], inputs: Mapping[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
-    """`converted` with every tensor that would still share memory with a tensor of `inputs` once cast to `dtype`
-    replaced by its own copy. Copies are made one tensor at a time, and only where needed (a renamed tensor, a row
-    slice of a fused qkv/linear1 weight, in the load dtype already): a cast or concatenated tensor is new anyway, so
-    nothing is copied twice. Peak memory is the caller's dict plus the model, which is the least possible while the
-    caller keeps its dict."""
-    storages = {v.untyped_storage().data_ptr() for v in inputs.values() if isinstance(v, torch.Tensor)}
-    out = {}
-    for k, v in converted.items():
-        if v.is_floating_point():
-            v = v.to(dtype)
-        if v.untyped_storage().data_ptr() in storages:
-            v = v.clone(memory_format=torch.contiguous_format)
-        out[k] = v
-    return out
-
-
 def transformer_from_bfl(
     state_dict_bfl: Mapping[str, torch.Tensor], dtype=torch.bfloat16, source="checkpoint", *, copy: bool = True
 ):
@@ -357,9 +327,9 @@ def transformer_from_bfl(
     from diffusers import FluxTransformer2DModel
 
     config = infer_flux_transformer_config(state_dict_bfl)
-    converted = flux_transformer_from_bfl(_upcast(state_dict_bfl, dtype), config)
+    converted = flux_transformer_from_bfl(upcast_fp8(state_dict_bfl, dtype), config)
     if copy:
-        converted = _not_sharing(converted, state_dict_bfl, dtype)
+        converted = own_memory(converted, state_dict_bfl, dtype)
     return build_and_load(lambda: FluxTransformer2DModel(**config), converted, dtype, "transformer", source)
 
 
@@ -368,7 +338,7 @@ def clip_l_from_state_dict(state_dict: Mapping[str, torch.Tensor], dtype=torch.b
     from transformers import CLIPTextConfig, CLIPTextModel
 
     sd = {}
-    for k, v in _upcast(state_dict, dtype).items():
+    for k, v in upcast_fp8(state_dict, dtype).items():
         k = k[len("text_model.") :] if k.startswith("text_model.") else k
         if k.endswith("position_ids") or k.startswith(("text_projection", "logit_scale")):
             continue
@@ -377,47 +347,6 @@ def clip_l_from_state_dict(state_dict: Mapping[str, torch.Tensor], dtype=torch.b
         raise ModelLoadError(f"{source} is not a CLIP text encoder in Hugging Face layout (text_model.embeddings.*)")
     config = CLIPTextConfig(**infer_clip_text_config(sd))
     return build_and_load(lambda: CLIPTextModel(config), sd, dtype, "CLIP-L text encoder", source)
-
-
-def infer_t5_config(state_dict: Mapping[str, Any]) -> dict:
-    """A T5Config dict (encoder only) from Hugging Face-layout T5 weights' shapes."""
-    sd = {k: _shape(v) for k, v in state_dict.items()}
-    try:
-        vocab, d_model = sd["shared.weight"] if "shared.weight" in sd else sd["encoder.embed_tokens.weight"]
-        inner = sd["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
-        buckets, heads = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
-        d_ff = sd["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0]
-    except KeyError as e:
-        raise ModelLoadError(f"not a T5 v1.1 encoder in Hugging Face layout: {e.args[0]} missing") from e
-    return {
-        **T5_XXL,
-        "vocab_size": vocab,
-        "d_model": d_model,
-        "d_kv": inner // heads,
-        "d_ff": d_ff,
-        "num_layers": len(key_indices(sd, "encoder.block.")),
-        "num_heads": heads,
-        "relative_attention_num_buckets": buckets,
-    }
-
-
-def t5_from_state_dict(state_dict: Mapping[str, torch.Tensor], dtype=torch.bfloat16, source="t5xxl"):
-    """A T5EncoderModel from Hugging Face-layout T5 v1.1 encoder weights (`shared.weight` and/or
-    `encoder.embed_tokens.weight`, `encoder.block.N.*`)."""
-    from transformers import T5Config, T5EncoderModel
-
-    sd = {k: v for k, v in _upcast(state_dict, dtype).items() if k.startswith(("shared.", "encoder."))}
-    if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
-        sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
-    config = T5Config(**infer_t5_config(sd))
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        names = set(T5EncoderModel(config).state_dict())
-    if "encoder.embed_tokens.weight" in names and "encoder.embed_tokens.weight" not in sd:
-        sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
-    sd = {k: v for k, v in sd.items() if k in names}
-    return build_and_load(lambda: T5EncoderModel(config), sd, dtype, "T5 text encoder", source)
 
 
 def _read(path: str, what: str, option: str) -> dict[str, torch.Tensor]:
@@ -436,7 +365,7 @@ def load_ae(path: str, dtype=torch.bfloat16):
             if os.path.isfile(os.path.join(folder, "config.json")):
                 return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype).eval()
         raise ModelLoadError(f"autoencoder folder {path} has no config.json (nor vae/config.json)")
-    sd = _upcast(_read(path, "autoencoder", "--ae"), dtype)
+    sd = upcast_fp8(_read(path, "autoencoder", "--ae"), dtype)
     return vae_from_state_dict(sd, dtype, source=path, reference=FLUX_VAE)
 
 
@@ -445,46 +374,9 @@ def load_ae(path: str, dtype=torch.bfloat16):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _is_t5_tokenizer_folder(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, "spiece.model")) or os.path.isfile(os.path.join(folder, "tokenizer.json"))
-
-
-def _hf_cache_t5_folder() -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    for name in ("tokenizer.json", "spiece.model"):
-        found = try_to_load_from_cache(T5_HUB_ID, name)
-        if isinstance(found, str) and os.path.isfile(found):
-            return os.path.dirname(found)
-    return None
-
-
 def load_t5_tokenizer(tokenizer_cache_dir: str | None = None, vocab_size: int | None = None):
-    """The T5 tokenizer (google/t5-v1_1-xxl), offline: `tokenizer_cache_dir/google_t5-v1_1-xxl` (or its
-    `tokenizer/` subfolder), then the local Hugging Face cache; kiln's tiny T5 tokenizer for its tiny vocabulary;
-    otherwise ModelLoadError naming the folder to provide."""
-    from transformers import T5Tokenizer
-
-    candidates = []
-    if tokenizer_cache_dir:
-        folder = hub_cache_folder(tokenizer_cache_dir, T5_HUB_ID)
-        candidates += [folder, os.path.join(folder, "tokenizer")]
-    for candidate in candidates:
-        if _is_t5_tokenizer_folder(candidate):
-            return T5Tokenizer.from_pretrained(candidate)
-    cached = _hf_cache_t5_folder()
-    if cached is not None:
-        return T5Tokenizer.from_pretrained(cached)
-
-    from library.tiny_models import TINY_T5_VOCAB, tiny_t5_tokenizer
-
-    if vocab_size == TINY_T5_VOCAB:
-        return tiny_t5_tokenizer()
-    where = hub_cache_folder(tokenizer_cache_dir, T5_HUB_ID) if tokenizer_cache_dir else "<--tokenizer_cache_dir>/google_t5-v1_1-xxl"
-    raise ModelLoadError(
-        f"no T5 tokenizer for this FLUX.1 model: kiln needs the files of {T5_HUB_ID} (spiece.model or tokenizer.json) "
-        f"in the folder {where}, or in the local Hugging Face cache. kiln does not download at run time."
-    )
+    """The T5 tokenizer (google/t5-v1_1-xxl) for a FLUX.1 model, offline (see model_files.load_t5_tokenizer)."""
+    return _load_t5_tokenizer(tokenizer_cache_dir, vocab_size, model_name="FLUX.1")
 
 
 def _load_clip_tokenizer(tokenizer_cache_dir, vocab_size):
@@ -497,10 +389,10 @@ def _load_clip_tokenizer(tokenizer_cache_dir, vocab_size):
 
 
 def _load_builtin(name: str) -> dict:
-    from library.tiny_models import TINY_FLUX, TINY_SD2, TINY_SDXL, build_tiny_flux
+    from library.tiny_models import BUILTIN_FAMILY, TINY_FLUX, build_tiny_flux
 
     if name != TINY_FLUX:
-        raise _wrong_family(name, "sdxl" if name == TINY_SDXL else "sd2" if name == TINY_SD2 else "sd1")
+        raise _wrong_family(name, BUILTIN_FAMILY[name])
     return build_tiny_flux()
 
 
@@ -526,7 +418,7 @@ def _load_folder(path: str, tokenizer_cache_dir, dtype, skip: set[str]) -> dict:
         parts["text_encoder_2"] = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype)
     if is_tokenizer_folder(os.path.join(path, "tokenizer")):
         parts["tokenizer"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    if _is_t5_tokenizer_folder(os.path.join(path, "tokenizer_2")):
+    if is_t5_tokenizer_folder(os.path.join(path, "tokenizer_2")):
         parts["tokenizer_2"] = T5Tokenizer.from_pretrained(path, subfolder="tokenizer_2")
     return parts
 

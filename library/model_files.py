@@ -1,6 +1,6 @@
-"""Model-file pieces that every family shares: building a diffusers / transformers model from a state dict, the
-autoencoder (VAE) and the CLIP text encoders' config inference, offline tokenizer lookup, diffusers folders (which
-family one holds, writing one) and atomic single-file writing.
+"""Model-file pieces that every family shares: building a diffusers / transformers model from a state dict (fp8 tensors
+upcast, the model owning its memory), the autoencoder (VAE), CLIP and T5 text encoders (config inference, building),
+offline tokenizer lookup, diffusers folders (which family one holds, writing one) and atomic single-file writing.
 
 Family code (sd_models.py, sdxl_models.py, flux_models.py, ...) builds on these; nothing here knows a family's own
 layouts. Reading files and telling families apart by their keys is library/checkpoint_files.py.
@@ -48,6 +48,33 @@ def build_and_load(cls_or_factory: Callable[[], torch.nn.Module], state_dict: di
     except RuntimeError as e:
         raise ModelLoadError(f"{source}: the {what} weights do not fit the inferred architecture: {e}") from e
     return model.eval()
+
+
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+def upcast_fp8(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """fp8 tensors -> `dtype` (bf16 if `dtype` is an fp8 type itself), other tensors unchanged: the layout conversions
+    concatenate and split, which float8 tensors do not support. For fp8 files (t5xxl_fp8_e4m3fn.safetensors, ...)."""
+    target = torch.bfloat16 if dtype in FP8_DTYPES else dtype
+    return {k: (v.to(target) if v.dtype in FP8_DTYPES else v) for k, v in state_dict.items()}
+
+
+def own_memory(converted: dict[str, torch.Tensor], inputs: Mapping[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
+    """`converted` (floating tensors cast to `dtype`) with every tensor that would still share memory with a tensor of
+    `inputs` replaced by its own copy. Copies are made one tensor at a time, and only where needed (a renamed tensor,
+    a row slice of a fused weight, in the load dtype already): a cast or concatenated tensor is new anyway, so nothing
+    is copied twice. Peak memory is the caller's dict plus the model, the least possible while the caller keeps its
+    dict. A caller that drops its dict after building the model (a file just read) skips this."""
+    storages = {v.untyped_storage().data_ptr() for v in inputs.values() if isinstance(v, torch.Tensor)}
+    out = {}
+    for k, v in converted.items():
+        if v.is_floating_point():
+            v = v.to(dtype)
+        if v.untyped_storage().data_ptr() in storages:
+            v = v.clone(memory_format=torch.contiguous_format)
+        out[k] = v
+    return out
 
 
 def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -116,6 +143,61 @@ def infer_clip_text_config(
     if hidden != reference["hidden_size"]:
         config["projection_dim"] = hidden  # not a real-size model: no reference projection width
     return config
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# T5 v1.1 encoders (FLUX.1's and SD3's t5xxl): config inference from shapes, building
+# ---------------------------------------------------------------------------------------------------------------------
+
+T5_XXL_CONFIG = {  # google/t5-v1_1-xxl encoder: what shapes cannot tell
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_max_distance": 128,
+    "layer_norm_epsilon": 1e-6,
+    "dropout_rate": 0.0,
+    "is_encoder_decoder": False,
+    "use_cache": False,
+    "tie_word_embeddings": False,
+}
+
+
+def infer_t5_config(state_dict: Mapping[str, Any]) -> dict:
+    """A T5Config dict (encoder only) from Hugging Face-layout T5 v1.1 weights' shapes (tensors, meta tensors or shapes)."""
+    sd = {k: _shape(v) for k, v in state_dict.items()}
+    try:
+        vocab, d_model = sd["shared.weight"] if "shared.weight" in sd else sd["encoder.embed_tokens.weight"]
+        inner = sd["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
+        buckets, heads = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        d_ff = sd["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0]
+    except KeyError as e:
+        raise ModelLoadError(f"not a T5 v1.1 encoder in Hugging Face layout: {e.args[0]} missing") from e
+    return {
+        **T5_XXL_CONFIG,
+        "vocab_size": vocab,
+        "d_model": d_model,
+        "d_kv": inner // heads,
+        "d_ff": d_ff,
+        "num_layers": len(key_indices(sd, "encoder.block.")),
+        "num_heads": heads,
+        "relative_attention_num_buckets": buckets,
+    }
+
+
+def t5_from_state_dict(state_dict: Mapping[str, torch.Tensor], dtype=torch.bfloat16, source: str = "t5xxl"):
+    """A T5EncoderModel from Hugging Face-layout T5 v1.1 encoder weights (`shared.weight` and/or
+    `encoder.embed_tokens.weight`, `encoder.block.N.*`; decoder tensors are ignored; fp8 tensors upcast)."""
+    from accelerate import init_empty_weights
+    from transformers import T5Config, T5EncoderModel
+
+    sd = {k: v for k, v in upcast_fp8(state_dict, dtype).items() if k.startswith(("shared.", "encoder."))}
+    if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
+        sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
+    config = T5Config(**infer_t5_config(sd))
+    with init_empty_weights():
+        names = set(T5EncoderModel(config).state_dict())
+    if "encoder.embed_tokens.weight" in names and "encoder.embed_tokens.weight" not in sd:
+        sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
+    sd = {k: v for k, v in sd.items() if k in names}
+    return build_and_load(lambda: T5EncoderModel(config), sd, dtype, "T5 text encoder", source)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -218,6 +300,8 @@ def load_vae(path: str, dtype=torch.float32, *, reference: Mapping[str, Any]):
 # ---------------------------------------------------------------------------------------------------------------------
 
 CLIP_L_HUB_ID = "openai/clip-vit-large-patch14"
+CLIP_BIGG_HUB_ID = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"  # SDXL's text encoder 2, SD3's CLIP-G (pads with "!" = id 0)
+T5_XXL_HUB_ID = "google/t5-v1_1-xxl"
 
 
 def hub_cache_folder(tokenizer_cache_dir: str, hub_id: str) -> str:
@@ -302,6 +386,54 @@ def load_clip_tokenizer(
     )
 
 
+def is_t5_tokenizer_folder(folder: str) -> bool:
+    """Whether `folder` holds a T5 tokenizer's files (spiece.model or tokenizer.json)."""
+    return os.path.isfile(os.path.join(folder, "spiece.model")) or os.path.isfile(os.path.join(folder, "tokenizer.json"))
+
+
+def hf_cache_t5_folder() -> str | None:
+    """The folder of google/t5-v1_1-xxl's tokenizer files in the local Hugging Face cache, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in ("tokenizer.json", "spiece.model"):
+        found = try_to_load_from_cache(T5_XXL_HUB_ID, name)
+        if isinstance(found, str) and os.path.isfile(found):
+            return os.path.dirname(found)
+    return None
+
+
+def load_t5_tokenizer(tokenizer_cache_dir: str | None = None, vocab_size: int | None = None, *, model_name: str):
+    """The T5 tokenizer (google/t5-v1_1-xxl), offline: `tokenizer_cache_dir/google_t5-v1_1-xxl` (or its `tokenizer/`
+    subfolder), then the local Hugging Face cache; kiln's tiny T5 tokenizer for its tiny vocabulary; otherwise
+    ModelLoadError naming the folder to provide (`model_name` says for which model)."""
+    from transformers import T5Tokenizer
+
+    candidates = []
+    if tokenizer_cache_dir:
+        folder = hub_cache_folder(tokenizer_cache_dir, T5_XXL_HUB_ID)
+        candidates += [folder, os.path.join(folder, "tokenizer")]
+    for candidate in candidates:
+        if is_t5_tokenizer_folder(candidate):
+            return T5Tokenizer.from_pretrained(candidate)
+    cached = hf_cache_t5_folder()
+    if cached is not None:
+        return T5Tokenizer.from_pretrained(cached)
+
+    from library.tiny_models import TINY_T5_VOCAB, tiny_t5_tokenizer
+
+    if vocab_size == TINY_T5_VOCAB:
+        return tiny_t5_tokenizer()
+    where = (
+        hub_cache_folder(tokenizer_cache_dir, T5_XXL_HUB_ID)
+        if tokenizer_cache_dir
+        else f"<--tokenizer_cache_dir>/{T5_XXL_HUB_ID.replace('/', '_')}"
+    )
+    raise ModelLoadError(
+        f"no T5 tokenizer for this {model_name} model: kiln needs the files of {T5_XXL_HUB_ID} (spiece.model or "
+        f"tokenizer.json) in the folder {where}, or in the local Hugging Face cache. kiln does not download at run time."
+    )
+
+
 def check_tokenizer(tokenizer, text_encoder, source: str) -> None:
     """ModelLoadError when the tokenizer has more tokens than the text encoder has embeddings (a wrong tokenizer)."""
     vocab = text_encoder.config.vocab_size
@@ -342,13 +474,23 @@ def folder_family(path: str) -> tuple[str, bool]:
 
 
 def save_diffusers_folder(components: dict, folder: str) -> None:
-    """Save components as a diffusers pipeline folder (model_index.json and one folder each): a FluxPipeline when they
-    include `transformer` (build_tiny_flux), a StableDiffusionXLPipeline when they include `text_encoder_2`, else a
+    """Save components as a diffusers pipeline folder (model_index.json and one folder each): a
+    StableDiffusion3Pipeline when they include `text_encoder_3` (build_tiny_sd3), a FluxPipeline when they include
+    `transformer` (build_tiny_flux), a StableDiffusionXLPipeline when they include `text_encoder_2`, else a
     StableDiffusionPipeline."""
     os.makedirs(folder, exist_ok=True)
-    flux = "transformer" in components
-    sdxl = not flux and "text_encoder_2" in components
-    class_name = "FluxPipeline" if flux else "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    sd3 = "text_encoder_3" in components
+    flux = not sd3 and "transformer" in components
+    sdxl = not sd3 and not flux and "text_encoder_2" in components
+    class_name = (
+        "StableDiffusion3Pipeline"
+        if sd3
+        else "FluxPipeline"
+        if flux
+        else "StableDiffusionXLPipeline"
+        if sdxl
+        else "StableDiffusionPipeline"
+    )
     index = {"_class_name": class_name, "_diffusers_version": "0.42.1"}
     libraries = {
         "unet": "diffusers",
@@ -359,11 +501,13 @@ def save_diffusers_folder(components: dict, folder: str) -> None:
         "tokenizer": "transformers",
         "text_encoder_2": "transformers",
         "tokenizer_2": "transformers",
+        "text_encoder_3": "transformers",
+        "tokenizer_3": "transformers",
     }
     for name, obj in components.items():
         obj.save_pretrained(os.path.join(folder, name))
         index[name] = [libraries[name], type(obj).__name__]
-    if flux or sdxl:
+    if sd3 or flux or sdxl:
         index.update({"image_encoder": [None, None], "feature_extractor": [None, None]})
         if sdxl:
             index["force_zeros_for_empty_prompt"] = True

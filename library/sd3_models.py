@@ -23,6 +23,13 @@ side), and its AdaLayerNormContinuous layers (the final layer's and the pre-only
 (scale, shift) where SAI's emit (shift, scale). One table (`_transformer_plan`) describes every tensor of the
 MMDiT both ways.
 
+Loading (`load_sd3_model`): a built-in tiny model (kiln-tiny-sd3, kiln-tiny-sd3.5-medium, kiln-tiny-sd3.5-large), a
+diffusers SD3 folder (StableDiffusion3Pipeline layout: transformer/, vae/, text_encoder/ (CLIP-L), text_encoder_2/
+(CLIP-G), text_encoder_3/ (T5), tokenizer/, tokenizer_2/, tokenizer_3/; sd-scripts reads none) or a single file, with
+`--clip_l` / `--clip_g` / `--t5xxl` / `--vae` files for the parts it lacks. Unlike sd-scripts (whose bundled CLIP-G
+and T5 silently win over the files given), a file given always replaces the bundled part, with one INFO line on the
+"kiln" logger saying so, and the replaced part is not read.
+
 Config inference: widths from the embedders, depth from the block count, patch size from the patch conv,
 pos_embed_max_size from the pos_embed table (N = max^2), qk-norm from `ln_q` (RMSNorm over a head: its size is the
 head size), MMDiT-X layers from `x_block.attn2`. Without qk-norm the head size cannot be read from the weights: SAI's
@@ -52,9 +59,31 @@ from library.checkpoint_files import (
     detect_family,
     read_key_shapes,
     read_state_dict,
+    unreadable_model,
+)
+from library.model_files import (
+    CLIP_BIGG_HUB_ID,
+    CLIP_L_HUB_ID,
+    CLIP_L_TEXT_CONFIG,
+    SD_VAE_COMMON,
+    build_and_load,
+    cast_model,
+    check_tokenizer,
+    folder_family,
+    infer_clip_text_config,
+    is_t5_tokenizer_folder,
+    is_tokenizer_folder,
+    key_indices,
+    load_clip_tokenizer,
+    load_t5_tokenizer,
+    load_vae,
+    own_memory,
+    t5_from_state_dict,
+    upcast_fp8,
+    vae_from_state_dict,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("kiln")
 
 CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
 CLIP_G_PREFIX = "text_encoders.clip_g.transformer."
@@ -83,15 +112,8 @@ SAI_HEAD_DIM = 64  # SAI's MMDiT: 64-wide heads, hidden = 64 x depth
 SD3_SAMPLE_SIZE = 128  # every release's diffusers config; not stored in the weights
 
 SD3_VAE = {  # the SD3 / SD3.5 autoencoder (identical in all three releases)
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
+    **SD_VAE_COMMON,
     "latent_channels": 16,
-    "act_fn": "silu",
-    "norm_num_groups": 32,
     "sample_size": 1024,
     "scaling_factor": 1.5305,
     "shift_factor": 0.0609,
@@ -99,38 +121,21 @@ SD3_VAE = {  # the SD3 / SD3.5 autoencoder (identical in all three releases)
     "use_post_quant_conv": False,
     "force_upcast": True,
 }
-CLIP_L = {  # openai/clip-vit-large-patch14 text tower
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-05,
-    "projection_dim": 768,
-    "bos_token_id": 49406,
-    "eos_token_id": 49407,
-    "pad_token_id": 49407,
-}
 CLIP_G = {  # laion/CLIP-ViT-bigG-14-laion2B-39B-b160k text tower (its tokenizer pads with id 0)
-    **CLIP_L,
+    **CLIP_L_TEXT_CONFIG,
     "hidden_size": 1280,
     "intermediate_size": 5120,
     "num_hidden_layers": 32,
     "num_attention_heads": 20,
     "hidden_act": "gelu",
     "projection_dim": 1280,
-    "pad_token_id": 0,
 }
-T5_XXL = {  # google/t5-v1_1-xxl encoder: what shapes cannot tell
-    "feed_forward_proj": "gated-gelu",
-    "relative_attention_max_distance": 128,
-    "layer_norm_epsilon": 1e-6,
-    "dropout_rate": 0.0,
-    "is_encoder_decoder": False,
-    "use_cache": False,
-    "tie_word_embeddings": False,
+CLIP_G_PAD_TOKEN = "!"  # id 0 in CLIP's vocabulary: sd-scripts pads CLIP-G with it, as SD3's diffusers tokenizer_2
+SD3_PARTS = {  # part -> (what it is, the option that gives it as a file, the file users have)
+    "vae": ("VAE", "--vae", "the SD3 VAE, e.g. a diffusers vae/ folder"),
+    "clip_l": ("CLIP-L text encoder", "--clip_l", "clip_l.safetensors"),
+    "clip_g": ("CLIP-G text encoder", "--clip_g", "clip_g.safetensors"),
+    "t5xxl": ("T5-XXL text encoder", "--t5xxl", "t5xxl_fp16.safetensors"),
 }
 
 
@@ -139,20 +144,9 @@ def _wrong_family(path: str, family: str) -> ModelLoadError:
         return ModelLoadError(f"{path} is a {FAMILY_NAMES[family]} model, not SD3/SD3.5: use {FAMILY_SCRIPTS[family]} for it")
     return ModelLoadError(
         f"{path} is not an SD3/SD3.5 model kiln can load: expected Stability AI's single-file layout "
-        f"({UNET_PREFIX}joint_blocks.*, optionally {VAE_PREFIX}* and text_encoders.*), or an MMDiT file without the "
-        "prefix (joint_blocks.*, x_embedder.*)"
+        f"({UNET_PREFIX}joint_blocks.*, optionally {VAE_PREFIX}* and text_encoders.*), an MMDiT file without the "
+        "prefix (joint_blocks.*, x_embedder.*), or a diffusers SD3 folder (model_index.json of a StableDiffusion3Pipeline)"
     )
-
-
-def _indices(keys: Iterable[str], prefix: str) -> list[int]:
-    """Sorted distinct integers N of keys `prefix` + "N." + ..."""
-    found = set()
-    for k in keys:
-        if k.startswith(prefix):
-            head = k[len(prefix) :].split(".", 1)[0]
-            if head.isdigit():
-                found.add(int(head))
-    return sorted(found)
 
 
 def _config_value(config, name: str):
@@ -268,7 +262,7 @@ def _strip_transformer_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 def _sai_structure(keys: Iterable[str]) -> _Structure:
     keys = list(keys)
-    layers = _indices(keys, "joint_blocks.")
+    layers = key_indices(keys, "joint_blocks.")
     if not layers:
         raise ModelLoadError("no SD3 MMDiT blocks (joint_blocks.*) found")
     if layers != list(range(len(layers))):
@@ -280,7 +274,7 @@ def _sai_structure(keys: Iterable[str]) -> _Structure:
 
 def _diffusers_structure(keys: Iterable[str]) -> _Structure:
     keys = list(keys)
-    layers = _indices(keys, "transformer_blocks.")
+    layers = key_indices(keys, "transformer_blocks.")
     if not layers or layers != list(range(len(layers))):
         raise ModelLoadError("not a complete SD3Transformer2DModel state dict (transformer_blocks.N.* missing)")
     dual = tuple(i for i in layers if f"transformer_blocks.{i}.attn2.to_q.weight" in keys)
@@ -441,67 +435,48 @@ def sd3_variant_from_config(config) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _split_keys(keys: Iterable[str]) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """({key: (part, key within the part)}, [keys outside every part]) of a SAI single file's keys. An MMDiT file
+    without the prefix is all "transformer"; `text_encoders.<name>.*` keys of no part (a CLIP's logit_scale) are in
+    neither."""
+    keys = list(keys)
+    bare = not any(k.startswith(UNET_PREFIX) for k in keys) and any(k.startswith("joint_blocks.") for k in keys)
+    where: dict[str, tuple[str, str]] = {}
+    other: list[str] = []
+    for key in keys:
+        for part, prefix in PART_PREFIXES.items():
+            if key.startswith(prefix):
+                where[key] = (part, key[len(prefix) :])
+                break
+        else:
+            if bare and not key.startswith(("text_encoders.", VAE_PREFIX)):
+                where[key] = ("transformer", key)
+            elif not key.startswith("text_encoders."):
+                other.append(key)
+    return where, other
+
+
+def _warn_ignored(other: list[str], source: str) -> None:
+    if other:
+        shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+        logger.warning("%s: ignored %d tensors outside the SD3 parts: %s", source, len(other), shown)
+
+
 def split_sai_state_dict(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> dict[str, dict[str, torch.Tensor]]:
     """The parts of a SAI single file, each without its prefix: {"transformer", "vae", "clip_l", "clip_g", "t5xxl"}
     (only those present). An MMDiT file without the prefix is all "transformer". Other `text_encoders.<name>.*` tensors
     (a CLIP's logit_scale) are dropped; any other key is logged and ignored."""
+    where, other = _split_keys(state_dict)
+    _warn_ignored(other, source)
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    other: list[str] = []
-    bare = not any(k.startswith(UNET_PREFIX) for k in state_dict) and any(k.startswith("joint_blocks.") for k in state_dict)
-    for key, value in state_dict.items():
-        for part, prefix in PART_PREFIXES.items():
-            if key.startswith(prefix):
-                parts.setdefault(part, {})[key[len(prefix) :]] = value
-                break
-        else:
-            if bare and not key.startswith(("text_encoders.", VAE_PREFIX)):
-                parts.setdefault("transformer", {})[key] = value
-            elif not key.startswith("text_encoders."):
-                other.append(key)
-    if other:
-        shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
-        logger.warning("%s: ignored %d tensors outside the SD3 parts: %s", source, len(other), shown)
+    for key, (part, name) in where.items():
+        parts.setdefault(part, {})[name] = state_dict[key]
     return parts
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Building models
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _build_and_load(factory: Callable[[], Any], state_dict: Mapping[str, torch.Tensor], dtype, what: str, source: str):
-    """Instantiate without allocating weights, then load `state_dict` strictly (every key must match).
-    (A local copy of sd_models' helper, to be replaced by the family-neutral one of library/model_files.py.)"""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        model = factory()
-    state_dict = {k: v.to(dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in state_dict.items()}
-    try:
-        model.load_state_dict(state_dict, strict=True, assign=True)
-    except RuntimeError as e:
-        raise ModelLoadError(f"{source}: the {what} weights do not fit the inferred architecture: {e}") from e
-    return model.eval()
-
-
-def _upcast_fp8(state_dict: Mapping[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
-    """fp8 tensors -> `dtype` (bf16 if `dtype` is fp8 itself): the conversions concatenate, which fp8 cannot."""
-    fp8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
-    target = torch.bfloat16 if dtype in fp8 else dtype
-    return {k: (v.to(target) if v.dtype in fp8 else v) for k, v in state_dict.items()}
-
-
-def _own_memory(converted: dict[str, torch.Tensor], inputs: Mapping[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
-    """`converted` cast to `dtype`, with every tensor still sharing memory with one of `inputs` copied."""
-    storages = {v.untyped_storage().data_ptr() for v in inputs.values() if isinstance(v, torch.Tensor)}
-    out = {}
-    for k, v in converted.items():
-        if v.is_floating_point():
-            v = v.to(dtype)
-        if v.untyped_storage().data_ptr() in storages:
-            v = v.clone(memory_format=torch.contiguous_format)
-        out[k] = v
-    return out
 
 
 def transformer_from_sai(
@@ -513,60 +488,16 @@ def transformer_from_sai(
 
     sd = _strip_transformer_prefix(state_dict_sai)
     config = infer_sd3_transformer_config(sd)
-    converted = sd3_transformer_from_sai(_upcast_fp8(sd, dtype), source=source)
+    converted = sd3_transformer_from_sai(upcast_fp8(sd, dtype), source=source)
     if copy:
-        converted = _own_memory(converted, sd, dtype)
-    return _build_and_load(lambda: SD3Transformer2DModel(**config), converted, dtype, "SD3 transformer", source)
-
-
-def _vae_to_diffusers(state_dict: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    if any(k.startswith("encoder.down_blocks.") for k in state_dict):  # already diffusers names
-        return dict(state_dict)
-    levels = _indices(state_dict, "encoder.down.")
-    if not levels or "decoder.conv_in.weight" not in state_dict:
-        raise ModelLoadError(f"{source}: no VAE weights ({VAE_PREFIX}encoder.down.*, decoder.*) found")
-    n = len(levels)
-    return convert_ldm_vae_checkpoint(
-        dict(state_dict), {"down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
-    )
-
-
-def infer_sd3_vae_config(diffusers_sd: Mapping[str, Any]) -> dict:
-    """An AutoencoderKL config from a diffusers-layout VAE's shapes, with SD3's scaling and shift factors."""
-    sd = {k: _shape(v) for k, v in diffusers_sd.items()}
-    levels = _indices(sd, "encoder.down_blocks.")
-    try:
-        config = dict(SD3_VAE)
-        config.update(
-            {
-                "in_channels": sd["encoder.conv_in.weight"][1],
-                "out_channels": sd["decoder.conv_out.weight"][0],
-                "down_block_types": ["DownEncoderBlock2D"] * len(levels),
-                "up_block_types": ["UpDecoderBlock2D"] * len(levels),
-                "block_out_channels": [sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"][0] for i in levels],
-                "layers_per_block": len(_indices(sd, "encoder.down_blocks.0.resnets.")),
-                "latent_channels": sd["decoder.conv_in.weight"][1],
-                "norm_num_groups": min(SD3_VAE["norm_num_groups"], sd["encoder.conv_norm_out.weight"][0]),
-                "use_quant_conv": "quant_conv.weight" in sd,
-                "use_post_quant_conv": "post_quant_conv.weight" in sd,
-                "mid_block_add_attention": "encoder.mid_block.attentions.0.to_q.weight" in sd,
-            }
-        )
-    except KeyError as e:
-        raise ModelLoadError(f"incomplete VAE: {e.args[0]} missing") from e
-    return config
+        converted = own_memory(converted, sd, dtype)
+    return build_and_load(lambda: SD3Transformer2DModel(**config), converted, dtype, "SD3 transformer", source)
 
 
 def vae_from_sai(state_dict: Mapping[str, torch.Tensor], dtype=torch.float32, source: str = "checkpoint"):
-    """An AutoencoderKL (SD3 config: 16 channels, scaling 1.5305, shift 0.0609) from LDM-layout VAE weights without
-    `first_stage_model.` (or diffusers-layout ones)."""
-    from diffusers import AutoencoderKL
-
-    converted = _vae_to_diffusers(_upcast_fp8(state_dict, dtype), source)
-    config = infer_sd3_vae_config(converted)
-    return _build_and_load(lambda: AutoencoderKL(**config), converted, dtype, "VAE", source)
+    """An AutoencoderKL (SD3 config: 16 channels, scaling 1.5305, shift 0.0609) from LDM-layout VAE weights (with or
+    without `first_stage_model.`) or diffusers-layout ones; fp8 tensors are upcast."""
+    return vae_from_state_dict(upcast_fp8(state_dict, dtype), dtype, source, reference=SD3_VAE)
 
 
 def _clip_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -580,34 +511,16 @@ def _clip_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def infer_sd3_clip_config(state_dict: Mapping[str, Any], which: str) -> dict:
-    """A CLIPTextConfig dict for "clip_l" or "clip_g" from transformers-layout weights' shapes: 64-wide heads as both
-    real towers, activation by role (L quick_gelu, G gelu), bos/eos the last two vocabulary entries, projection width
-    from text_projection (the hidden size where it is absent)."""
+    """A CLIPTextConfig dict for "clip_l" or "clip_g" from transformers-layout weights' shapes (see
+    model_files.infer_clip_text_config: 64-wide heads, bos/eos the last two vocabulary entries), activation and padding
+    by role (L: quick_gelu, pads with eos; G: gelu, pads with id 0), projection width from text_projection (the hidden
+    size where it is absent)."""
     if which not in ("clip_l", "clip_g"):
         raise ValueError(f"which must be 'clip_l' or 'clip_g', not {which!r}")
-    sd = {k: _shape(v) for k, v in _clip_keys(state_dict).items()}
-    try:
-        vocab, hidden = sd["text_model.embeddings.token_embedding.weight"]
-        positions = sd["text_model.embeddings.position_embedding.weight"][0]
-        intermediate = sd["text_model.encoder.layers.0.mlp.fc1.weight"][0]
-    except KeyError as e:
-        raise ModelLoadError(f"not a CLIP text encoder in transformers' layout: {e.args[0]} missing") from e
-    heads = max(1, hidden // 64)
-    config = dict(CLIP_L if which == "clip_l" else CLIP_G)
-    config.update(
-        {
-            "vocab_size": vocab,
-            "hidden_size": hidden,
-            "intermediate_size": intermediate,
-            "num_hidden_layers": len(_indices(sd, "text_model.encoder.layers.")),
-            "num_attention_heads": heads if hidden % heads == 0 else 1,
-            "max_position_embeddings": positions,
-            "projection_dim": sd["text_projection.weight"][0] if "text_projection.weight" in sd else hidden,
-            "bos_token_id": vocab - 2,
-            "eos_token_id": vocab - 1,
-            "pad_token_id": vocab - 1 if which == "clip_l" else 0,
-        }
-    )
+    sd = _clip_keys(state_dict)
+    config = infer_clip_text_config(sd, CLIP_L_TEXT_CONFIG if which == "clip_l" else CLIP_G, open_clip=which == "clip_g")
+    projection = _shape(sd.get("text_projection.weight"))
+    config["projection_dim"] = projection[0] if projection else config["hidden_size"]
     return config
 
 
@@ -617,52 +530,12 @@ def clip_from_sai(state_dict: Mapping[str, torch.Tensor], which: str, dtype=torc
     text_projection.weight gets an identity projection (as sd-scripts does for CLIP-L)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    sd = _clip_keys(_upcast_fp8(state_dict, dtype))
+    sd = _clip_keys(upcast_fp8(state_dict, dtype))
     config = CLIPTextConfig(**infer_sd3_clip_config(sd, which))
     if "text_projection.weight" not in sd:
         sd["text_projection.weight"] = torch.eye(config.hidden_size)
     label = "CLIP-L" if which == "clip_l" else "CLIP-G"
-    return _build_and_load(lambda: CLIPTextModelWithProjection(config), sd, dtype, f"{label} text encoder", source)
-
-
-def infer_sd3_t5_config(state_dict: Mapping[str, Any]) -> dict:
-    """A T5Config dict (encoder only) from transformers-layout T5 v1.1 weights' shapes."""
-    sd = {k: _shape(v) for k, v in state_dict.items()}
-    try:
-        vocab, d_model = sd["shared.weight"] if "shared.weight" in sd else sd["encoder.embed_tokens.weight"]
-        inner = sd["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
-        buckets, heads = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
-        d_ff = sd["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0]
-    except KeyError as e:
-        raise ModelLoadError(f"not a T5 v1.1 encoder in transformers' layout: {e.args[0]} missing") from e
-    return {
-        **T5_XXL,
-        "vocab_size": vocab,
-        "d_model": d_model,
-        "d_kv": inner // heads,
-        "d_ff": d_ff,
-        "num_layers": len(_indices(sd, "encoder.block.")),
-        "num_heads": heads,
-        "relative_attention_num_buckets": buckets,
-    }
-
-
-def t5_from_sai(state_dict: Mapping[str, torch.Tensor], dtype=torch.bfloat16, source: str = "checkpoint"):
-    """A T5EncoderModel from transformers-layout T5 v1.1 encoder weights (`shared.weight` and/or
-    `encoder.embed_tokens.weight`, `encoder.block.N.*`; decoder tensors are ignored)."""
-    from accelerate import init_empty_weights
-    from transformers import T5Config, T5EncoderModel
-
-    sd = {k: v for k, v in _upcast_fp8(state_dict, dtype).items() if k.startswith(("shared.", "encoder."))}
-    if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
-        sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
-    config = T5Config(**infer_sd3_t5_config(sd))
-    with init_empty_weights():
-        names = set(T5EncoderModel(config).state_dict())
-    if "encoder.embed_tokens.weight" in names and "encoder.embed_tokens.weight" not in sd:
-        sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
-    sd = {k: v for k, v in sd.items() if k in names}
-    return _build_and_load(lambda: T5EncoderModel(config), sd, dtype, "T5 text encoder", source)
+    return build_and_load(lambda: CLIPTextModelWithProjection(config), sd, dtype, f"{label} text encoder", source)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -672,7 +545,8 @@ def t5_from_sai(state_dict: Mapping[str, torch.Tensor], dtype=torch.bfloat16, so
 
 @dataclass
 class SD3Checkpoint:
-    """The parts of a SAI SD3/SD3.5 single file as diffusers / transformers models; None where the file lacks one."""
+    """The parts of a SAI SD3/SD3.5 single file as diffusers / transformers models; None where the file lacks one (or
+    it was not asked for)."""
 
     transformer: Any  # diffusers.SD3Transformer2DModel
     vae: Any | None  # diffusers.AutoencoderKL (16 channels)
@@ -683,41 +557,300 @@ class SD3Checkpoint:
     source: str
 
 
+def _read_tensors(path: str, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Only `keys` of a .safetensors file (a bundled encoder that another file replaces is never read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in keys}
+    except Exception as e:
+        raise unreadable_model(path, e) from e
+
+
+def _read_sai_file(
+    path: str, wanted: Iterable[str], on_parts: Callable[[set[str]], None] | None = None
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The `wanted` parts of a SAI single file, each without its prefix. Checks the family, scaled-fp8 files and the
+    MMDiT's presence, then calls `on_parts` with the names of the parts the file holds (besides "transformer"), before
+    any tensor of a .safetensors file is read."""
+    path = os.fspath(path)
+    wanted = set(wanted)
+    if path.lower().endswith(".safetensors"):
+        keys = read_key_shapes(path)  # ModelLoadError: missing / truncated / not safetensors
+    else:
+        keys = read_state_dict(path)  # a pickle is read whole
+    family = detect_family(keys)
+    if family != "sd3":
+        raise _wrong_family(path, family)
+    _check_scaled_fp8(keys, path)
+    where, other = _split_keys(keys)
+    present = {part for part, _ in where.values()}
+    if "transformer" not in present:
+        raise _wrong_family(path, "unknown")
+    _warn_ignored(other, path)
+    if on_parts is not None:
+        on_parts(present - {"transformer"})
+    chosen = [k for k, (part, _) in where.items() if part in wanted]
+    tensors = _read_tensors(path, chosen) if path.lower().endswith(".safetensors") else {k: keys[k] for k in chosen}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key in chosen:
+        part, name = where[key]
+        parts.setdefault(part, {})[name] = tensors[key]
+    return parts
+
+
 def read_sd3_single_file(path: str) -> dict[str, dict[str, torch.Tensor]]:
     """The parts of a SAI single file (split_sai_state_dict). The family is checked from the names before the tensors
     are read: a truncated file, a file of another family (named with its script) or one without an MMDiT raises
     ModelLoadError naming `path`."""
-    path = os.fspath(path)
-    if path.lower().endswith(".safetensors"):
-        family = detect_family(read_key_shapes(path))  # ModelLoadError: missing / truncated / not safetensors
-        if family != "sd3":
-            raise _wrong_family(path, family)
-    checkpoint = read_state_dict(path)
-    family = detect_family(checkpoint)
-    if family != "sd3":
-        raise _wrong_family(path, family)
-    _check_scaled_fp8(checkpoint, path)
-    parts = split_sai_state_dict(checkpoint, source=path)
-    if "transformer" not in parts:
-        raise _wrong_family(path, "unknown")
-    return parts
+    return _read_sai_file(path, PART_PREFIXES)
 
 
-def load_sd3_single_file(path: str, dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype | None = None) -> SD3Checkpoint:
-    """Every part a SAI SD3/SD3.5 single file holds, built as diffusers / transformers models in `dtype` (the VAE in
-    `vae_dtype`, default `dtype`). Raises ModelLoadError naming `path` for missing, truncated, incomplete or
-    other-family files."""
+def load_sd3_single_file(
+    path: str,
+    dtype: torch.dtype = torch.bfloat16,
+    vae_dtype: torch.dtype | None = None,
+    parts: Iterable[str] | None = None,
+    on_parts: Callable[[set[str]], None] | None = None,
+) -> SD3Checkpoint:
+    """Every part a SAI SD3/SD3.5 single file holds (or only those of `parts` among "vae", "clip_l", "clip_g",
+    "t5xxl"; the MMDiT always), built as diffusers / transformers models in `dtype` (the VAE in `vae_dtype`, default
+    `dtype`); None for parts not built. `on_parts`: see _read_sai_file. Raises ModelLoadError naming `path` for
+    missing, truncated, incomplete or other-family files."""
     path = os.fspath(path)
-    parts = read_sd3_single_file(path)
-    mmdit = parts.pop("transformer")
+    wanted = set(PART_PREFIXES) if parts is None else {"transformer", *parts}
+    read = _read_sai_file(path, wanted, on_parts)
+    mmdit = read.pop("transformer")
     variant = detect_sd3_variant(mmdit)
     transformer = transformer_from_sai(mmdit, dtype, path, copy=False)  # the file's tensors are ours
     del mmdit
-    vae = vae_from_sai(parts.pop("vae"), vae_dtype or dtype, path) if "vae" in parts else None
-    clip_l = clip_from_sai(parts.pop("clip_l"), "clip_l", dtype, path) if "clip_l" in parts else None
-    clip_g = clip_from_sai(parts.pop("clip_g"), "clip_g", dtype, path) if "clip_g" in parts else None
-    t5xxl = t5_from_sai(parts.pop("t5xxl"), dtype, path) if "t5xxl" in parts else None
+    vae = vae_from_sai(read.pop("vae"), vae_dtype or dtype, path) if "vae" in read else None
+    clip_l = clip_from_sai(read.pop("clip_l"), "clip_l", dtype, path) if "clip_l" in read else None
+    clip_g = clip_from_sai(read.pop("clip_g"), "clip_g", dtype, path) if "clip_g" in read else None
+    t5xxl = t5_from_state_dict(read.pop("t5xxl"), dtype, path) if "t5xxl" in read else None
     return SD3Checkpoint(transformer, vae, clip_l, clip_g, t5xxl, variant, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading a model: built-in, diffusers folder or single file, with separate encoder / VAE files
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SD3Model:
+    """An SD3 / SD3.5 model's parts as diffusers / transformers objects, with its three tokenizers."""
+
+    transformer: Any  # diffusers.SD3Transformer2DModel
+    vae: Any  # diffusers.AutoencoderKL (16 channels, SD3's scaling and shift factors)
+    clip_l: Any  # transformers.CLIPTextModelWithProjection (CLIP ViT-L/14)
+    clip_g: Any  # transformers.CLIPTextModelWithProjection (OpenCLIP ViT-bigG/14)
+    t5xxl: Any  # transformers.T5EncoderModel
+    clip_l_tokenizer: Any  # transformers.CLIPTokenizer
+    clip_g_tokenizer: Any  # transformers.CLIPTokenizer
+    t5_tokenizer: Any  # transformers.T5Tokenizer
+    variant: str  # one of SD3_VARIANTS, from the transformer's weights
+    source: str
+
+
+_FOLDER_MODELS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"}
+_TOKENIZERS = ("clip_l_tokenizer", "clip_g_tokenizer", "t5_tokenizer")
+
+
+def sd3_scheduler_config() -> dict:
+    """The FlowMatchEulerDiscreteScheduler config of the SD3 / SD3.5 releases (shift 3)."""
+    return {"num_train_timesteps": 1000, "shift": 3.0}
+
+
+def _lookup_tokenizer(name: str, tokenizer_cache_dir: str | None, vocab_size: int | None):
+    if name == "clip_l_tokenizer":
+        return load_clip_tokenizer(CLIP_L_HUB_ID, None, tokenizer_cache_dir, vocab_size, model_name="SD3 (CLIP-L)")
+    if name == "clip_g_tokenizer":
+        return load_clip_tokenizer(
+            CLIP_BIGG_HUB_ID,
+            None,
+            tokenizer_cache_dir,
+            vocab_size,
+            model_name="SD3 (CLIP-G)",
+            pad_token=CLIP_G_PAD_TOKEN,
+            tiny_pad_token=CLIP_G_PAD_TOKEN,
+        )
+    return load_t5_tokenizer(tokenizer_cache_dir, vocab_size, model_name="SD3 (T5-XXL)")
+
+
+def load_sd3_tokenizers(
+    tokenizer_cache_dir: str | None = None,
+    clip_l_vocab: int | None = None,
+    clip_g_vocab: int | None = None,
+    t5_vocab: int | None = None,
+) -> tuple:
+    """(CLIP-L, CLIP-G, T5) tokenizers for an SD3 model without its own, offline: from `tokenizer_cache_dir`'s
+    `openai_clip-vit-large-patch14/`, `laion_CLIP-ViT-bigG-14-laion2B-39B-b160k/` and `google_t5-v1_1-xxl/`, else the
+    local Hugging Face cache, else kiln's tiny tokenizers for tiny vocabularies (see model_files.load_clip_tokenizer
+    and load_t5_tokenizer); ModelLoadError naming the folder to provide otherwise. CLIP-G pads with "!" (id 0)."""
+    vocabs = (clip_l_vocab, clip_g_vocab, t5_vocab)
+    return tuple(_lookup_tokenizer(name, tokenizer_cache_dir, v) for name, v in zip(_TOKENIZERS, vocabs))
+
+
+def _check_parts(source: str, bundled: set[str], files: Mapping[str, str]) -> None:
+    """ModelLoadError naming the options for parts neither `source` holds nor `files` give; one INFO line for the
+    parts a given file replaces."""
+    missing = [p for p in SD3_PARTS if p not in bundled and p not in files]
+    if missing:
+        what = ", ".join(SD3_PARTS[p][0] for p in missing)
+        how = ", ".join(f"{SD3_PARTS[p][1]} ({SD3_PARTS[p][2]})" for p in missing)
+        raise ModelLoadError(f"{source} holds no {what}: give {'it' if len(missing) == 1 else 'them'} with {how}")
+    replaced = [p for p in SD3_PARTS if p in bundled and p in files]
+    if replaced:
+        logger.info(
+            "%s: using %s instead of the %s it holds",
+            source,
+            ", ".join(f"{SD3_PARTS[p][1]} {files[p]}" for p in replaced),
+            ", ".join(SD3_PARTS[p][0] for p in replaced),
+        )
+
+
+def _load_builtin(name: str, files: Mapping[str, str]) -> dict:
+    from library.tiny_models import BUILTIN_FAMILY, TINY_SD3_VARIANT, build_tiny_sd3
+
+    if name not in TINY_SD3_VARIANT:
+        raise _wrong_family(name, BUILTIN_FAMILY.get(name, "unknown"))
+    _check_parts(name, set(SD3_PARTS), files)
+    c = build_tiny_sd3(TINY_SD3_VARIANT[name])
+    return {
+        "transformer": c["transformer"],
+        "vae": c["vae"],
+        "clip_l": c["text_encoder"],
+        "clip_g": c["text_encoder_2"],
+        "t5xxl": c["text_encoder_3"],
+        "clip_l_tokenizer": c["tokenizer"],
+        "clip_g_tokenizer": c["tokenizer_2"],
+        "t5_tokenizer": c["tokenizer_3"],
+    }
+
+
+def _load_folder(path: str, files: Mapping[str, str], dtype, vae_dtype) -> dict:
+    """A diffusers SD3 folder's components (StableDiffusion3Pipeline layout), those `files` replace left out."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+    try:
+        family, _ = folder_family(path)
+    except ModelLoadError:
+        family = "unknown"
+    if family != "sd3":
+        raise _wrong_family(path, family)
+    has = lambda sub: os.path.isfile(os.path.join(path, sub, "config.json"))  # noqa: E731
+    if not has("transformer"):
+        raise ModelLoadError(f"{path} is not a complete diffusers SD3 folder: transformer/config.json is missing")
+    bundled = {p for p in SD3_PARTS if has(_FOLDER_MODELS.get(p, p))}
+    _check_parts(path, bundled, files)
+    parts = {"transformer": SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", dtype=dtype)}
+    if "vae" not in files:
+        parts["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=vae_dtype)
+    for part in ("clip_l", "clip_g"):
+        if part not in files:
+            parts[part] = CLIPTextModelWithProjection.from_pretrained(path, subfolder=_FOLDER_MODELS[part], dtype=dtype)
+    if "t5xxl" not in files:
+        parts["t5xxl"] = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", dtype=dtype)
+    for name, sub in (("clip_l_tokenizer", "tokenizer"), ("clip_g_tokenizer", "tokenizer_2")):
+        if is_tokenizer_folder(os.path.join(path, sub)):
+            parts[name] = CLIPTokenizer.from_pretrained(path, subfolder=sub)
+    if is_t5_tokenizer_folder(os.path.join(path, "tokenizer_3")):
+        parts["t5_tokenizer"] = T5Tokenizer.from_pretrained(path, subfolder="tokenizer_3")
+    return parts
+
+
+def _load_file(path: str, files: Mapping[str, str], dtype, vae_dtype) -> dict:
+    """A SAI single file's MMDiT and the bundled parts that `files` do not replace (those are never read)."""
+    checkpoint = load_sd3_single_file(
+        path, dtype, vae_dtype, parts=set(SD3_PARTS) - set(files), on_parts=lambda bundled: _check_parts(path, bundled, files)
+    )
+    return {p: getattr(checkpoint, p) for p in ("transformer", *SD3_PARTS) if getattr(checkpoint, p) is not None}
+
+
+def _encoder_file(path: str, part: str) -> dict[str, torch.Tensor]:
+    """The tensors of a --clip_l / --clip_g / --t5xxl file: transformers-layout names, or a SAI single file's part."""
+    state_dict = read_state_dict(path)
+    prefix = PART_PREFIXES[part]
+    if any(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return state_dict
+
+
+def _load_part_file(part: str, path: str, dtype, vae_dtype):
+    """The model a --vae / --clip_l / --clip_g / --t5xxl file gives; ModelLoadError naming the option and the file."""
+    option = SD3_PARTS[part][1]
+    try:
+        if part == "vae":
+            if os.path.isdir(path):
+                return load_vae(path, vae_dtype, reference=SD3_VAE)
+            return vae_from_sai(read_state_dict(path), vae_dtype, path)
+        if part == "t5xxl":
+            return t5_from_state_dict(_encoder_file(path, part), dtype, path)
+        return clip_from_sai(_encoder_file(path, part), part, dtype, path)
+    except ModelLoadError as e:
+        message = str(e)
+        if message.startswith(path):
+            raise ModelLoadError(f"{option} {message}") from e
+        raise ModelLoadError(f"{option}: {message}" if path in message else f"{option} {path}: {message}") from e
+
+
+def load_sd3_model(
+    name_or_path: str,
+    clip_l: str | None = None,
+    clip_g: str | None = None,
+    t5xxl: str | None = None,
+    vae: str | None = None,
+    tokenizer_cache_dir: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    vae_dtype: torch.dtype | None = None,
+) -> SD3Model:
+    """Load an SD3 / SD3.5 model (`--pretrained_model_name_or_path`): a built-in (kiln-tiny-sd3,
+    kiln-tiny-sd3.5-medium, kiln-tiny-sd3.5-large), a diffusers SD3 folder, or a SAI single file with or without
+    bundled VAE / text encoders. `clip_l`, `clip_g`, `t5xxl` (transformers-layout .safetensors, fp16/bf16/fp8; fp8 is
+    upcast to `dtype`) and `vae` (a single file or a diffusers VAE folder) give parts the model lacks or replace the
+    ones it holds (logged; a replaced bundled part is not read). Models in `dtype`, the VAE in `vae_dtype` (default
+    `dtype`). Tokenizers from the folder, else from `tokenizer_cache_dir` or the local Hugging Face cache (see
+    load_sd3_tokenizers). Raises ModelLoadError for missing files or parts (naming the option to pass), incomplete
+    weights and other families (naming their script)."""
+    from library.tiny_models import BUILTIN_MODELS
+
+    name_or_path = os.fspath(name_or_path)
+    given = {"vae": vae, "clip_l": clip_l, "clip_g": clip_g, "t5xxl": t5xxl}
+    files = {part: os.fspath(p) for part, p in given.items() if p is not None}
+    for part, path in files.items():
+        if not os.path.exists(path):
+            raise ModelLoadError(f"{SD3_PARTS[part][1]} not found: {path}")
+    vae_dtype = vae_dtype or dtype
+
+    if name_or_path in BUILTIN_MODELS:
+        parts = _load_builtin(name_or_path, files)
+    elif os.path.isdir(name_or_path):
+        parts = _load_folder(name_or_path, files, dtype, vae_dtype)
+    elif os.path.isfile(name_or_path):
+        parts = _load_file(name_or_path, files, dtype, vae_dtype)
+    else:
+        raise ModelLoadError(
+            f"model not found: {name_or_path} (expected a built-in name {', '.join(BUILTIN_MODELS)}, a diffusers SD3 "
+            "folder or a SAI .safetensors file; kiln does not download models from a hub)"
+        )
+    for part, path in files.items():
+        parts[part] = _load_part_file(part, path, dtype, vae_dtype)
+
+    encoders = {"clip_l_tokenizer": "clip_l", "clip_g_tokenizer": "clip_g", "t5_tokenizer": "t5xxl"}
+    for name, encoder in encoders.items():
+        if parts.get(name) is None:
+            parts[name] = _lookup_tokenizer(name, tokenizer_cache_dir, parts[encoder].config.vocab_size)
+        check_tokenizer(parts[name], parts[encoder], name_or_path)
+
+    models = {p: cast_model(parts[p], vae_dtype if p == "vae" else dtype).eval() for p in ("transformer", *SD3_PARTS)}
+    return SD3Model(
+        **models,
+        **{name: parts[name] for name in _TOKENIZERS},
+        variant=sd3_variant_from_config(models["transformer"].config),
+        source=name_or_path,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

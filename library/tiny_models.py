@@ -1,7 +1,8 @@
 """Built-in tiny models: real architectures (diffusers / transformers classes) with a few thousand parameters.
 
 They serve the README's quick demo and dry runs of a real config on CPU (`--pretrained_model_name_or_path
-kiln-tiny-sd`, `kiln-tiny-sd2`, `kiln-tiny-sdxl`, `kiln-tiny-flux`), and the test suite, which saves them in every on-disk format kiln reads. Weights are random but
+kiln-tiny-sd`, `kiln-tiny-sd2`, `kiln-tiny-sdxl`, `kiln-tiny-flux`, `kiln-tiny-sd3`, `kiln-tiny-sd3.5-medium`,
+`kiln-tiny-sd3.5-large`), and the test suite, which saves them in every on-disk format kiln reads. Weights are random but
 deterministic (seeded), the tokenizer is a byte-level CLIP BPE vocabulary without merges: real CLIPTokenizer code,
 one token per character.
 """
@@ -18,8 +19,18 @@ TINY_SD = "kiln-tiny-sd"
 TINY_SD2 = "kiln-tiny-sd2"
 TINY_SDXL = "kiln-tiny-sdxl"
 TINY_FLUX = "kiln-tiny-flux"
-BUILTIN_MODELS = (TINY_SD, TINY_SD2, TINY_SDXL, TINY_FLUX)
-BUILTIN_FAMILY = {TINY_SD: "sd1", TINY_SD2: "sd2", TINY_SDXL: "sdxl", TINY_FLUX: "flux"}  # checkpoint_files family names
+TINY_SD3 = "kiln-tiny-sd3"  # SD3 Medium's layout
+TINY_SD35_MEDIUM = "kiln-tiny-sd3.5-medium"
+TINY_SD35_LARGE = "kiln-tiny-sd3.5-large"
+TINY_SD3_VARIANT = {TINY_SD3: "sd3-medium", TINY_SD35_MEDIUM: "sd3.5-medium", TINY_SD35_LARGE: "sd3.5-large"}
+BUILTIN_MODELS = (TINY_SD, TINY_SD2, TINY_SDXL, TINY_FLUX, TINY_SD3, TINY_SD35_MEDIUM, TINY_SD35_LARGE)
+BUILTIN_FAMILY = {  # checkpoint_files family names
+    TINY_SD: "sd1",
+    TINY_SD2: "sd2",
+    TINY_SDXL: "sdxl",
+    TINY_FLUX: "flux",
+    **dict.fromkeys(TINY_SD3_VARIANT, "sd3"),
+}
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -274,13 +285,13 @@ def tiny_t5_tokenizer():
         return T5Tokenizer.from_pretrained(tmp)
 
 
-def tiny_t5_config():
+def tiny_t5_config(d_model: int = TINY_T5_WIDTH):
     """A two-layer T5 v1.1-style encoder (gated-gelu, no dropout: train-mode outputs stay deterministic)."""
     from transformers import T5Config
 
     return T5Config(
         vocab_size=TINY_T5_VOCAB,
-        d_model=TINY_T5_WIDTH,
+        d_model=d_model,
         d_kv=8,
         d_ff=37,
         num_layers=2,
@@ -349,4 +360,76 @@ def build_tiny_flux(seed: int = 0, schnell: bool = False) -> dict:
         "tokenizer": tokenizer,
         "tokenizer_2": tiny_t5_tokenizer(),
         "scheduler": FlowMatchEulerDiscreteScheduler(**flux_scheduler_config()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SD3 / SD3.5: an MMDiT conditioned on CLIP-L + CLIP-G hidden states (zero-padded to the T5 width, then joined with T5's
+# along the sequence) and their pooled outputs (CLIP-L + CLIP-G widths), a 16-channel VAE with SD3's factors, flow
+# matching. The two CLIPs have different widths: diffusers tells the towers of a single file apart by width.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def tiny_sd3_vae_config() -> dict:
+    """SD3-style VAE: 16 latent channels, no quant convs, SD3's scaling (1.5305) and shift (0.0609) factors."""
+    return {
+        **tiny_vae_config(),
+        "latent_channels": 16,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "scaling_factor": 1.5305,
+        "shift_factor": 0.0609,
+        "force_upcast": True,
+    }
+
+
+def tiny_sd3_clip_config(which: str):
+    """CLIPTextConfig of the tiny SD3 "clip_l" (CLIP ViT-L style: quick_gelu, pads with <|endoftext|>) or "clip_g"
+    (OpenCLIP bigG style: gelu, pads with id 0), each with its own width."""
+    from library.sd3_models import TINY_SD3_CLIP_G_WIDTH, TINY_SD3_CLIP_L_WIDTH
+
+    if which not in ("clip_l", "clip_g"):
+        raise ValueError(f"which must be 'clip_l' or 'clip_g', not {which!r}")
+    clip_g = which == "clip_g"
+    return tiny_clip_config(v2=clip_g, hidden_size=TINY_SD3_CLIP_G_WIDTH if clip_g else TINY_SD3_CLIP_L_WIDTH)
+
+
+def tiny_sd3_t5_config():
+    """The tiny T5 encoder at SD3's tiny joint width (>= the two CLIP widths together)."""
+    from library.sd3_models import TINY_SD3_T5_WIDTH
+
+    return tiny_t5_config(d_model=TINY_SD3_T5_WIDTH)
+
+
+def build_tiny_sd3(variant: str = "sd3-medium", seed: int = 0) -> dict:
+    """Tiny SD3 / SD3.5 components in StableDiffusion3Pipeline's names: {"transformer" (the layout of `variant`, one
+    of sd3_models.SD3_VARIANTS), "vae", "text_encoder" (CLIP-L), "text_encoder_2" (CLIP-G), "text_encoder_3" (T5
+    encoder), "tokenizer", "tokenizer_2" (pads with "!" = id 0), "tokenizer_3" (T5), "scheduler"}; seeded weights."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+
+    from library.sd3_models import sd3_scheduler_config, tiny_sd3_transformer_config
+
+    config = tiny_sd3_transformer_config(variant)  # ValueError for an unknown variant, before any work
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**config)
+    vae = AutoencoderKL(**tiny_sd3_vae_config())
+    text_encoder = CLIPTextModelWithProjection(tiny_sd3_clip_config("clip_l"))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_sd3_clip_config("clip_g"))
+    text_encoder_3 = T5EncoderModel(tiny_sd3_t5_config())
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_clip_tokenizer(os.path.join(tmp, "1"))
+        write_tiny_clip_tokenizer(os.path.join(tmp, "2"), pad_token="!")
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(tmp, "1"))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(os.path.join(tmp, "2"))
+    return {
+        "transformer": transformer.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "text_encoder_2": text_encoder_2.eval(),
+        "text_encoder_3": text_encoder_3.eval(),
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "tokenizer_3": tiny_t5_tokenizer(),
+        "scheduler": FlowMatchEulerDiscreteScheduler(**sd3_scheduler_config()),
     }

@@ -184,10 +184,10 @@ def test_other_families_are_refused(tmp_path):
 
 
 def test_t5_tokenizer_lookup(tmp_path, monkeypatch):
-    import library.flux_models as fm
+    import library.model_files as mf
     from library.tiny_models import write_tiny_t5_tokenizer
 
-    monkeypatch.setattr(fm, "_hf_cache_t5_folder", lambda: None)
+    monkeypatch.setattr(mf, "hf_cache_t5_folder", lambda: None)
     with pytest.raises(ModelLoadError, match="google_t5-v1_1-xxl"):
         load_t5_tokenizer(str(tmp_path), vocab_size=32128)
     write_tiny_t5_tokenizer(str(tmp_path / "google_t5-v1_1-xxl"))

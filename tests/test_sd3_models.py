@@ -1,7 +1,10 @@
 """SD3 / SD3.5 model files: SAI single-file layout <-> diffusers, config inference, variants, bundled parts, errors.
 
 The independent oracle is diffusers' own single-file loader (`from_single_file` with a local config folder, offline):
-it reads the files kiln writes into the same weights, and the same model outputs, as the models they came from.
+it reads the files kiln writes into the same weights, and the same model outputs, as the models they came from. For
+diffusers folders it is StableDiffusion3Pipeline.from_pretrained: kiln's load_sd3_model gives the components (weights,
+configs, tokenizers) it gives. Separate encoder / VAE files are checked against the models they were written from
+(fp8 files: the fp8-rounded weights).
 """
 
 from __future__ import annotations
@@ -21,9 +24,7 @@ from library.sd3_models import (
     SD3_SS_BASE_MODEL_VERSION,
     SD3_VARIANTS,
     T5XXL_PREFIX,
-    TINY_SD3_CLIP_G_WIDTH,
     TINY_SD3_CLIP_L_WIDTH,
-    TINY_SD3_T5_WIDTH,
     detect_sd3_variant,
     infer_sd3_transformer_config,
     load_sd3_single_file,
@@ -37,9 +38,7 @@ from library.sd3_models import (
     tiny_sd3_transformer_config,
     transformer_from_sai,
 )
-
-TINY_CLIP_VOCAB = 514  # kiln's tiny CLIP tokenizer's vocabulary
-TINY_T5_VOCAB = 384
+from library.tiny_models import tiny_sd3_clip_config, tiny_sd3_t5_config, tiny_sd3_vae_config
 
 
 def _tiny_transformer(variant: str, seed: int = 0):
@@ -56,38 +55,17 @@ def _tiny_transformer(variant: str, seed: int = 0):
 
 
 def _tiny_parts(seed: int = 1) -> dict:
-    """Tiny SD3-style VAE (16 channels, SD3 factors), CLIP-L, CLIP-G (another width) and T5 encoder."""
+    """Tiny SD3-style VAE (16 channels, SD3 factors), CLIP-L, CLIP-G (another width) and T5 encoder (kiln's built-in
+    configs), in sd-scripts' part names."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     torch.manual_seed(seed)
-
-    def clip(width: int, act: str, pad: int):
-        return CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                vocab_size=TINY_CLIP_VOCAB, hidden_size=width, intermediate_size=37, num_hidden_layers=2,
-                num_attention_heads=width // 64, max_position_embeddings=77, projection_dim=width,
-                bos_token_id=TINY_CLIP_VOCAB - 2, eos_token_id=TINY_CLIP_VOCAB - 1, pad_token_id=pad, hidden_act=act,
-            )
-        ).eval()
-
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[32, 32, 64, 64], layers_per_block=1, latent_channels=16, norm_num_groups=32, sample_size=1024,
-        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True,
-    ).eval()
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=TINY_T5_VOCAB, d_model=TINY_SD3_T5_WIDTH, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False,
-            use_cache=False, tie_word_embeddings=False,
-        )
-    ).eval()
     return {
-        "vae": vae,
-        "clip_l": clip(TINY_SD3_CLIP_L_WIDTH, "quick_gelu", TINY_CLIP_VOCAB - 1),
-        "clip_g": clip(TINY_SD3_CLIP_G_WIDTH, "gelu", 0),
-        "t5xxl": t5,
+        "vae": AutoencoderKL(**tiny_sd3_vae_config()).eval(),
+        "clip_l": CLIPTextModelWithProjection(tiny_sd3_clip_config("clip_l")).eval(),
+        "clip_g": CLIPTextModelWithProjection(tiny_sd3_clip_config("clip_g")).eval(),
+        "t5xxl": T5EncoderModel(tiny_sd3_t5_config()).eval(),
     }
 
 
@@ -311,7 +289,8 @@ def test_bundled_file_splits_into_its_parts(tmp_path):
 
 
 def test_clip_without_projection_and_t5_with_one_embedding_name():
-    from library.sd3_models import clip_from_sai, t5_from_sai
+    from library.model_files import t5_from_state_dict
+    from library.sd3_models import clip_from_sai
 
     parts = _tiny_parts()
     clip_l = {k: v for k, v in parts["clip_l"].state_dict().items() if k != "text_projection.weight"}
@@ -319,7 +298,7 @@ def test_clip_without_projection_and_t5_with_one_embedding_name():
     assert torch.equal(model.text_projection.weight, torch.eye(TINY_SD3_CLIP_L_WIDTH))
     for drop in ("encoder.embed_tokens.weight", "shared.weight"):
         t5 = {k: v for k, v in parts["t5xxl"].state_dict().items() if k != drop}
-        _assert_same_weights(t5_from_sai(t5, torch.float32).state_dict(), parts["t5xxl"].state_dict(), f"T5 without {drop}")
+        _assert_same_weights(t5_from_state_dict(t5, torch.float32).state_dict(), parts["t5xxl"].state_dict(), f"T5 without {drop}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -377,3 +356,282 @@ def test_missing_file_and_incomplete_mmdit(tmp_path):
     with pytest.raises(ModelLoadError, match="scaled fp8") as e:
         load_sd3_single_file(path)
     assert path in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# load_sd3_model: single files, separate part files, diffusers folders, built-ins, tokenizers
+# ---------------------------------------------------------------------------------------------------------------------
+
+PROMPT = "a photo of a cat, masterpiece"
+PARTS = ("transformer", "vae", "clip_l", "clip_g", "t5xxl")
+
+
+def _write_part_files(parts: dict, folder, clip_g_dtype=None, t5_dtype=torch.float16) -> dict:
+    """Separate files as users have them: vae.safetensors (LDM names, no prefix), clip_l.safetensors (text_model.*,
+    no text_projection), clip_g.safetensors (with text_projection), t5xxl (shared.weight only)."""
+    from library.sd_models import vae_to_ldm_state_dict
+
+    def save(name, tensors, dtype=None):
+        path = os.path.join(str(folder), name)
+        save_file({k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in tensors.items()}, path)
+        return path
+
+    vae = {k[len(VAE_PREFIX) :]: v for k, v in vae_to_ldm_state_dict(parts["vae"]).items()}
+    clip_l = {k: v for k, v in parts["clip_l"].state_dict().items() if k != "text_projection.weight"}
+    t5 = {k: v for k, v in parts["t5xxl"].state_dict().items() if k != "encoder.embed_tokens.weight"}
+    return {
+        "vae": save("vae.safetensors", vae),
+        "clip_l": save("clip_l.safetensors", clip_l),
+        "clip_g": save("clip_g.safetensors", parts["clip_g"].state_dict(), clip_g_dtype),
+        "t5xxl": save("t5xxl.safetensors", t5, t5_dtype),
+    }
+
+
+def _read_keys_recorder(monkeypatch) -> list[str]:
+    """The keys kiln reads from .safetensors model files from now on."""
+    import library.sd3_models as sm
+
+    read: list[str] = []
+    original = sm._read_tensors
+
+    def recording(path, keys):
+        read.extend(keys)
+        return original(path, keys)
+
+    monkeypatch.setattr(sm, "_read_tensors", recording)
+    return read
+
+
+def test_load_single_file_with_bundled_parts(tmp_path):
+    from library.sd3_models import load_sd3_model
+
+    transformer, parts = _tiny_transformer("sd3-medium"), _tiny_parts()
+    path = str(tmp_path / "sd3_medium_incl_clips_t5.safetensors")
+    save_sd3_single_file(path, transformer, **parts)
+    model = load_sd3_model(path, dtype=torch.float32)
+    assert (model.variant, model.source) == ("sd3-medium", path)
+    for name, ref in {"transformer": transformer, **parts}.items():
+        _assert_same_weights(getattr(model, name).state_dict(), ref.state_dict(), name)
+    # tiny vocabularies get kiln's tiny tokenizers; CLIP-G pads with "!" (id 0) as sd-scripts
+    assert model.clip_g_tokenizer.pad_token_id == 0 and model.clip_l_tokenizer.pad_token == "<|endoftext|>"
+    assert model.t5_tokenizer(PROMPT).input_ids[-1] == model.t5_tokenizer.eos_token_id
+
+    bf16 = load_sd3_model(path, vae_dtype=torch.float32)  # default dtype bf16
+    assert {getattr(bf16, p).dtype for p in ("transformer", "clip_l", "clip_g", "t5xxl")} == {torch.bfloat16}
+    assert bf16.vae.dtype == torch.float32
+
+
+def test_transformer_only_file_and_part_files(tmp_path):
+    """SD3.5 release layout (MMDiT only) with separate VAE / CLIP-L / fp8 CLIP-G / fp16 T5 files."""
+    from library.sd3_models import load_sd3_model
+
+    transformer, parts = _tiny_transformer("sd3.5-large"), _tiny_parts()
+    path = str(tmp_path / "sd3.5_large.safetensors")
+    save_sd3_single_file(path, transformer, dtype=torch.bfloat16)
+    files = _write_part_files(parts, tmp_path, clip_g_dtype=torch.float8_e4m3fn)
+    model = load_sd3_model(path, dtype=torch.bfloat16, vae_dtype=torch.float32, **files)
+    assert model.variant == "sd3.5-large"
+    as_bf16 = lambda sd: {k: v.to(torch.bfloat16) for k, v in sd.items()}  # noqa: E731
+    _assert_same_weights(model.transformer.state_dict(), as_bf16(transformer.state_dict()), "transformer")
+    _assert_same_weights(model.vae.state_dict(), parts["vae"].state_dict(), "vae")
+    assert (model.vae.config.scaling_factor, model.vae.config.shift_factor) == (1.5305, 0.0609)
+    clip_l = model.clip_l.state_dict()
+    assert torch.equal(clip_l.pop("text_projection.weight"), torch.eye(TINY_SD3_CLIP_L_WIDTH, dtype=torch.bfloat16))
+    expected = as_bf16(parts["clip_l"].state_dict())
+    expected.pop("text_projection.weight")
+    _assert_same_weights(clip_l, expected, "clip_l")
+    # the fp8 file is upcast: its values are the fp8-rounded weights, in bf16
+    fp8 = {k: v.to(torch.float8_e4m3fn).to(torch.bfloat16) for k, v in parts["clip_g"].state_dict().items()}
+    _assert_same_weights(model.clip_g.state_dict(), fp8, "fp8 clip_g")
+    t5 = {k: v.half().to(torch.bfloat16) for k, v in parts["t5xxl"].state_dict().items()}
+    _assert_same_weights(model.t5xxl.state_dict(), t5, "fp16 t5xxl")
+    assert model.clip_g.config.hidden_act == "gelu" and model.clip_l.config.hidden_act == "quick_gelu"
+
+    # an fp8 T5 file too; a full SAI file given as --clip_g gives its CLIP-G
+    os.makedirs(tmp_path / "fp8")
+    files_fp8 = _write_part_files(parts, tmp_path / "fp8", t5_dtype=torch.float8_e5m2)
+    bundled = str(tmp_path / "bundled.safetensors")
+    save_sd3_single_file(bundled, transformer, **parts)
+    model = load_sd3_model(path, dtype=torch.float32, **{**files_fp8, "clip_g": bundled})
+    t5 = {k: v.to(torch.float8_e5m2).float() for k, v in parts["t5xxl"].state_dict().items()}
+    _assert_same_weights(model.t5xxl.state_dict(), t5, "fp8 t5xxl")
+    _assert_same_weights(model.clip_g.state_dict(), parts["clip_g"].state_dict(), "clip_g from a SAI file")
+
+
+def test_given_file_replaces_the_bundled_part(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from library.sd3_models import load_sd3_model
+
+    transformer, parts = _tiny_transformer("sd3-medium"), _tiny_parts(seed=1)
+    path = str(tmp_path / "bundled.safetensors")
+    save_sd3_single_file(path, transformer, **parts)
+    other = _tiny_parts(seed=2)
+    files = _write_part_files(other, tmp_path, t5_dtype=torch.float32)
+    read = _read_keys_recorder(monkeypatch)
+    caplog.set_level(logging.INFO, logger="kiln")
+    model = load_sd3_model(path, dtype=torch.float32, clip_g=files["clip_g"], t5xxl=files["t5xxl"])
+    _assert_same_weights(model.clip_g.state_dict(), other["clip_g"].state_dict(), "--clip_g")
+    _assert_same_weights(model.t5xxl.state_dict(), other["t5xxl"].state_dict(), "--t5xxl")
+    _assert_same_weights(model.clip_l.state_dict(), parts["clip_l"].state_dict(), "bundled clip_l")
+    # the replaced parts are never read from the checkpoint
+    assert read and not any(k.startswith((CLIP_G_PREFIX, T5XXL_PREFIX)) for k in read)
+    assert any(k.startswith(CLIP_L_PREFIX) for k in read)
+    lines = [r for r in caplog.records if r.name == "kiln" and r.levelno == logging.INFO]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    message = lines[0].getMessage()
+    assert all(s in message for s in (path, "--clip_g", files["clip_g"], "--t5xxl", files["t5xxl"], "CLIP-G", "T5-XXL"))
+    assert "--clip_l" not in message
+
+
+def test_missing_parts_name_their_options(tmp_path, monkeypatch):
+    from library.sd3_models import load_sd3_model
+
+    transformer, parts = _tiny_transformer("sd3.5-medium"), _tiny_parts()
+    files = _write_part_files(parts, tmp_path)
+    release = str(tmp_path / "sd3.5_medium.safetensors")  # MMDiT and VAE, as the SD3.5 releases
+    save_sd3_single_file(release, transformer, vae=parts["vae"])
+    read = _read_keys_recorder(monkeypatch)
+    with pytest.raises(ModelLoadError) as e:
+        load_sd3_model(release, clip_l=files["clip_l"])
+    message = str(e.value)
+    assert release in message and "--clip_g" in message and "--t5xxl" in message
+    assert "--clip_l" not in message and "--vae" not in message
+    assert not read  # refused from the file's names, before any tensor is read
+
+    bare = str(tmp_path / "mmdit.safetensors")
+    save_sd3_single_file(bare, transformer)
+    with pytest.raises(ModelLoadError, match="--vae") as e:
+        load_sd3_model(bare, clip_l=files["clip_l"], clip_g=files["clip_g"], t5xxl=files["t5xxl"])
+    assert "--t5xxl" not in str(e.value)
+    with pytest.raises(ModelLoadError, match="--t5xxl not found"):
+        load_sd3_model(bare, t5xxl=str(tmp_path / "nope.safetensors"))
+    # a file of the wrong kind names the option and the file
+    with pytest.raises(ModelLoadError) as e:
+        load_sd3_model(release, clip_l=files["clip_l"], clip_g=files["t5xxl"], t5xxl=files["t5xxl"])
+    assert "--clip_g" in str(e.value) and files["t5xxl"] in str(e.value)
+
+
+def _config(model) -> dict:
+    config = model.config
+    config = dict(config) if isinstance(config, dict) else config.to_dict()
+    return {k: v for k, v in config.items() if k != "_name_or_path"}
+
+
+def _assert_same_pipeline_parts(model, pipe) -> None:
+    for ours, theirs in (("transformer", "transformer"), ("vae", "vae"), ("clip_l", "text_encoder"),
+                         ("clip_g", "text_encoder_2"), ("t5xxl", "text_encoder_3")):
+        _assert_same_weights(getattr(model, ours).state_dict(), getattr(pipe, theirs).state_dict(), f"folder {theirs}")
+        assert _config(getattr(model, ours)) == _config(getattr(pipe, theirs)), theirs
+    for ours, theirs in (("clip_l_tokenizer", "tokenizer"), ("clip_g_tokenizer", "tokenizer_2"), ("t5_tokenizer", "tokenizer_3")):
+        assert getattr(model, ours)(PROMPT).input_ids == getattr(pipe, theirs)(PROMPT).input_ids, theirs
+
+
+def test_diffusers_folder(tmp_path, caplog):
+    """A folder written by diffusers' own StableDiffusion3Pipeline.save_pretrained and one written by kiln's
+    save_diffusers_folder: kiln loads each into the components diffusers' from_pretrained loads."""
+    import logging
+
+    from diffusers import StableDiffusion3Pipeline
+
+    from library.model_files import folder_family, save_diffusers_folder
+    from library.sd3_models import load_sd3_model
+    from library.tiny_models import build_tiny_sd3
+
+    components = build_tiny_sd3("sd3.5-medium", seed=3)
+    by_diffusers, by_kiln = str(tmp_path / "diffusers"), str(tmp_path / "kiln")
+    StableDiffusion3Pipeline(**components).save_pretrained(by_diffusers)
+    save_diffusers_folder(components, by_kiln)
+    for folder in (by_diffusers, by_kiln):
+        assert folder_family(folder) == ("sd3", False)
+        pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+        model = load_sd3_model(folder, dtype=torch.float32)
+        assert (model.variant, model.source) == ("sd3.5-medium", folder)
+        _assert_same_pipeline_parts(model, pipe)
+
+    # a file given replaces the folder's component (logged); a folder without a T5 needs --t5xxl
+    t5 = str(tmp_path / "t5.safetensors")
+    save_file({k: v.clone() for k, v in components["text_encoder_3"].state_dict().items()}, t5)
+    caplog.set_level(logging.INFO, logger="kiln")
+    model = load_sd3_model(by_kiln, dtype=torch.float32, t5xxl=t5)
+    _assert_same_weights(model.t5xxl.state_dict(), components["text_encoder_3"].state_dict(), "--t5xxl")
+    assert [r.getMessage() for r in caplog.records if r.name == "kiln" and "--t5xxl" in r.getMessage()]
+    import shutil
+
+    shutil.rmtree(os.path.join(by_kiln, "text_encoder_3"))
+    with pytest.raises(ModelLoadError, match="--t5xxl"):
+        load_sd3_model(by_kiln)
+
+
+def test_builtins(tmp_path):
+    from library.flux_models import load_flux_model
+    from library.sd3_models import load_sd3_model
+    from library.sd_models import load_sd_model
+    from library.sdxl_models import load_sdxl_model
+    from library.tiny_models import BUILTIN_FAMILY, BUILTIN_MODELS, TINY_SD3_VARIANT
+
+    assert set(TINY_SD3_VARIANT) == {"kiln-tiny-sd3", "kiln-tiny-sd3.5-medium", "kiln-tiny-sd3.5-large"}
+    assert set(TINY_SD3_VARIANT.values()) == set(SD3_VARIANTS)
+    for name, variant in TINY_SD3_VARIANT.items():
+        assert name in BUILTIN_MODELS and BUILTIN_FAMILY[name] == "sd3"
+        model = load_sd3_model(name, dtype=torch.float32)
+        assert model.variant == variant and model.source == name
+        assert model.transformer.config.pos_embed_max_size == tiny_sd3_transformer_config(variant)["pos_embed_max_size"]
+        assert model.vae.config.latent_channels == 16 and model.vae.config.scaling_factor == 1.5305
+        assert model.clip_l.config.hidden_size != model.clip_g.config.hidden_size
+        # the variant comes back from the weights alone, and the single file loads into the same model
+        path = str(tmp_path / f"{name}.safetensors")
+        save_sd3_single_file(path, model.transformer, model.vae, model.clip_l, model.clip_g, model.t5xxl)
+        assert detect_sd3_variant(read_key_shapes(path)) == variant
+        again = load_sd3_model(path, dtype=torch.float32)
+        for part in PARTS:
+            _assert_same_weights(getattr(again, part).state_dict(), getattr(model, part).state_dict(), f"{name} {part}")
+    # deterministic
+    a, b = load_sd3_model("kiln-tiny-sd3"), load_sd3_model("kiln-tiny-sd3")
+    _assert_same_weights(a.transformer.state_dict(), b.transformer.state_dict(), "seeded")
+
+    for load in (load_sd_model, load_sdxl_model, load_flux_model):
+        with pytest.raises(ModelLoadError, match=r"SD3.*sd3_train_network\.py"):
+            load("kiln-tiny-sd3.5-large")
+    for other, script in (("kiln-tiny-flux", "flux_train_network.py"), ("kiln-tiny-sdxl", "sdxl_train_network.py"),
+                          ("kiln-tiny-sd", "train_network.py")):
+        with pytest.raises(ModelLoadError, match=script):
+            load_sd3_model(other)
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_sd3_model(str(tmp_path / "missing.safetensors"))
+
+
+def test_tokenizers_from_a_cache_dir(tmp_path, monkeypatch):
+    import library.model_files as mf
+    from library.sd3_models import load_sd3_model, load_sd3_tokenizers
+    from library.tiny_models import write_tiny_clip_tokenizer, write_tiny_t5_tokenizer
+
+    monkeypatch.setattr(mf, "hf_cache_folder", lambda hub_id, subfolder: None)  # whatever this machine has cached
+    monkeypatch.setattr(mf, "hf_cache_t5_folder", lambda: None)
+    cache = tmp_path / "tokenizers"
+    folders = {
+        "clip_l": str(cache / "openai_clip-vit-large-patch14"),
+        "clip_g": str(cache / "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k"),
+        "t5": str(cache / "google_t5-v1_1-xxl"),
+    }
+    real_vocabs = (49408, 49408, 32128)  # not kiln's tiny vocabularies: no built-in fallback
+    os.makedirs(cache)
+    for wanted in folders.values():
+        with pytest.raises(ModelLoadError) as e:
+            load_sd3_tokenizers(str(cache), *real_vocabs)
+        assert wanted in str(e.value) and "kiln does not download" in str(e.value)
+        if "t5" in wanted:
+            write_tiny_t5_tokenizer(wanted)
+        else:
+            write_tiny_clip_tokenizer(wanted)
+    clip_l, clip_g, t5 = load_sd3_tokenizers(str(cache), *real_vocabs)
+    assert (clip_l.name_or_path, clip_g.name_or_path, t5.name_or_path) == tuple(folders.values())
+    assert clip_g.pad_token == "!" and clip_g.pad_token_id == 0 and clip_l.pad_token == "<|endoftext|>"
+
+    # the loader takes a single file's tokenizers from the cache dir
+    path = str(tmp_path / "sd3.safetensors")
+    save_sd3_single_file(path, _tiny_transformer("sd3-medium"), **_tiny_parts())
+    model = load_sd3_model(path, tokenizer_cache_dir=str(cache))
+    names = (model.clip_l_tokenizer.name_or_path, model.clip_g_tokenizer.name_or_path, model.t5_tokenizer.name_or_path)
+    assert names == tuple(folders.values())
+    assert model.t5_tokenizer(PROMPT).input_ids == t5(PROMPT).input_ids
