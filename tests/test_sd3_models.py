@@ -457,6 +457,11 @@ def test_transformer_only_file_and_part_files(tmp_path):
     _assert_same_weights(model.t5xxl.state_dict(), t5, "fp8 t5xxl")
     _assert_same_weights(model.clip_g.state_dict(), parts["clip_g"].state_dict(), "clip_g from a SAI file")
 
+    # --vae may also be a diffusers VAE folder
+    parts["vae"].save_pretrained(str(tmp_path / "vae"))
+    model = load_sd3_model(path, dtype=torch.float32, **{**files, "vae": str(tmp_path / "vae")})
+    _assert_same_weights(model.vae.state_dict(), parts["vae"].state_dict(), "--vae folder")
+
 
 def test_given_file_replaces_the_bundled_part(tmp_path, caplog, monkeypatch):
     import logging
