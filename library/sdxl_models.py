@@ -39,6 +39,7 @@ from library.checkpoint_files import (
 )
 from library.ldm_names import text_encoder_ldm_param_names, unet_ldm_module_names
 from library.model_files import (
+    CLIP_BIGG_HUB_ID,
     CLIP_L_HUB_ID,
     CLIP_L_TEXT_CONFIG,
     SD_VAE_COMMON,
@@ -69,7 +70,6 @@ logger = logging.getLogger(__name__)
 
 TE1_PREFIX = "conditioner.embedders.0.transformer."  # + text_model.* (transformers CLIPTextModel names)
 TE2_PREFIX = "conditioner.embedders.1.model."  # OpenCLIP ViT-bigG text tower names
-BIGG_HUB_ID = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"  # tokenizer of text encoder 2 (pads with "!" = id 0)
 TOKENIZER_2_PAD = "!"
 
 
@@ -314,7 +314,7 @@ def load_sdxl_tokenizers(tokenizer_cache_dir: str | None = None, vocab_size: int
         CLIP_L_HUB_ID, None, tokenizer_cache_dir, vocab_size, model_name="SDXL (text encoder 1, CLIP ViT-L)"
     )
     tokenizer_2 = load_clip_tokenizer(
-        BIGG_HUB_ID,
+        CLIP_BIGG_HUB_ID,
         None,
         tokenizer_cache_dir,
         vocab_size_2,
