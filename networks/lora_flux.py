@@ -317,13 +317,14 @@ def fit_split_qkv(
     return out
 
 
-def split_targets(transformer) -> dict[str, list[int]]:
-    """Adapter name -> output widths of the diffusers Linears it fuses, for the adapters split_qkv splits."""
+def split_targets(transformer, candidates: list[tuple[str, list[str]]] | None = None) -> dict[str, list[int]]:
+    """Adapter name -> output widths of the diffusers Linears it fuses, for the adapters split_qkv splits.
+    `candidates`: (adapter name, diffusers Linear paths) of another family's transformer (default: FLUX's)."""
     if transformer is None:
         return {}
     return {
         name: [transformer.get_submodule(p).out_features for p in paths]
-        for name, paths in transformer_candidates(transformer)
+        for name, paths in (transformer_candidates(transformer) if candidates is None else candidates)
         if len(paths) > 1
     }
 
@@ -367,16 +368,17 @@ def parse_indices(value, count: int, key: str) -> set[int]:
     return picked
 
 
-def check_network_args(args: dict) -> dict:
-    """Refuse unsupported and unknown network_args (kiln never ignores an argument)."""
+def check_network_args(
+    args: dict, known: set[str] = KNOWN_ARGS, unsupported: dict[str, str] = UNSUPPORTED_ARGS, module: str = "networks.lora_flux"
+) -> dict:
+    """Refuse unsupported and unknown network_args (kiln never ignores an argument); `known` / `unsupported` /
+    `module` name another network module's arguments."""
     for key in args:
-        if key in UNSUPPORTED_ARGS:
-            raise ValueError(f"network_args {key}: {UNSUPPORTED_ARGS[key]}")
-    unknown = sorted(set(args) - KNOWN_ARGS)
+        if key in unsupported:
+            raise ValueError(f"network_args {key}: {unsupported[key]}")
+    unknown = sorted(set(args) - known)
     if unknown:
-        raise ValueError(
-            f"unknown network_args for networks.lora_flux: {', '.join(unknown)}; valid: {', '.join(sorted(KNOWN_ARGS))}"
-        )
+        raise ValueError(f"unknown network_args for {module}: {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
     return args
 
 
@@ -388,10 +390,11 @@ def _as_list(text_encoders) -> list:
     return list(text_encoders)
 
 
-def te_candidates(text_encoders) -> list[tuple[str, nn.Module]]:
-    """(adapter name, Linear) of CLIP-L (`lora_te1_text_model_...`) and T5 (`lora_te3_encoder_block_...`)."""
+def te_candidates(text_encoders, prefixes: tuple[str, ...] = TE_PREFIXES) -> list[tuple[str, nn.Module]]:
+    """(adapter name, Linear) of the text encoders, one prefix each in order: FLUX's CLIP-L (`lora_te1_text_model_...`)
+    and T5 (`lora_te3_encoder_block_...`) by default. `lora_te3` is a T5 encoder, every other prefix a CLIP."""
     out = []
-    for prefix, te in zip(TE_PREFIXES, _as_list(text_encoders)):
+    for prefix, te in zip(prefixes, _as_list(text_encoders)):
         if te is None:
             continue
         is_t5 = prefix == "lora_te3"
@@ -446,30 +449,46 @@ class FluxLoRANetwork(LoRANetwork):
         common = {"multiplier": multiplier, "dropout": dropout, "rank_dropout": rank_dropout, "module_dropout": module_dropout}
         self.text_encoder_loras: list[LoRAModule] = []
         self.unet_loras: list[LoRAModule] = []
-        for name, module in te_candidates(text_encoders):
+        for name, module in self.te_candidates(text_encoders):
             if module_dims.get(name):
                 self.text_encoder_loras.append(LoRAModule(name, module, module_dims[name], alphas.get(name), **common))
         self._transformer = [transformer]  # a list: not a submodule
-        for name, paths in transformer_candidates(transformer) if transformer is not None else []:
+        for name, paths in self.transformer_candidates(transformer) if transformer is not None else []:
             if not module_dims.get(name):
                 continue
             modules = [transformer.get_submodule(p) for p in paths]
-            if len(modules) == 1:
-                self.unet_loras.append(LoRAModule(name, modules[0], module_dims[name], alphas.get(name), **common))
-            else:
-                cls = SplitLoRAModule if split_qkv else FusedLoRAModule
-                self.unet_loras.append(cls(name, modules, module_dims[name], alphas.get(name), **common))
+            self.unet_loras.append(self.transformer_lora(name, modules, module_dims[name], alphas.get(name), common))
         for m in self.loras:
             self.add_module(m.lora_name, m)
 
+    # The family hooks: a network of another family with fused adapters (SD3) overrides these four.
+
+    def te_candidates(self, text_encoders) -> list[tuple[str, nn.Module]]:
+        """(adapter name, Linear) of everything the text encoders can adapt."""
+        return te_candidates(text_encoders)
+
+    def transformer_candidates(self, transformer) -> list[tuple[str, list[str]]]:
+        """(adapter name, [diffusers Linear paths fused into it]) of everything the transformer can adapt."""
+        return transformer_candidates(transformer)
+
+    def transformer_lora(self, name: str, modules: list[nn.Module], rank: int, alpha: float | None, common: dict) -> LoRAModule:
+        """The adapter of one candidate: plain for one module, fused (split with split_qkv) for several."""
+        if len(modules) == 1:
+            return LoRAModule(name, modules[0], rank, alpha, **common)
+        cls = SplitLoRAModule if self.split_qkv else FusedLoRAModule
+        return cls(name, modules, rank, alpha, **common)
+
+    def to_kohya(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A diffusers/PEFT-layout file in this network's kohya keys (any other file as it is)."""
+        return peft_to_kohya(state_dict, self._transformer[0]) if is_peft_layout(state_dict) else state_dict
+
     def te_group_prefix(self, lora_name: str) -> str:
-        return "_".join(lora_name.split("_")[:2])  # lora_te1 / lora_te3
+        return "_".join(lora_name.split("_")[:2])  # lora_te1 / lora_te2 / lora_te3
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "weights") -> list[str]:
-        """Load kohya FLUX keys, or a diffusers/PEFT-layout file (converted to the fused layout first). split_qkv
+        """Load kohya keys, or a diffusers/PEFT-layout file (converted to the fused layout first). split_qkv
         adapters take a block-diagonal fused adapter of their rank, or a plain one of their part rank (see fit_split_qkv)."""
-        if is_peft_layout(state_dict):
-            state_dict = peft_to_kohya(state_dict, self._transformer[0])
+        state_dict = self.to_kohya(state_dict)
         split = [m for m in self.unet_loras if isinstance(m, SplitLoRAModule)]
         if split:
             fused = {m.lora_name: m.splits for m in split}
@@ -490,11 +509,22 @@ def is_peft_layout(state_dict: dict) -> bool:
     return any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state_dict)
 
 
-def peft_to_kohya(state_dict: dict[str, torch.Tensor], transformer) -> dict[str, torch.Tensor]:
+def peft_to_kohya(
+    state_dict: dict[str, torch.Tensor],
+    transformer,
+    candidates: list[tuple[str, list[str]]] | None = None,
+    te_prefixes: dict[str, str] | None = None,
+    row_orders: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """A diffusers/PEFT-layout LoRA (`<prefix><module path>.lora_A.weight`, `.lora_B.weight`, optional `.alpha`) in kohya
     FLUX keys. Separate projections of one fused BFL Linear become one adapter exactly: down = cat of the A's (each
     scaled by its alpha / rank), up = block-diagonal of the B's (zero rows for a projection the file lacks), alpha = total
-    rank (scale 1). `transformer`: the FluxTransformer2DModel (meta is fine). Keys matching no target are kept unchanged."""
+    rank (scale 1). `transformer`: the FluxTransformer2DModel (meta is fine). Keys matching no target are kept unchanged.
+
+    Another family: `candidates` (kohya name, diffusers paths) of its transformer, `te_prefixes` (diffusers text
+    encoder prefix -> kohya prefix; `lora_te3_` is T5, the others CLIP) and `row_orders` (kohya name -> for each row
+    of its weight, the diffusers module's row it is, for a one-module adapter whose rows the original layout orders
+    differently)."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     passthrough = {}
     for key, value in state_dict.items():
@@ -503,28 +533,32 @@ def peft_to_kohya(state_dict: dict[str, torch.Tensor], transformer) -> dict[str,
             passthrough[key] = value
             continue
         modules.setdefault(key[: -len(suffix)], {})[_PEFT_SUFFIXES[suffix]] = value
+    te_prefixes = _PEFT_TE_PREFIXES if te_prefixes is None else te_prefixes
+    if candidates is None:
+        candidates = transformer_candidates(transformer) if transformer is not None else []
     transformer_modules, out = {}, {}
     for path, parts in modules.items():
         if "A" not in parts or "B" not in parts:
             raise ValueError(f"LoRA module {path} lacks its lora_A or lora_B weight")
-        te = next((p for p in _PEFT_TE_PREFIXES if path.startswith(p)), None)
+        te = next((p for p in te_prefixes if path.startswith(p)), None)
         if te is not None:
             inner = path[len(te) :]
-            if te == "text_encoder." and not inner.startswith("text_model."):
-                inner = "text_model." + inner
-            name = _PEFT_TE_PREFIXES[te] + inner.replace(".", "_")
+            if te_prefixes[te] != "lora_te3_" and not inner.startswith("text_model."):
+                inner = "text_model." + inner  # a CLIP: kohya names keep text_model
+            name = te_prefixes[te] + inner.replace(".", "_")
             out[name + ".lora_down.weight"], out[name + ".lora_up.weight"] = parts["A"], parts["B"]
             out[name + ".alpha"] = parts.get("alpha", torch.tensor(float(parts["A"].shape[0])))
             continue
         inner = next((path[len(p) :] for p in _PEFT_TRANSFORMER_PREFIXES if path.startswith(p)), path)
         transformer_modules[inner] = (path, parts)
-    for name, paths in transformer_candidates(transformer) if transformer is not None else []:
+    for name, paths in candidates:
         present = [p for p in paths if p in transformer_modules]
         if not present:
             continue
         if len(paths) == 1:
             parts = transformer_modules.pop(paths[0])[1]
-            out[name + ".lora_down.weight"], out[name + ".lora_up.weight"] = parts["A"], parts["B"]
+            up = parts["B"] if not row_orders or name not in row_orders else parts["B"][row_orders[name]]
+            out[name + ".lora_down.weight"], out[name + ".lora_up.weight"] = parts["A"], up
             out[name + ".alpha"] = parts.get("alpha", torch.tensor(float(parts["A"].shape[0])))
             continue
         downs, blocks = [], []
@@ -559,14 +593,22 @@ def _int_or_none(args: dict, key: str) -> int | None:
     return None if args.get(key) in (None, "None", "none") else int(args[key])
 
 
-def parse_in_dims(value) -> list[int]:
-    """ "[img,time,vector,guidance,txt]" -> five ranks (0 = no adapter)."""
+def parse_rank_list(value, key: str, names: tuple[str, ...]) -> list[int]:
+    """ "[a,b,...]" (or a list) -> one rank per entry of `names` (0 = no adapter); another count is an error."""
     if isinstance(value, str):
         value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
-    dims = [int(v) for v in value]
-    if len(dims) != 5:
-        raise ValueError(f"network_args in_dims needs 5 values [img,time,vector,guidance,txt], got {len(dims)}")
+    try:
+        dims = [int(v) for v in value]
+    except ValueError:
+        raise ValueError(f"network_args {key}: cannot read {value!r} as integers [{','.join(names)}]") from None
+    if len(dims) != len(names):
+        raise ValueError(f"network_args {key} needs {len(names)} values [{','.join(names)}], got {len(dims)}")
     return dims
+
+
+def parse_in_dims(value) -> list[int]:
+    """ "[img,time,vector,guidance,txt]" -> five ranks (0 = no adapter)."""
+    return parse_rank_list(value, "in_dims", ("img", "time", "vector", "guidance", "txt"))
 
 
 def flux_module_dims(text_encoders, transformer, network_dim: int, args: dict) -> dict[str, int]:
@@ -646,13 +688,27 @@ def create_network_from_weights(
     kwargs = _network_kwargs(args)
     if is_peft_layout(state_dict):
         state_dict = peft_to_kohya(state_dict, transformer)
-    fused = split_targets(transformer) if kwargs["split_qkv"] else {}
+    dims, alphas = split_aware_dims(state_dict, split_targets(transformer) if kwargs["split_qkv"] else {})
+    return FluxLoRANetwork(text_encoders, transformer, dims, alphas, multiplier=multiplier, **kwargs)
+
+
+def split_aware_dims(state_dict: dict[str, torch.Tensor], fused: dict[str, list[int]]) -> tuple[dict[str, int], dict[str, float]]:
+    """Per-adapter rank and alpha of a kohya file for a network whose adapters in `fused` (name -> the parts' output
+    widths; empty without split_qkv) are split: theirs are per part (see fit_split_qkv)."""
     dims, alphas = dims_from_weights(fit_split_qkv(state_dict, fused))
     for name, splits in fused.items():
         if name in dims:
             dims[name] //= len(splits)
             alphas[name] /= len(splits)
-    return FluxLoRANetwork(text_encoders, transformer, dims, alphas, multiplier=multiplier, **kwargs)
+    return dims, alphas
+
+
+def add_delta(module: LoRAModule, delta: torch.Tensor) -> None:
+    """Add `delta` (shaped like the adapter's fused weight) to the weights `module` adapts: each Linear of a fused
+    adapter gets its rows."""
+    orgs = module.org_modules if isinstance(module, FusedLoRAModule) else [module.org_module]
+    for org, rows in zip(orgs, torch.split(delta, [o.weight.shape[0] for o in orgs], dim=0)):
+        org.weight += rows.to(org.weight.device, org.weight.dtype)
 
 
 def merge_into_transformer(state_dict: dict[str, torch.Tensor], ratio: float, transformer: nn.Module, text_encoders=None) -> int:
@@ -672,8 +728,5 @@ def merge_into_transformer(state_dict: dict[str, torch.Tensor], ratio: float, tr
         for name, m in found.items():
             down = state_dict[name + ".lora_down.weight"].float()
             up = state_dict[name + ".lora_up.weight"].float()
-            delta = lora_delta(down, up, alphas[name] / dims[name]) * ratio
-            orgs = m.org_modules if isinstance(m, FusedLoRAModule) else [m.org_module]
-            for org, rows in zip(orgs, torch.split(delta, [o.out_features for o in orgs], dim=0)):
-                org.weight += rows.to(org.weight.dtype)
+            add_delta(m, lora_delta(down, up, alphas[name] / dims[name]) * ratio)
     return len(found)
