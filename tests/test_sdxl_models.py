@@ -53,7 +53,7 @@ class Tiny:
         # sd-scripts' --tokenizer_cache_dir layout; the bigG files pad with eos here: kiln must still pad with "!"
         self.tokenizers = str(root / "tokenizers")
         write_tiny_clip_tokenizer(model_files.hub_cache_folder(self.tokenizers, model_files.CLIP_L_HUB_ID))
-        write_tiny_clip_tokenizer(model_files.hub_cache_folder(self.tokenizers, sdxl_models.BIGG_HUB_ID))
+        write_tiny_clip_tokenizer(model_files.hub_cache_folder(self.tokenizers, model_files.CLIP_BIGG_HUB_ID))
 
 
 @pytest.fixture(scope="module")
