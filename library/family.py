@@ -4,6 +4,7 @@ one batch, sampling and metadata. The DDPM families (SD 1.x/2.x, SDXL) share `Dd
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -76,11 +77,29 @@ class ModelFamily(ABC):
             return [to_device(cached[k], models.denoiser.device) for k in self.text_output_keys]
         return self.encode_text(args, models, batch["captions"])
 
+    # the denoiser's ModuleLists whose blocks --blocks_to_swap streams, in the order they run (empty: no block swap)
+    swap_block_lists: tuple[str, ...] = ()
+
     def place_models(self, args, models: TrainModels, device: torch.device, dtype: torch.dtype) -> None:
         """Put the text encoders and the denoiser on the device in the working dtype; float8-stored weights stay
-        float8 (place_module). Families with block swap place their denoiser themselves."""
-        for m in [*models.text_encoders, models.denoiser]:
+        float8 (place_module). With --blocks_to_swap (families with swap_block_lists) the denoiser's last blocks stay
+        in host memory and `self.swapper` streams them in (swap_denoiser_blocks)."""
+        for m in models.text_encoders:
             place_module(m, device, dtype)
+        if self.swap_block_lists and getattr(args, "blocks_to_swap", None):
+            self.swapper = swap_denoiser_blocks(models.denoiser, self.swap_block_lists, args.blocks_to_swap, device, dtype)
+        else:
+            place_module(models.denoiser, device, dtype)
+
+    def sampling_block_swap(self) -> contextlib.AbstractContextManager:
+        """For preview sampling: with block swap, stream only the blocks that do not fit in free device memory
+        (sampling keeps no activations for backward); otherwise nothing."""
+        swapper = getattr(self, "swapper", None)
+        if swapper is None:
+            return contextlib.nullcontext()
+        from library.custom_offloading_utils import blocks_to_swap_for_inference, free_memory_bytes
+
+        return swapper.swapping_fewer(blocks_to_swap_for_inference(swapper, free_memory_bytes(swapper.device)))
 
     # --- the base model before any adapter: --base_weights merged in, then --fp8_base storage -------------------------
 
@@ -370,3 +389,43 @@ def base_weights_plan(args) -> list[tuple[str, float]]:
         if not os.path.isfile(path):
             raise ValueError(f"--base_weights {path}: no such file")
     return list(zip(files, multipliers + [1.0] * (len(files) - len(multipliers))))
+
+
+def add_block_swap_argument(group, what: str) -> None:
+    """--blocks_to_swap; `what` says what the family's blocks are and how many it has (for --help)."""
+    group.add_argument(
+        "--blocks_to_swap",
+        type=int,
+        default=None,
+        help="keep the weights of this many transformer blocks in host memory and stream them in per block "
+        f"(less GPU memory, slower; {what}: at most the block count minus 2; more is lowered to that, with a warning)",
+    )
+
+
+def check_block_swap_args(args) -> None:
+    """A negative --blocks_to_swap is refused (before any cache is written)."""
+    if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
+        raise ValueError(f"--blocks_to_swap {args.blocks_to_swap}: give a number of blocks, 0 or more")
+
+
+def swap_denoiser_blocks(model: torch.nn.Module, block_lists, blocks_to_swap: int, device, dtype: torch.dtype):
+    """Block swap for a denoiser whose repeated blocks are the ModuleLists named in `block_lists` (in the order they
+    run): the model in the working dtype (float8-stored weights stay float8), everything but those blocks on `device`,
+    and a BlockSwapper that keeps the last `blocks_to_swap` blocks in host memory (lowered, with a warning, to the
+    block count minus 2). Returns the swapper."""
+    from library.custom_offloading_utils import BlockSwapper
+    from library.fp8_utils import FP8_DTYPES
+
+    blocks = [block for name in block_lists for block in getattr(model, name)]
+    count = min(blocks_to_swap, len(blocks) - 2)
+    if count < blocks_to_swap:
+        logger.warning(
+            f"--blocks_to_swap {blocks_to_swap}: this transformer has {len(blocks)} blocks, so "
+            f"{count} are swapped (at most the block count minus 2)"
+        )
+    if not any(p.dtype in FP8_DTYPES for p in model.parameters()):
+        model.to(dtype=dtype)
+    for name, child in model.named_children():
+        if name not in block_lists:
+            child.to(device)
+    return BlockSwapper(blocks, max(count, 0), device)

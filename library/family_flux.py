@@ -3,23 +3,24 @@ block swap and fp8 base weights for the transformer."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from library import flow_matching as fm
 from library import flux_train_utils as flow
 from library import sd_train_utils
 from library.family import (
     ModelFamily,
     TrainModels,
+    add_block_swap_argument,
     add_fp8_arguments,
     add_text_cache_arguments,
     check_base_model_args,
+    check_block_swap_args,
     check_text_cache_args,
-    place_module,
 )
 from library.sample_prompts import FLUX_DEFAULTS, SamplePrompt
 from library.sampling import sample_with_pipeline
@@ -44,6 +45,7 @@ class FluxFamily(ModelFamily):
     }
     caches_text_encoder_outputs = True
     text_output_keys = TE_OUTPUT_KEYS
+    swap_block_lists = ("transformer_blocks", "single_transformer_blocks")
 
     def add_arguments(self, parser) -> None:
         g = parser.add_argument_group("FLUX.1")
@@ -95,23 +97,16 @@ class FluxFamily(ModelFamily):
             "float32 as T5 requires)",
             "store only the transformer's frozen Linear weights in float8",
         )
-        g.add_argument(
-            "--blocks_to_swap",
-            type=int,
-            default=None,
-            help="keep the weights of this many transformer blocks in host memory and stream them in per block "
-            "(less GPU memory, slower; FLUX.1 has 57 blocks: at most 55; more is lowered to that, with a warning)",
-        )
+        add_block_swap_argument(g, "FLUX.1 has 57 blocks")
 
     def check_args(self, args) -> None:
-        flow.refuse_ddpm_only_options(args)
+        fm.refuse_ddpm_only_options(args)
         if args.v2 or args.clip_skip:
             raise ValueError("--v2 and --clip_skip are for SD models, not FLUX")
         check_text_cache_args(args)
         if args.weighted_captions:
             raise ValueError("--weighted_captions is for SD 1.x/2.x and SDXL")
-        if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
-            raise ValueError(f"--blocks_to_swap {args.blocks_to_swap}: give a number of blocks, 0 or more")
+        check_block_swap_args(args)
         check_base_model_args(args)
 
     def load_models(self, args) -> TrainModels:
@@ -141,32 +136,6 @@ class FluxFamily(ModelFamily):
         if not is_peft_layout(state_dict):
             check_lora_keys(state_dict)
         return merge_into_transformer(state_dict, multiplier, models.denoiser, models.text_encoders)
-
-    def place_models(self, args, models: TrainModels, device, dtype) -> None:
-        """fp8-stored modules keep their float8 weights (the rest was cast with them); with --blocks_to_swap the
-        transformer's last blocks stay in host memory and a BlockSwapper streams them in."""
-        from library.fp8_utils import FP8_DTYPES
-
-        for m in [*models.text_encoders, models.denoiser]:
-            has_fp8 = any(p.dtype in FP8_DTYPES for p in m.parameters())
-            if m is models.denoiser and args.blocks_to_swap:
-                from library.custom_offloading_utils import BlockSwapper
-
-                blocks = [*m.transformer_blocks, *m.single_transformer_blocks]
-                count = min(args.blocks_to_swap, len(blocks) - 2)
-                if count < args.blocks_to_swap:
-                    logger.warning(
-                        f"--blocks_to_swap {args.blocks_to_swap}: this transformer has {len(blocks)} blocks, so "
-                        f"{count} are swapped (at most the block count minus 2)"
-                    )
-                if not has_fp8:
-                    m.to(dtype=dtype)
-                for name, child in m.named_children():
-                    if name not in ("transformer_blocks", "single_transformer_blocks"):
-                        child.to(device)
-                self.swapper = BlockSwapper(blocks, count, device)
-            else:
-                place_module(m, device, dtype)
 
     def strategies(self, args, models: TrainModels):
         if not hasattr(self, "_tokenize"):
@@ -211,7 +180,7 @@ class FluxFamily(ModelFamily):
         host_sigmas, sigmas = sigmas, to_device(sigmas, device)
         noisy = torch.cat(
             [
-                flow.noisy_model_input(
+                fm.noisy_model_input(
                     x0[i : i + 1],
                     noise[i : i + 1],
                     sigmas[i : i + 1],
@@ -245,8 +214,8 @@ class FluxFamily(ModelFamily):
         )
         c_huber = None
         if args.loss_type in ("huber", "smooth_l1"):
-            c_huber = flow.huber_c(host_sigmas, args.huber_schedule, args.huber_c, args.huber_scale)
-        loss = sd_train_utils.conditional_loss(pred, flow.flow_matching_target(x0, noise), args.loss_type, c_huber)
+            c_huber = fm.huber_c(host_sigmas, args.huber_schedule, args.huber_c, args.huber_scale)
+        loss = sd_train_utils.conditional_loss(pred, fm.flow_matching_target(x0, noise), args.loss_type, c_huber)
         if weighting is not None:
             loss = loss * weighting
         if args.masked_loss and batch.get("alpha_masks") is not None:
@@ -289,17 +258,10 @@ class FluxFamily(ModelFamily):
                 out["mask"] = t5_mask.amax(dim=0, keepdim=True)
             return out
 
-        swapper = getattr(self, "swapper", None)
-        if swapper is None:
-            swap_less = contextlib.nullcontext()
-        else:  # sampling keeps no activations for backward: stream only the blocks that do not fit
-            from library.custom_offloading_utils import blocks_to_swap_for_inference, free_memory_bytes
-
-            swap_less = swapper.swapping_fewer(blocks_to_swap_for_inference(swapper, free_memory_bytes(swapper.device)))
-        with swap_less:
+        with self.sampling_block_swap():
             return sample_flux_images(
                 models,
-                flow.make_noise_scheduler(args.discrete_flow_shift).config,
+                fm.make_noise_scheduler(args.discrete_flow_shift).config,
                 prompts,
                 encode_prompts,
                 output_dir,

@@ -1,4 +1,6 @@
-"""Latent packing, timesteps, noisy inputs, targets and loss weights of FLUX (rectified-flow / flow-matching) training.
+"""What FLUX's flow-matching training has of its own: latent packing and position ids, its ``--timestep_sampling``
+methods, ``--model_prediction_type``, embedded guidance and the T5 attention mask. The family-neutral flow-matching
+pieces (schedule, densities, noisy inputs, loss weights, huber c) are in ``library.flow_matching``.
 
 Pure torch functions, no training-loop state. Every random draw takes an explicit ``generator`` so that a run can be
 replayed exactly; with ``generator=None`` the global CPU RNG is used. Draws happen on the generator's device (CPU
@@ -15,19 +17,22 @@ loss target. Semantics follow sd-scripts' FLUX flags (``--timestep_sampling``, `
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
+from library.flow_matching import (
+    NUM_TRAIN_TIMESTEPS,
+    _sigma_table,
+    density_for_timestep_sampling,
+    loss_weighting,
+    per_sample_view,
+    shift_sigmas,
+    x0_from_velocity,
+)
 from library.transfer import to_device
 
-NUM_TRAIN_TIMESTEPS = 1000
-
 TIMESTEP_SAMPLING_METHODS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
-WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform")
 MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
 
 # flux_shift: mu is the line through (BASE_SEQ_LEN, BASE_SHIFT) and (MAX_SEQ_LEN, MAX_SHIFT) (FLUX's dynamic shifting)
@@ -35,20 +40,6 @@ BASE_SEQ_LEN = 256
 MAX_SEQ_LEN = 4096
 BASE_SHIFT = 0.5
 MAX_SHIFT = 1.15
-
-# sd-scripts flags that only mean something for the DDPM (epsilon / v-prediction) families
-DDPM_ONLY_OPTIONS = (
-    "min_snr_gamma",
-    "v_parameterization",
-    "scale_v_pred_loss_like_noise_pred",
-    "v_pred_like_loss",
-    "debiased_estimation_loss",
-    "zero_terminal_snr",
-    "noise_offset",
-    "multires_noise_iterations",
-    "adaptive_noise_scale",
-)
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # latent packing and position ids
@@ -103,34 +94,7 @@ def text_position_ids(length: int, device: torch.device | str | None = None, dty
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# schedule and timestep sampling
-
-
-def make_noise_scheduler(discrete_flow_shift: float = 3.0) -> FlowMatchEulerDiscreteScheduler:
-    """FLUX's training schedule (``--discrete_flow_shift``): diffusers' ``FlowMatchEulerDiscreteScheduler`` with 1000
-    steps and ``shift = s``, whose discrete sigmas are ``sigma_i = s*t / (1 + (s-1)*t)`` with ``t = (1000 - i) / 1000``,
-    ``i = 0 .. 999`` (1 down to ``shift(0.001)``), and timesteps ``sigma_i * 1000``."""
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=discrete_flow_shift)
-
-
-@functools.lru_cache(maxsize=16)
-def _shared_scheduler(discrete_flow_shift: float) -> FlowMatchEulerDiscreteScheduler:
-    """One :func:`make_noise_scheduler` per shift for the per-step helpers (timestep sampling and huber_c run per sample
-    per step). Shared, so read only here: nothing calls set_timesteps or step on it; whoever needs a scheduler to
-    drive gets a fresh one from :func:`make_noise_scheduler`."""
-    return make_noise_scheduler(discrete_flow_shift)
-
-
-@functools.lru_cache(maxsize=16)
-def _sigma_table(discrete_flow_shift: float, device: torch.device) -> torch.Tensor:
-    """The discrete sigmas of :func:`make_noise_scheduler` (float32, on ``device``), built once per (shift, device).
-    Shared, so read only: callers index it and never write to it (:func:`training_sigmas` hands out copies)."""
-    return _shared_scheduler(discrete_flow_shift).sigmas.to(device=device, dtype=torch.float32)
-
-
-def training_sigmas(discrete_flow_shift: float = 3.0) -> torch.Tensor:
-    """The 1000 discrete training sigmas of :func:`make_noise_scheduler` (float32, CPU): a copy of the cached table."""
-    return _sigma_table(float(discrete_flow_shift), torch.device("cpu")).clone()
+# timestep sampling
 
 
 def flux_shift_mu(image_seq_len: int | float) -> float:
@@ -147,36 +111,6 @@ def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
     return math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
 
 
-def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
-    """``s * sigma / (1 + (s - 1) * sigma)`` (identity for s = 1; s > 1 moves mass toward noise)."""
-    return sigmas * shift / (1.0 + (shift - 1.0) * sigmas)
-
-
-def density_for_timestep_sampling(
-    weighting_scheme: str,
-    batch: int,
-    generator: torch.Generator | None = None,
-    logit_mean: float = 0.0,
-    logit_std: float = 1.0,
-    mode_scale: float = 1.29,
-) -> torch.Tensor:
-    """``batch`` draws of ``u`` in [0, 1] (float32, on the generator's device) from the density of ``weighting_scheme``
-    (SD3 paper, arXiv:2403.03206, section 3.1):
-
-    - ``logit_normal``: ``u = sigmoid(n)``, ``n ~ N(logit_mean, logit_std^2)`` (drawn as ``logit_mean + logit_std * N(0,1)``);
-    - ``mode``: ``u0 ~ U[0, 1)``, ``u = 1 - u0 - mode_scale * (cos(pi * u0 / 2)^2 - 1 + u0)``;
-    - anything else (``uniform``, ``none``, ``sigma_sqrt``, ``cosmap``): ``u ~ U[0, 1)``.
-    """
-    draw_device = generator.device if generator is not None else torch.device("cpu")
-    if weighting_scheme == "logit_normal":
-        n = torch.randn((batch,), generator=generator, device=draw_device, dtype=torch.float32)
-        return torch.sigmoid(n * logit_std + logit_mean)
-    u = torch.rand((batch,), generator=generator, device=draw_device, dtype=torch.float32)
-    if weighting_scheme == "mode":
-        u = 1.0 - u - mode_scale * (torch.cos(math.pi * u / 2.0) ** 2 - 1.0 + u)
-    return u
-
-
 def sample_sigmas(
     batch: int,
     method: str = "sigma",
@@ -191,7 +125,7 @@ def sample_sigmas(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """``batch`` noise levels sigma (float32, shape (B,)) per ``--timestep_sampling``; timesteps are ``sigma * 1000``
-    (:func:`timesteps_from_sigmas`). With ``n ~ N(0, 1)`` and ``s`` = ``discrete_flow_shift``:
+    (``flow_matching.timesteps_from_sigmas``). With ``n ~ N(0, 1)`` and ``s`` = ``discrete_flow_shift``:
 
     - ``uniform``: ``sigma ~ U[0, 1)``;
     - ``sigmoid``: ``sigma = sigmoid(sigmoid_scale * n)``;
@@ -199,8 +133,8 @@ def sample_sigmas(
     - ``flux_shift``: ``t = sigmoid(sigmoid_scale * n)``, ``mu = flux_shift_mu(image_seq_len)`` (0.5 at 256 tokens, 1.15 at
       4096), ``sigma = e^mu / (e^mu + (1/t - 1))``; needs ``image_seq_len`` (packed tokens, ``(H/2)*(W/2)``);
     - ``sigma`` (sd-scripts' default): ``u`` from :func:`density_for_timestep_sampling` (``weighting_scheme``,
-      ``logit_mean``, ``logit_std``, ``mode_scale``), then the discrete sigma ``sigmas[floor(u * 1000)]`` of
-      :func:`make_noise_scheduler` (``discrete_flow_shift``), i.e. ``shift_s((1000 - floor(1000 u)) / 1000)``. The index is
+      ``logit_mean``, ``logit_std``, ``mode_scale``; in ``library.flow_matching``), then the discrete sigma ``sigmas[floor(u * 1000)]`` of
+      ``flow_matching.make_noise_scheduler`` (``discrete_flow_shift``), i.e. ``shift_s((1000 - floor(1000 u)) / 1000)``. The index is
       clamped to [0, 999]: the ``mode`` density reaches u = 1 exactly when ``u0 = 0``, where sd-scripts would index past
       the end.
 
@@ -230,93 +164,8 @@ def sample_sigmas(
     return sigmas if device is None else to_device(sigmas, device)
 
 
-def timesteps_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
-    """The model's timestep input: ``sigma * 1000`` (float)."""
-    return sigmas * NUM_TRAIN_TIMESTEPS
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# forward process and target
-
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B,) (or already broadcastable) ``values`` reshaped to (B, 1, ..., 1) on ``like``'s device, float32."""
-    values = to_device(values, like.device, torch.float32)
-    if values.ndim == 1:
-        values = values.reshape(-1, *([1] * (like.ndim - 1)))
-    return values
-
-
-def noisy_model_input(
-    latents: torch.Tensor,
-    noise: torch.Tensor,
-    sigmas: torch.Tensor,
-    ip_noise_gamma: float | None = None,
-    ip_noise_gamma_random_strength: bool = False,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The model input ``x_t = (1 - sigma) * x0 + sigma * n`` (``sigmas`` (B,) broadcast per sample; computed in float32,
-    returned in ``latents``' dtype).
-
-    ``n = noise``, or with input perturbation (``ip_noise_gamma``, arXiv:2301.11706) ``n = noise + g * N(0, 1)``, where
-    ``g = ip_noise_gamma`` or, with random strength, ``u * ip_noise_gamma`` with one ``u ~ U[0, 1)`` for the batch. The
-    loss target (:func:`flow_matching_target`) still uses the unperturbed ``noise``. Draw order: [u]; perturbation noise
-    (on the generator's device, CPU without one).
-    """
-    input_noise = noise.float()
-    if ip_noise_gamma:
-        draw_device = generator.device if generator is not None else torch.device("cpu")
-        strength: torch.Tensor | float = ip_noise_gamma
-        if ip_noise_gamma_random_strength:
-            strength = to_device(torch.rand((), generator=generator, device=draw_device), latents.device) * ip_noise_gamma
-        xi = torch.randn(tuple(latents.shape), generator=generator, device=draw_device, dtype=torch.float32)
-        input_noise = input_noise + strength * to_device(xi, latents.device)
-    s = _per_sample(sigmas, latents)
-    return ((1.0 - s) * latents.float() + s * input_noise).to(latents.dtype)
-
-
-def flow_matching_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The loss target of FLUX training, the flow velocity ``eps - x0`` (``noise - latents``)."""
-    return noise - latents
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# loss weighting and model prediction types
-
-
-def huber_c(sigmas: torch.Tensor, schedule: str = "snr", huber_c: float = 0.1, huber_scale: float = 1.0) -> torch.Tensor:
-    """The per-sample ``c`` of the huber / smooth_l1 losses for flow-matching noise levels ``sigmas`` (B,) (float32,
-    on ``sigmas``' device):
-
-    - ``constant`` and ``exponential``: as for DDPM (``library.sd_train_utils.huber_c``) at timestep ``sigma x 1000``;
-    - ``snr``: the DDPM formula ``c = (1 - huber_c) / (1 + s)^2 + huber_c`` with ``s`` the noise-to-signal ratio of the
-      noised sample. DDPM's ``s = sqrt((1 - a_t) / a_t)`` is the noise std over the signal scale; for
-      ``x_t = (1 - sigma) x0 + sigma n`` it is ``sigma / (1 - sigma)``: about 1 at sigma = 0, ``huber_c`` at sigma = 1.
-      (sd-scripts crashes on this, its default schedule, for FLUX.)
-    """
-    from library import sd_train_utils
-
-    if schedule != "snr":
-        timesteps = (sigmas * NUM_TRAIN_TIMESTEPS).long()
-        return sd_train_utils.huber_c(timesteps, _shared_scheduler(3.0), schedule, huber_c, huber_scale)
-    s = sigmas.double()
-    ratio = s / (1.0 - s)  # inf at sigma = 1, giving c = huber_c
-    return ((1.0 - huber_c) / (1.0 + ratio) ** 2 + huber_c).float()
-
-
-def loss_weighting(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss weight for ``--weighting_scheme`` (float32, same shape as ``sigmas``):
-
-    - ``sigma_sqrt``: ``sigma^-2``;
-    - ``cosmap``: ``2 / (pi * (1 - 2 sigma + 2 sigma^2))``;
-    - anything else (``uniform``, ``none``, ``logit_normal``, ``mode``): 1 (those schemes act through the sampling density).
-    """
-    sigmas = sigmas.float()
-    if weighting_scheme == "sigma_sqrt":
-        return sigmas**-2.0
-    if weighting_scheme == "cosmap":
-        return 2.0 / (math.pi * (1.0 - 2.0 * sigmas + 2.0 * sigmas**2))
-    return torch.ones_like(sigmas)
+# model prediction types
 
 
 def apply_model_prediction_type(
@@ -344,9 +193,8 @@ def apply_model_prediction_type(
     if kind == "additive":
         return model_pred + noisy_input, None
     if kind == "sigma_scaled":
-        s = _per_sample(sigmas, model_pred)
-        pred = (model_pred.float() * (-s) + noisy_input.float()).to(model_pred.dtype)
-        return pred, loss_weighting(weighting_scheme, s)
+        weight = loss_weighting(weighting_scheme, per_sample_view(sigmas, model_pred))
+        return x0_from_velocity(model_pred, noisy_input, sigmas), weight
     raise ValueError(f"unknown model_prediction_type {kind!r}; expected one of {', '.join(MODEL_PREDICTION_TYPES)}")
 
 
@@ -363,23 +211,3 @@ def guidance_vector(
 ) -> torch.Tensor:
     """The embedded-guidance input of guidance-distilled FLUX (dev): ``guidance_scale`` repeated, shape (B,)."""
     return torch.full((batch,), float(guidance_scale), device=device, dtype=dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# argument checks
-
-
-def refuse_ddpm_only_options(args: Any) -> None:
-    """Raise ``ValueError`` naming every DDPM-only option that is set (truthy) on ``args`` (an argparse namespace or
-    any object; missing attributes count as unset): ``--min_snr_gamma``, ``--v_parameterization``,
-    ``--scale_v_pred_loss_like_noise_pred``, ``--v_pred_like_loss``, ``--debiased_estimation_loss``,
-    ``--zero_terminal_snr``, ``--noise_offset``, ``--multires_noise_iterations``, ``--adaptive_noise_scale``. They rely on
-    an SNR / alphas_cumprod schedule or epsilon noise tweaks that flow matching does not have; sd-scripts silently ignores
-    them for FLUX, kiln refuses them."""
-    set_flags = [name for name in DDPM_ONLY_OPTIONS if getattr(args, name, None)]
-    if set_flags:
-        listed = ", ".join(f"--{name}" for name in set_flags)
-        raise ValueError(
-            f"{listed}: DDPM-only option(s) that mean nothing for flow-matching (FLUX) training; remove them"
-            " (they would be silently ignored by sd-scripts)"
-        )

@@ -1,4 +1,5 @@
-"""Packing, timesteps, noisy inputs, targets and loss weights of FLUX (library/flux_train_utils.py): hand-computed values."""
+"""Packing, timesteps, noisy inputs, targets and loss weights of FLUX (library/flux_train_utils.py and the flow-matching
+code it shares with SD3, library/flow_matching.py): hand-computed values."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import pytest
 import torch
 
+from library import flow_matching as fm
 from library import flux_train_utils as ftu
 
 
@@ -99,7 +101,7 @@ def test_shift_formula_and_s1_equals_sigmoid():
     t = torch.sigmoid(n)
     close(ftu.sample_sigmas(6, "shift", gen(5), discrete_flow_shift=3.0), 3 * t / (1 + 2 * t))
     assert torch.equal(ftu.sample_sigmas(6, "shift", gen(5), discrete_flow_shift=1.0), ftu.sample_sigmas(6, "sigmoid", gen(5)))
-    close(ftu.shift_sigmas(torch.tensor([0.5]), 3.0), [0.75])  # 1.5 / 2
+    close(fm.shift_sigmas(torch.tensor([0.5]), 3.0), [0.75])  # 1.5 / 2
 
 
 def test_flux_shift_mu_and_formula():
@@ -124,7 +126,7 @@ def test_flux_shift_mu_and_formula():
 
 
 def test_scheduler_sigmas_by_hand():
-    sig = ftu.make_noise_scheduler(3.0).sigmas
+    sig = fm.make_noise_scheduler(3.0).sigmas
     assert sig.shape == (1000,)
     close(sig[0], 1.0)
     close(sig[999], 0.003 / 1.002)  # t = 0.001
@@ -142,7 +144,7 @@ def test_sigma_method_uniform_density():
 
 def test_sigma_method_logit_normal_and_mode_densities():
     u = torch.sigmoid(0.5 + 2.0 * torch.randn(6, generator=gen(8)))
-    close(ftu.density_for_timestep_sampling("logit_normal", 6, gen(8), logit_mean=0.5, logit_std=2.0), u)
+    close(fm.density_for_timestep_sampling("logit_normal", 6, gen(8), logit_mean=0.5, logit_std=2.0), u)
     t = (1000 - (u * 1000).floor()) / 1000
     close(
         ftu.sample_sigmas(
@@ -152,11 +154,11 @@ def test_sigma_method_logit_normal_and_mode_densities():
     )
     u0 = torch.rand(6, generator=gen(9))
     close(
-        ftu.density_for_timestep_sampling("mode", 6, gen(9), mode_scale=1.29),
+        fm.density_for_timestep_sampling("mode", 6, gen(9), mode_scale=1.29),
         1 - u0 - 1.29 * (torch.cos(math.pi * u0 / 2) ** 2 - 1 + u0),
     )
-    close(ftu.density_for_timestep_sampling("mode", 6, gen(9), mode_scale=0.0), 1 - u0)  # scale 0: mirrored uniform
-    close(ftu.density_for_timestep_sampling("none", 6, gen(9)), u0)
+    close(fm.density_for_timestep_sampling("mode", 6, gen(9), mode_scale=0.0), 1 - u0)  # scale 0: mirrored uniform
+    close(fm.density_for_timestep_sampling("none", 6, gen(9)), u0)
 
 
 def test_sigma_method_clamps_u_equal_one(monkeypatch):
@@ -166,7 +168,7 @@ def test_sigma_method_clamps_u_equal_one(monkeypatch):
 
 
 def test_timesteps_and_unknown_method():
-    close(ftu.timesteps_from_sigmas(torch.tensor([0.0, 0.25, 1.0])), [0.0, 250.0, 1000.0])
+    close(fm.timesteps_from_sigmas(torch.tensor([0.0, 0.25, 1.0])), [0.0, 250.0, 1000.0])
     with pytest.raises(ValueError, match="timestep_sampling"):
         ftu.sample_sigmas(2, "logsnr", gen(0))
 
@@ -178,10 +180,10 @@ def test_timesteps_and_unknown_method():
 def test_noisy_input_and_target_by_hand():
     x0 = torch.full((3, 1, 2, 2), 2.0)
     eps = torch.full((3, 1, 2, 2), -1.0)
-    xt = ftu.noisy_model_input(x0, eps, torch.tensor([0.0, 0.25, 1.0]))
+    xt = fm.noisy_model_input(x0, eps, torch.tensor([0.0, 0.25, 1.0]))
     close(xt[:, 0, 0, 0], [2.0, 1.25, -1.0])  # 0.75*2 + 0.25*(-1) = 1.25
-    close(ftu.flow_matching_target(x0, eps), torch.full((3, 1, 2, 2), -3.0))
-    bf = ftu.noisy_model_input(x0.bfloat16(), eps.bfloat16(), torch.tensor([0.0, 0.25, 1.0]))
+    close(fm.flow_matching_target(x0, eps), torch.full((3, 1, 2, 2), -3.0))
+    bf = fm.noisy_model_input(x0.bfloat16(), eps.bfloat16(), torch.tensor([0.0, 0.25, 1.0]))
     assert bf.dtype == torch.bfloat16
 
 
@@ -191,16 +193,16 @@ def test_ip_noise_gamma():
     s = torch.tensor([0.3, 0.8])
     sb = s.view(2, 1, 1, 1)
     xi = torch.randn(2, 4, 4, 4, generator=gen(2))
-    close(ftu.noisy_model_input(x0, eps, s, ip_noise_gamma=0.1, generator=gen(2)), (1 - sb) * x0 + sb * (eps + 0.1 * xi))
+    close(fm.noisy_model_input(x0, eps, s, ip_noise_gamma=0.1, generator=gen(2)), (1 - sb) * x0 + sb * (eps + 0.1 * xi))
     g = gen(2)
     u = torch.rand((), generator=g)
     xi = torch.randn(2, 4, 4, 4, generator=g)
     close(
-        ftu.noisy_model_input(x0, eps, s, ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True, generator=gen(2)),
+        fm.noisy_model_input(x0, eps, s, ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True, generator=gen(2)),
         (1 - sb) * x0 + sb * (eps + u * 0.1 * xi),
     )
     # off: no draw, plain formula
-    close(ftu.noisy_model_input(x0, eps, s, ip_noise_gamma=0.0, generator=gen(2)), (1 - sb) * x0 + sb * eps)
+    close(fm.noisy_model_input(x0, eps, s, ip_noise_gamma=0.0, generator=gen(2)), (1 - sb) * x0 + sb * eps)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -209,11 +211,11 @@ def test_ip_noise_gamma():
 
 def test_loss_weighting_by_hand():
     s = torch.tensor([0.5, 0.25, 0.0])
-    close(ftu.loss_weighting("sigma_sqrt", s[:2]), [4.0, 16.0])
+    close(fm.loss_weighting("sigma_sqrt", s[:2]), [4.0, 16.0])
     # 1 - 2s + 2s^2: 0.5 at s=0.5, 0.625 at s=0.25, 1 at s=0
-    close(ftu.loss_weighting("cosmap", s), [4 / math.pi, 2 / (math.pi * 0.625), 2 / math.pi])
+    close(fm.loss_weighting("cosmap", s), [4 / math.pi, 2 / (math.pi * 0.625), 2 / math.pi])
     for scheme in ("uniform", "none", "logit_normal", "mode"):
-        close(ftu.loss_weighting(scheme, s), [1.0, 1.0, 1.0])
+        close(fm.loss_weighting(scheme, s), [1.0, 1.0, 1.0])
 
 
 def test_model_prediction_types_by_hand():
@@ -239,8 +241,8 @@ def test_sigma_scaled_of_true_velocity_is_x0():
     x0 = torch.randn(2, 4, 4, 4, generator=gen(0))
     eps = torch.randn(2, 4, 4, 4, generator=gen(1))
     s = torch.tensor([0.2, 0.9])
-    xt = ftu.noisy_model_input(x0, eps, s)
-    out, _ = ftu.apply_model_prediction_type("sigma_scaled", ftu.flow_matching_target(x0, eps), xt, s)
+    xt = fm.noisy_model_input(x0, eps, s)
+    out, _ = ftu.apply_model_prediction_type("sigma_scaled", fm.flow_matching_target(x0, eps), xt, s)
     close(out, x0, atol=1e-5)
 
 
@@ -270,8 +272,8 @@ def _defaults() -> argparse.Namespace:
 
 
 def test_refusal_names_each_set_flag():
-    ftu.refuse_ddpm_only_options(_defaults())  # nothing set: no error
-    ftu.refuse_ddpm_only_options(argparse.Namespace())  # missing attributes count as unset
+    fm.refuse_ddpm_only_options(_defaults())  # nothing set: no error
+    fm.refuse_ddpm_only_options(argparse.Namespace())  # missing attributes count as unset
     ns = _defaults()
     values = dict(
         min_snr_gamma=5.0,
@@ -287,14 +289,14 @@ def test_refusal_names_each_set_flag():
     for k, v in values.items():
         setattr(ns, k, v)
     with pytest.raises(ValueError) as e:
-        ftu.refuse_ddpm_only_options(ns)
-    for name in ftu.DDPM_ONLY_OPTIONS:
+        fm.refuse_ddpm_only_options(ns)
+    for name in fm.DDPM_ONLY_OPTIONS:
         assert f"--{name}" in str(e.value)
     for name in values:
         one = _defaults()
         setattr(one, name, values[name])
         with pytest.raises(ValueError) as e:
-            ftu.refuse_ddpm_only_options(one)
+            fm.refuse_ddpm_only_options(one)
         assert str(e.value).split(":")[0] == f"--{name}"  # only the set flag is listed
 
 
@@ -325,10 +327,10 @@ def test_huber_c_for_flow_matching_noise_levels():
     sigmas = torch.tensor([0.0, 0.5, 0.75, 1.0])
     # snr: DDPM's noise-to-signal ratio for x_t = (1 - s) x0 + s n is s / (1 - s): 0, 1, 3, inf
     expected = torch.tensor([1.0, 0.9 / 4 + 0.1, 0.9 / 16 + 0.1, 0.1])
-    assert torch.allclose(ftu.huber_c(sigmas, "snr", 0.1), expected, atol=1e-7)
-    assert torch.allclose(ftu.huber_c(sigmas, "constant", 0.1, 2.0), torch.full((4,), 0.2))
+    assert torch.allclose(fm.huber_c(sigmas, "snr", 0.1), expected, atol=1e-7)
+    assert torch.allclose(fm.huber_c(sigmas, "constant", 0.1, 2.0), torch.full((4,), 0.2))
     # exponential: huber_scale * huber_c ** (t / 1000) at t = sigma x 1000
-    assert torch.allclose(ftu.huber_c(sigmas, "exponential", 0.1, 1.0), 0.1 ** sigmas, atol=1e-6)
+    assert torch.allclose(fm.huber_c(sigmas, "exponential", 0.1, 1.0), 0.1 ** sigmas, atol=1e-6)
 
 
 def test_schedule_is_built_once_and_values_are_unchanged(monkeypatch):
@@ -337,7 +339,7 @@ def test_schedule_is_built_once_and_values_are_unchanged(monkeypatch):
     caller gets is a copy."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    fresh = {s: ftu.make_noise_scheduler(s).sigmas.float() for s in (3.0, 1.0)}
+    fresh = {s: fm.make_noise_scheduler(s).sigmas.float() for s in (3.0, 1.0)}
     built = []
 
     class Counting(FlowMatchEulerDiscreteScheduler):
@@ -345,9 +347,9 @@ def test_schedule_is_built_once_and_values_are_unchanged(monkeypatch):
             built.append(kwargs.get("shift"))
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(ftu, "FlowMatchEulerDiscreteScheduler", Counting)
-    ftu._shared_scheduler.cache_clear()
-    ftu._sigma_table.cache_clear()
+    monkeypatch.setattr(fm, "FlowMatchEulerDiscreteScheduler", Counting)
+    fm._shared_scheduler.cache_clear()
+    fm._sigma_table.cache_clear()
     try:
         for step in range(20):
             u = torch.rand(1, generator=gen(step))
@@ -357,16 +359,16 @@ def test_schedule_is_built_once_and_values_are_unchanged(monkeypatch):
             u1 = torch.sigmoid(torch.randn(1, generator=gen(step)))
             assert torch.equal(s1, fresh[1.0][(u1 * 1000).long().clamp(0, 999)])
             for schedule in ("constant", "exponential"):
-                ftu.huber_c(sigma, schedule, 0.1, 2.0)
+                fm.huber_c(sigma, schedule, 0.1, 2.0)
         assert sorted(built) == [1.0, 3.0]  # one scheduler per shift, for every call above
 
-        table = ftu.training_sigmas(3.0)
+        table = fm.training_sigmas(3.0)
         assert torch.equal(table, fresh[3.0])
         table.fill_(0.5)  # the caller's copy: the cache is untouched
-        assert torch.equal(ftu.training_sigmas(3.0), fresh[3.0])
+        assert torch.equal(fm.training_sigmas(3.0), fresh[3.0])
         assert torch.equal(ftu.sample_sigmas(1, "sigma", gen(0), discrete_flow_shift=3.0),
                            fresh[3.0][(torch.rand(1, generator=gen(0)) * 1000).long().clamp(0, 999)])
         assert sorted(built) == [1.0, 3.0]
     finally:
-        ftu._shared_scheduler.cache_clear()
-        ftu._sigma_table.cache_clear()
+        fm._shared_scheduler.cache_clear()
+        fm._sigma_table.cache_clear()
