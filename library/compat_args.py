@@ -38,7 +38,7 @@ OPTIONS = [
         "--disable_mmap_load_safetensors",
         "flag",
         "kiln reads safetensors files without keeping a memory map open; --disable_mmap_load_safetensors changes nothing",
-        scripts=("sdxl", "flux"),
+        scripts=("sdxl", "flux", "sd3"),
     ),
     CompatOption("--ddp_static_graph", "flag", NO_DDP_WRAPPER.format(flag="--ddp_static_graph")),
     CompatOption("--ddp_gradient_as_bucket_view", "flag", NO_DDP_WRAPPER.format(flag="--ddp_gradient_as_bucket_view")),
@@ -54,6 +54,31 @@ OPTIONS = [
         "--split_mode is deprecated in sd-scripts (it meant --blocks_to_swap 18); kiln trains FLUX blocks whole: "
         "use --blocks_to_swap to save memory",
         scripts=("flux",),
+    ),
+    CompatOption(
+        "--save_clip",
+        "flag",
+        "a LoRA run saves only the LoRA file; the CLIP weights are not written (they are not trained in place)",
+        scripts=("sd3",),
+    ),
+    CompatOption(
+        "--save_t5xxl",
+        "flag",
+        "a LoRA run saves only the LoRA file; the T5-XXL weights are not written (they are not trained in place)",
+        scripts=("sd3",),
+    ),
+    CompatOption(
+        "--t5xxl_device",
+        "str",
+        "kiln keeps T5-XXL on the training device with the other text encoders (--cache_text_encoder_outputs frees it "
+        "after caching when nothing samples); --t5xxl_device changes nothing",
+        scripts=("sd3",),
+    ),
+    CompatOption(
+        "--t5xxl_dtype",
+        "str",
+        "kiln runs T5-XXL in the --mixed_precision dtype (float8 weights with --fp8_base); --t5xxl_dtype changes nothing",
+        scripts=("sd3",),
     ),
     CompatOption("--huggingface_repo_id", "str", NO_UPLOAD, refused=True),
     CompatOption("--huggingface_repo_type", "str", NO_UPLOAD, refused=True),
@@ -101,7 +126,7 @@ OPTIONS = [
 
 
 def add_compat_arguments(parser: argparse.ArgumentParser, arch: str) -> None:
-    """Add the options of OPTIONS that sd-scripts' script for `arch` ("sd", "sdxl", "flux") has."""
+    """Add the options of OPTIONS that sd-scripts' script for `arch` ("sd", "sdxl", "flux", "sd3") has."""
     g = parser.add_argument_group(
         "sd-scripts options kiln handles differently (accepted so that sd-scripts command lines parse; "
         "each says what kiln does)"

@@ -181,7 +181,12 @@ def argument_problems(args, family: ModelFamily) -> list[str]:
 
         kind = detect_model_family(args.pretrained_model_name_or_path)
         if kind != family.arch:
-            other = {"sd": "train_network.py", "sdxl": "sdxl_train_network.py", "flux": "flux_train_network.py"}[kind]
+            other = {
+                "sd": "train_network.py",
+                "sdxl": "sdxl_train_network.py",
+                "flux": "flux_train_network.py",
+                "sd3": "sd3_train_network.py",
+            }[kind]
             problems.append(f"{args.pretrained_model_name_or_path} is a model for {other}, not {family.script_name}")
     try:
         family.check_args(args)

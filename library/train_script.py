@@ -76,12 +76,12 @@ def run_network_training(family: ModelFamily, description: str, argv: list[str] 
 
 
 def detect_model_family(path: str | None) -> str:
-    """The trainer family ("sd", "sdxl" or "flux") of a model path or built-in name: single files by their keys, folders by
-    model_index.json. Anything else (SD3, unknown) reads as "sd"; the SD loader then names the right script."""
+    """The trainer family ("sd", "sdxl", "flux" or "sd3") of a model path or built-in name: single files by their keys,
+    folders by model_index.json. Anything else (unknown) reads as "sd"; the SD loader then names the right script."""
     from library.checkpoint_files import detect_family, read_key_shapes
     from library.tiny_models import BUILTIN_FAMILY
 
-    kinds = {"sdxl": "sdxl", "flux": "flux"}
+    kinds = {"sdxl": "sdxl", "flux": "flux", "sd3": "sd3"}
     if not path:
         return "sd"
     if path in BUILTIN_FAMILY:
@@ -89,7 +89,7 @@ def detect_model_family(path: str | None) -> str:
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json")):
         with open(os.path.join(path, "model_index.json")) as f:
             name = json.load(f).get("_class_name", "")
-        return "sdxl" if "XL" in name else "flux" if "Flux" in name else "sd"
+        return "sdxl" if "XL" in name else "flux" if "Flux" in name else "sd3" if "StableDiffusion3" in name else "sd"
     if os.path.isfile(path) and path.endswith(".safetensors"):
         return kinds.get(detect_family(read_key_shapes(path)), "sd")
     return "sd"

@@ -12,15 +12,16 @@ import pytest
 from conftest import ROOT, launch_script, write_caption, write_image
 from safetensors import safe_open
 
-SCRIPTS = {"train_network": "sd", "sdxl_train_network": "sdxl", "flux_train_network": "flux"}
+SCRIPTS = {"train_network": "sd", "sdxl_train_network": "sdxl", "flux_train_network": "flux", "sd3_train_network": "sd3"}
 
 
 def family_of(arch: str):
     from library.family_flux import FluxFamily
     from library.family_sd import SdFamily
+    from library.family_sd3 import Sd3Family
     from library.family_sdxl import SdxlFamily
 
-    return {"sd": SdFamily, "sdxl": SdxlFamily, "flux": FluxFamily}[arch]()
+    return {"sd": SdFamily, "sdxl": SdxlFamily, "flux": FluxFamily, "sd3": Sd3Family}[arch]()
 
 
 def sd_scripts_options(script: str) -> list[list[str]]:
