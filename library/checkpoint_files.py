@@ -88,10 +88,11 @@ def detect_lora_family(keys: Iterable[str]) -> str:
     modules = {k.split(".", 1)[0] for k in keys}
     has = lambda *prefixes: any(m.startswith(prefixes) for m in modules)  # noqa: E731
 
+    # SD3 first: its T5 modules are lora_te3_ too; CLIP-G (lora_te2_) with T5 is SD3's alone
+    if has("lora_unet_joint_blocks_") or (has("lora_te2_") and has("lora_te3_")):
+        return "sd3"
     if has("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te3_"):  # lora_te3_: sd-scripts' FLUX T5
         return "flux"
-    if has("lora_unet_joint_blocks_"):
-        return "sd3"
     # lora_te1_ alone is no mark: FLUX files name CLIP-L lora_te1_ too
     if has("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "lora_te2_"):
         return "sdxl"

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import launch_script, write_caption, write_image
+from conftest import ROOT, launch_script, write_caption, write_image
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -200,6 +200,16 @@ def test_meaningless_options_stop_before_anything_loads(flags, named, tmp_path, 
     code, err = run_in_process(argv, capsys)
     assert code == 1 and len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_sd3_lora_files_are_told_from_flux_ones():
+    """SD3 LoRAs name T5 modules lora_te3_, as FLUX ones do: the joint blocks (or CLIP-G with T5) make them SD3's."""
+    from library.checkpoint_files import detect_lora_family
+
+    unet, clip_g = "lora_unet_joint_blocks_0_x_block_attn_qkv.alpha", "lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha"
+    t5 = "lora_te3_encoder_block_0_layer_0_SelfAttention_q.alpha"
+    assert detect_lora_family([unet, t5]) == detect_lora_family([clip_g, t5]) == detect_lora_family([unet]) == "sd3"
+    assert detect_lora_family(["lora_unet_double_blocks_0_img_attn_qkv.alpha", t5]) == "flux"
 
 
 def test_other_families_models_are_named(tmp_path, capsys):
@@ -455,29 +465,37 @@ def test_resume_continues_exactly_and_reuses_the_caches(trained):
 
 
 @pytest.mark.slow
-def test_sd35_medium_with_swap_offload_fp8_position_options_and_rebuilt_caches(trained, tmp_path):
-    """The tiny SD3.5 Medium layout: --blocks_to_swap lowered to what 3 blocks allow, checkpointed activations in host
-    memory, fp8 base weights, both attention masks (they change the text-encoder outputs: the caches are rebuilt),
-    sigma_sqrt weighting, SD3.5 Medium's position-embedding options, a preview with its own flow shift."""
+def test_readme_command_on_tiny_sd35_medium_with_offload_masks_and_position_options(trained, tmp_path):
+    """The README's SD3 command as written there, on kiln-tiny-sd3.5-medium instead of the model files
+    (--blocks_to_swap 20 lowered to what 3 blocks allow, fp8 base weights, bf16), plus checkpointed activations in host
+    memory, both attention masks (part of the text-encoder cache identity), SD3.5 Medium's position-embedding options
+    and previews, one with its own flow shift."""
+    import shlex
+
+    text = open(os.path.join(ROOT, "README.md")).read().split("accelerate launch sd3_train_network.py", 1)[1]
+    args = shlex.split(text.split("```", 1)[0].replace("\\\n", " "))
+    for flag in ("--clip_l", "--clip_g", "--t5xxl", "--dataset_config"):
+        del args[args.index(flag) : args.index(flag) + 2]
+    args[args.index("--pretrained_model_name_or_path") + 1] = "kiln-tiny-sd3.5-medium"
+    args[args.index("--output_dir") + 1] = str(tmp_path / "o")
     data = tmp_path / "data" / "2_shapes"
     shutil.copytree(trained["data"], data)  # with the caches of the first run (file times kept)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a shape --w 64 --h 64 --s 2 --d 3 --fs 2.0\na shape --w 64 --h 64 --s 2 --d 4\n")
     res = launch_script(
-        "sd3_train_network.py", *COMMON, "--pretrained_model_name_or_path", "kiln-tiny-sd3.5-medium", "--train_data_dir", tmp_path / "data",
-        "--output_dir", tmp_path / "o", "--max_train_steps", 2, "--mixed_precision", "bf16", "--fp8_base", "--blocks_to_swap", 20,
-        "--gradient_checkpointing", "--cpu_offload_checkpointing", "--apply_lg_attn_mask", "--apply_t5_attn_mask",
-        "--cache_text_encoder_outputs_to_disk", "--weighting_scheme", "sigma_sqrt", "--pos_emb_random_crop_rate", 0.5,
-        "--enable_scaled_pos_embed", "--sample_prompts", prompts, "--sample_every_n_steps", 2)
+        "sd3_train_network.py", *args, "--train_data_dir", tmp_path / "data", "--resolution", 64, "--caption_extension", ".txt",
+        "--train_batch_size", 2, "--max_data_loader_n_workers", 0, "--t5xxl_max_token_length", 16, "--seed", 3,
+        "--max_train_steps", 2, "--cpu_offload_checkpointing", "--apply_lg_attn_mask", "--apply_t5_attn_mask",
+        "--pos_emb_random_crop_rate", 0.5, "--enable_scaled_pos_embed", "--sample_prompts", prompts, "--sample_every_n_steps", 2)
     assert "--blocks_to_swap 20: this transformer has 3 blocks, so 1 are swapped" in res.stderr
-    with safe_open(str(tmp_path / "o" / "last.safetensors"), framework="pt") as f:
+    with safe_open(str(tmp_path / "o" / "mylora.safetensors"), framework="pt") as f:
         md, modules = f.metadata(), {k.split(".")[0] for k in f.keys()}
     assert md["ss_base_model_version"] == "5-medium" and md["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
-    assert md["ss_apply_lg_attn_mask"] == md["ss_apply_t5_attn_mask"] == "True" and md["ss_fp8_base"] == "True"
+    assert (md["ss_network_dim"], md["ss_fp8_base"], md["ss_weighting_scheme"], md["ss_mixed_precision"]) == ("16", "True", "logit_normal", "bf16")
+    assert md["ss_apply_lg_attn_mask"] == md["ss_apply_t5_attn_mask"] == "True" and md["ss_gradient_checkpointing"] == "True"
     assert "lora_unet_joint_blocks_0_x_block_attn2_qkv" in modules and "lora_unet_joint_blocks_2_x_block_attn2_qkv" not in modules
     assert sorted(n.rsplit("_", 1)[1] for n in os.listdir(tmp_path / "o" / "sample")) == ["3.png", "4.png"]
     with safe_open(str(data / "0_sd3_te.safetensors"), framework="pt") as f:
         identity = json.loads(f.metadata()["identity"])
     assert identity["apply_lg_attn_mask"] is True and identity["apply_t5_attn_mask"] is True
-    te_before = {n: t for n, t in trained["caches"].items() if n.endswith("_te.safetensors")}
-    assert all(cache_files(data)[n] != t for n, t in te_before.items())  # rebuilt
+    assert all(cache_files(data)[n] != t for n, t in trained["caches"].items())  # other encoders, VAE and masks: rebuilt
