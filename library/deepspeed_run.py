@@ -59,6 +59,8 @@ def add_deepspeed_arguments(parser) -> None:
 
 def deepspeed_problems(args) -> list[str]:
     """Argument problems of a --deepspeed run (or of DeepSpeed options given without --deepspeed), one line each."""
+    if not hasattr(args, "deepspeed"):  # a parser without the DeepSpeed options (e.g. a cache tool's)
+        return []
     given = [f"--{name}" for name in (*STAGE3_ONLY, "offload_optimizer_device", "fp16_master_weights_and_gradients") if getattr(args, name)]
     if args.zero_stage != 2:
         given.insert(0, "--zero_stage")
@@ -108,7 +110,6 @@ def deepspeed_plugin(args):
     gradient clipping at --max_grad_norm, fp16 master weights."""
     from accelerate.utils import DeepSpeedPlugin
 
-    single_process_rendezvous()
     plugin = DeepSpeedPlugin(
         zero_stage=args.zero_stage,
         # kiln sets each micro-batch's accumulation boundary itself (its groups end at each epoch's end); with

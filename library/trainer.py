@@ -345,8 +345,9 @@ class TrainingRun:
             handlers.append(InitProcessGroupKwargs(**process_group))
         plugin = None
         if args.deepspeed:
-            from library.deepspeed_run import deepspeed_plugin
+            from library.deepspeed_run import deepspeed_plugin, single_process_rendezvous
 
+            single_process_rendezvous()
             plugin = deepspeed_plugin(args)
         self.accelerator = Accelerator(
             mixed_precision=args.mixed_precision,

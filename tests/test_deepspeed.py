@@ -66,7 +66,9 @@ def test_plugin_carries_the_options():
 
     args = SimpleNamespace(zero_stage=1, gradient_accumulation_steps=3, max_grad_norm=0.5, offload_optimizer_device="cpu",
                            fp16_master_weights_and_gradients=True)
+    environment = dict(os.environ)
     config = deepspeed_plugin(args).deepspeed_config
+    assert dict(os.environ) == environment  # only the trainer sets a lone process's rendezvous
     # kiln marks accumulation boundaries itself: DeepSpeed counts 1 (its own count breaks ZeRO-2 on several processes)
     assert config["zero_optimization"]["stage"] == 1 and config["gradient_accumulation_steps"] == 1
     assert config["gradient_clipping"] == 0.5 and config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
