@@ -1,17 +1,20 @@
 """Merging kohya-format LoRA files: into one LoRA (exact concatenation or SVD), into loaded models' weights, or into
 model files streamed tensor by tensor (merge_into_file: every tensor of the source is written,
 the targeted ones with the LoRA deltas added, the others bit-identical): SD 1.x/2.x and SDXL single files and diffusers
-folders (merge_into_sd_file, merge_into_sd_folder) and FLUX's BFL transformer, CLIP-L and T5-XXL (merge_into_flux_files).
-Only one thing differs per layout: which LoRA module changes which file key (and, for OpenCLIP's fused q/k/v, which
-rows of it)."""
+folders (merge_into_sd_file, merge_into_sd_folder), FLUX's BFL transformer, CLIP-L and T5-XXL (merge_into_flux_files)
+and SD3's SAI single file with its bundled encoders, CLIP-L, CLIP-G and T5-XXL (merge_into_sd3_files). Only one thing
+differs per layout: which LoRA module changes which file key (and, for OpenCLIP's fused q/k/v, which rows of it)."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from library.sd3_models import PART_PREFIXES as SD3_KEY_PREFIXES
 from networks.lora import LoRANetwork, dims_from_weights, lora_delta
 
 logger = logging.getLogger(__name__)
@@ -127,8 +130,10 @@ def merge_into_models(state_dict: dict[str, torch.Tensor], ratio: float, text_en
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# FLUX single files, streamed: one code path for the BFL transformer, CLIP-L and T5-XXL; only the file key <-> LoRA
-# module name rule differs (flux_file_module_names).
+# FLUX and SD3 single files, streamed: one code path for a family's transformer file and its text-encoder files (FLUX:
+# the BFL transformer, CLIP-L, T5-XXL; SD3: the SAI file, which may bundle its encoders, CLIP-L, CLIP-G, T5-XXL). A
+# LoRA module `<part's LoRA prefix><path with . -> _>` changes the key `<part's key prefix><path>.weight` of a file
+# holding that part; only the tables of PartFiles differ per family.
 # ---------------------------------------------------------------------------------------------------------------------
 
 FLUX_PARTS = {"transformer": "lora_unet_", "clip_l": "lora_te1_", "t5xxl": "lora_te3_"}  # part -> LoRA name prefix
@@ -139,32 +144,88 @@ FLUX_PART_FLAGS = {  # part -> (input flag, output flag) of tools/merge_lora.py 
 }
 FLUX_PART_NAMES = {"transformer": "FLUX transformer", "clip_l": "CLIP-L", "t5xxl": "T5-XXL"}
 BFL_PREFIX = "model.diffusion_model."
+SD3_PARTS = {"transformer": "lora_unet_", "clip_l": "lora_te1_", "clip_g": "lora_te2_", "t5xxl": "lora_te3_"}  # lora_sd3
+SD3_PART_FLAGS = {
+    "transformer": ("--sd3_model", "--save_to"),
+    "clip_l": ("--clip_l", "--clip_l_save_to"),
+    "clip_g": ("--clip_g", "--clip_g_save_to"),
+    "t5xxl": ("--t5xxl", "--t5xxl_save_to"),
+}
+SD3_PART_NAMES = {"transformer": "SD3 MMDiT", "clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5xxl": "T5-XXL"}
+CLIP_PARTS = ("clip_l", "clip_g")  # kohya names of a CLIP keep `text_model.`
+MODEL_FLAGS = {"sd1": "--sd_model", "sd2": "--sd_model", "sdxl": "--sd_model", "flux": "--flux_model", "sd3": "--sd3_model"}
 
 Modules = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
 
-def flux_file_module_names(part: str, keys: list[str]) -> tuple[dict[str, str], set[str]]:
-    """(LoRA module name -> weight key, names more than one key maps to) for a FLUX `part` file's keys:
+def _meta_flux_transformer(shapes: dict[str, tuple[int, ...]]):
+    """A FluxTransformer2DModel on the meta device shaped like a BFL file (for converting diffusers/PEFT LoRA names)."""
+    from diffusers import FluxTransformer2DModel
 
-    transformer: BFL keys with or without `model.diffusion_model.` (`double_blocks.0.img_attn.qkv.weight` <->
-    `lora_unet_double_blocks_0_img_attn_qkv`); clip_l: Hugging Face CLIP (`text_model.encoder.layers.0.self_attn.q_proj.weight`
-    <-> `lora_te1_text_model_encoder_layers_0_self_attn_q_proj`; transformers 5's flattened names without `text_model.`
-    too); t5xxl: Hugging Face T5 encoder (`encoder.block.0.layer.0.SelfAttention.q.weight` <->
-    `lora_te3_encoder_block_0_layer_0_SelfAttention_q`)."""
-    strip = add = ""
-    if part == "transformer" and any(k.startswith(BFL_PREFIX) for k in keys):
-        strip = BFL_PREFIX
-    elif part == "clip_l" and not any(k.startswith("text_model.") for k in keys):
-        add = "text_model."
-    names: dict[str, str] = {}
-    ambiguous: set[str] = set()
-    for k in keys:
-        if k.startswith(strip) and k.endswith(".weight"):
-            name = FLUX_PARTS[part] + (add + k[len(strip) : -len(".weight")]).replace(".", "_")
-            if name in names:
-                ambiguous.add(name)
-            names[name] = k
-    return names, ambiguous
+    from library.flux_models import infer_flux_transformer_config
+
+    return _meta(FluxTransformer2DModel, **infer_flux_transformer_config(shapes))
+
+
+def _meta_sd3_transformer(shapes: dict[str, tuple[int, ...]]):
+    """An SD3Transformer2DModel on the meta device shaped like a SAI file's MMDiT."""
+    from diffusers import SD3Transformer2DModel
+
+    from library.sd3_models import infer_sd3_transformer_config
+
+    return _meta(SD3Transformer2DModel, **infer_sd3_transformer_config(shapes))
+
+
+def _flux_peft_to_kohya(state_dict: dict[str, torch.Tensor], transformer) -> dict[str, torch.Tensor]:
+    from networks.lora_flux import peft_to_kohya
+
+    return peft_to_kohya(state_dict, transformer)
+
+
+def _sd3_peft_to_kohya(state_dict: dict[str, torch.Tensor], transformer) -> dict[str, torch.Tensor]:
+    from networks.lora_sd3 import sd3_peft_to_kohya
+
+    return sd3_peft_to_kohya(state_dict, transformer)
+
+
+@dataclass(frozen=True)
+class PartFiles:
+    """How a family's LoRA modules map onto its single files, one file given per part ("transformer", text encoders).
+
+    key: detect_family's name of its transformer files; parts: part -> LoRA name prefix; flags: part -> (input, output)
+    flag of tools/merge_lora.py; labels: part -> what it is; key_prefixes: part -> the prefix of its tensors in a single
+    file (stripped where the file has it); bundles: a transformer file may also hold the text encoders under their key
+    prefixes (merged in place); meta_transformer: a transformer file's shapes -> a diffusers transformer on the meta
+    device; peft_to_kohya(state_dict, that transformer or None): diffusers/PEFT LoRA names in kohya ones."""
+
+    key: str
+    name: str
+    parts: dict[str, str]
+    flags: dict[str, tuple[str, str]]
+    labels: dict[str, str]
+    key_prefixes: dict[str, str]
+    bundles: bool
+    meta_transformer: Callable
+    peft_to_kohya: Callable
+
+
+FLUX_FILES = PartFiles(
+    "flux", "FLUX.1", FLUX_PARTS, FLUX_PART_FLAGS, FLUX_PART_NAMES, {"transformer": BFL_PREFIX}, False,
+    _meta_flux_transformer, _flux_peft_to_kohya,
+)  # fmt: skip
+SD3_FILES = PartFiles(
+    "sd3", "SD3", SD3_PARTS, SD3_PART_FLAGS, SD3_PART_NAMES, {p: SD3_KEY_PREFIXES[p] for p in SD3_PARTS}, True,
+    _meta_sd3_transformer, _sd3_peft_to_kohya,
+)  # fmt: skip
+
+
+def reads_as_sd3_lora(keys) -> bool:
+    """Whether a LoRA's key names are SD3's rather than FLUX's (the two families whose text encoders are merged into
+    files of their own): kohya `lora_unet_joint_blocks_` or `lora_te2_` (FLUX has one CLIP), diffusers/PEFT
+    `text_encoder_3.` or a CLIP under `text_encoder_2.` (FLUX's second encoder is T5)."""
+    return any(
+        k.startswith(("lora_unet_joint_blocks_", "lora_te2_", "text_encoder_3.", "text_encoder_2.text_model.")) for k in keys
+    )
 
 
 def _file_shapes(path: str) -> dict[str, tuple[int, ...]]:
@@ -175,57 +236,100 @@ def _file_shapes(path: str) -> dict[str, tuple[int, ...]]:
     return read_key_shapes(path)
 
 
-def _meta_flux_transformer(path: str):
-    """A FluxTransformer2DModel on the meta device shaped like a BFL file (for converting diffusers/PEFT LoRA names)."""
-    from accelerate import init_empty_weights
-    from diffusers import FluxTransformer2DModel
+def lora_parts(family: PartFiles, state_dict: dict[str, torch.Tensor], transformer=None) -> dict[str, Modules]:
+    """A LoRA's modules by part of `family` (PartFiles): name -> (down, up, alpha / rank).
 
-    from library.flux_models import infer_flux_transformer_config
-
-    config = infer_flux_transformer_config(_file_shapes(path))
-    with init_empty_weights():
-        return FluxTransformer2DModel(**config)
-
-
-def flux_lora_parts(state_dict: dict[str, torch.Tensor], transformer=None) -> dict[str, Modules]:
-    """A FLUX LoRA's modules by part ("transformer", "clip_l", "t5xxl"): name -> (down, up, alpha / rank).
-
-    kohya (sd-scripts) names, or the diffusers/PEFT layout (`transformer.*`, `text_encoder.*`, `text_encoder_2.*`
-    `.lora_A/.lora_B`), converted by networks.lora_flux.peft_to_kohya: its transformer modules need `transformer` (a
-    FluxTransformer2DModel, meta is fine); without one they are listed under "transformer" by their PEFT names (enough
-    to say that a transformer file is needed). Keys of any other kind (LoHa, DoRA, other families) are an error."""
-    from networks.lora_flux import is_peft_layout, peft_to_kohya
+    kohya (sd-scripts) names, or the diffusers/PEFT layout (`transformer.*`, `text_encoder*.` `.lora_A/.lora_B`),
+    converted by family.peft_to_kohya: its transformer modules need `transformer` (meta is fine); without one they are
+    listed under "transformer" by their PEFT names (enough to say that a transformer file is needed). Keys of any other
+    kind (LoHa, DoRA, modules of no part) are an error."""
+    from networks.lora_flux import is_peft_layout
 
     peft_left: set[str] = set()
     if is_peft_layout(state_dict):
-        state_dict = peft_to_kohya(state_dict, transformer)
+        state_dict = family.peft_to_kohya(state_dict, transformer)
         peft_left = {k[: -len(".lora_A.weight")] for k in state_dict if k.endswith(".lora_A.weight")}
         if peft_left and transformer is not None:
-            raise ValueError(f"{len(peft_left)} LoRA modules match nothing in the FLUX transformer, e.g. {min(peft_left)}")
+            raise ValueError(
+                f"{len(peft_left)} LoRA modules match nothing in the {family.labels['transformer']}, e.g. {min(peft_left)}"
+            )
     peft_keys = {p + s for p in peft_left for s in (".lora_A.weight", ".lora_B.weight", ".alpha")}
     check_lora_keys(state_dict, peft_keys, "kohya LoRA (lora_down/lora_up/alpha) or PEFT (lora_A/lora_B)")
     modules = _modules(state_dict, check=False)
-    parts: dict[str, Modules] = {part: {} for part in FLUX_PARTS}
+    parts: dict[str, Modules] = {part: {} for part in family.parts}
     for name, module in modules.items():
-        part = next((p for p, prefix in FLUX_PARTS.items() if name.startswith(prefix)), None)
+        part = next((p for p, prefix in family.parts.items() if name.startswith(prefix)), None)
         if part is None:
-            raise ValueError(f"{name} is not a FLUX.1 LoRA module (lora_unet_, lora_te1_ or lora_te3_); is it a LoRA for another model?")
+            raise ValueError(
+                f"{name} is not a {family.name} LoRA module ({', '.join(family.parts.values())}); is it a LoRA for another model?"
+            )
         parts[part][name] = module
     for name in peft_left:
         parts["transformer"][name] = state_dict[name + ".lora_A.weight"], state_dict[name + ".lora_B.weight"], 1.0
     return {p: m for p, m in parts.items() if m}
 
 
+def flux_lora_parts(state_dict: dict[str, torch.Tensor], transformer=None) -> dict[str, Modules]:
+    """A FLUX LoRA's modules by part ("transformer", "clip_l", "t5xxl"); see lora_parts."""
+    return lora_parts(FLUX_FILES, state_dict, transformer)
+
+
+def file_sections(family: PartFiles, part: str, keys: list[str]) -> dict[str, str]:
+    """Part -> the prefix of its keys in a file given for `part`: the part itself first (under its key prefix where the
+    file has it, else the keys as they are) and, in a transformer file of a family that bundles, each text encoder the
+    file holds under its key prefix."""
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    own = family.key_prefixes.get(part, "")
+    sections = {part: own if own and has(own) else ""}
+    if family.bundles and part == "transformer":
+        sections.update({p: family.key_prefixes[p] for p in family.parts if p != part and has(family.key_prefixes[p])})
+    return sections
+
+
+def file_module_names(family: PartFiles, sections: dict[str, str], keys: list[str]) -> tuple[dict[str, str], set[str]]:
+    """(LoRA module name -> weight key, names more than one key maps to) of a file's keys, by file_sections: a key
+    `<section prefix><path>.weight` is module `<the part's LoRA prefix><path with . -> _>`; a CLIP's module names keep
+    `text_model.` (added to transformers 5's flattened names). E.g. FLUX `double_blocks.0.img_attn.qkv.weight` <->
+    `lora_unet_double_blocks_0_img_attn_qkv`, SD3 `text_encoders.clip_g.transformer.text_model.encoder.layers.0.mlp.fc1
+    .weight` <-> `lora_te2_text_model_encoder_layers_0_mlp_fc1`, T5 `encoder.block.0.layer.0.SelfAttention.q.weight`
+    <-> `lora_te3_encoder_block_0_layer_0_SelfAttention_q`."""
+    prefixed = [p for p in sections.values() if p]
+    names: dict[str, str] = {}
+    ambiguous: set[str] = set()
+    for part, strip in sections.items():
+        inside = [k for k in keys if k.startswith(strip) and (strip or not k.startswith(tuple(prefixed)))]
+        add = "text_model." if part in CLIP_PARTS and not any(k[len(strip) :].startswith("text_model.") for k in inside) else ""
+        for k in inside:
+            if k.endswith(".weight"):
+                name = family.parts[part] + (add + k[len(strip) : -len(".weight")]).replace(".", "_")
+                if name in names:
+                    ambiguous.add(name)
+                names[name] = k
+    return names, ambiguous
+
+
+def _who(lora_names: list[str] | None, i: int) -> str:
+    return f"{lora_names[i]}: " if lora_names else ""
+
+
 Targets = dict[str, list[tuple[str, slice | None]]]  # file key -> [(LoRA module name, rows of the key it changes)]
 
 
-def check_targets(src: str, shapes: dict[str, tuple[int, ...]], by_key: Targets, loras: list[tuple[Modules, float]], hint: str) -> None:
-    """Every module's weight change must have the shape of what it changes: the whole tensor, or its rows."""
+def check_targets(
+    src: str,
+    shapes: dict[str, tuple[int, ...]],
+    by_key: Targets,
+    loras: list[tuple[Modules, float]],
+    hint: str,
+    lora_names: list[str] | None = None,
+) -> None:
+    """Every module's weight change must have the shape of what it changes: the whole tensor, or its rows. The error
+    names the LoRA file when `lora_names` (one per LoRA) are given."""
     for key, mods in by_key.items():
         shape = shapes[key]
         for name, rows in mods:
             target = shape if rows is None else (len(range(*rows.indices(shape[0]))), *shape[1:])
-            for modules, _ in loras:
+            for i, (modules, _) in enumerate(loras):
                 if name not in modules:
                     continue
                 down, up, _scale = modules[name]
@@ -233,27 +337,48 @@ def check_targets(src: str, shapes: dict[str, tuple[int, ...]], by_key: Targets,
                 if up.shape[1] != down.shape[0] or torch.Size(delta).numel() != torch.Size(target).numel() or delta[0] != target[0]:
                     where = key if rows is None else f"rows {rows.start}:{rows.stop} of {key}"
                     raise ValueError(
-                        f"{name}: the LoRA changes a {list(delta)} weight but {where} in {src} is {list(target)}; {hint}"
+                        f"{_who(lora_names, i)}{name}: the LoRA changes a {list(delta)} weight but {where} in {src} is "
+                        f"{list(target)}; {hint}"
                     )
 
 
-def _plan_merge(src: str, part: str, loras: list[tuple[Modules, float]]) -> Targets:
-    """Check that every module of `loras` has a weight of its shape in `src`; returns file key -> [(module name, None)]."""
-    shapes = _file_shapes(src)
-    names, ambiguous = flux_file_module_names(part, list(shapes))
-    wanted = sorted({n for modules, _ in loras for n in modules})
-    missing = [n for n in wanted if n not in names]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} LoRA modules match nothing in {src}, e.g. {missing[0]}; is it the {FLUX_PART_NAMES[part]} file "
-            "(Hugging Face / BFL layout) this LoRA was trained on?"
-        )
-    both = [n for n in wanted if n in ambiguous]
-    if both:
-        raise ValueError(f"{both[0]} matches several weights of {src}; cannot tell which one to merge into")
-    by_key = {names[n]: [(n, None)] for n in wanted}
-    check_targets(src, shapes, by_key, loras, "is it a LoRA for another model size?")
-    return by_key
+def _plan_file(
+    family: PartFiles,
+    src: str,
+    shapes: dict[str, tuple[int, ...]],
+    sections: dict[str, str],
+    per_lora: list[tuple[dict[str, Modules], float]],
+    lora_names: list[str] | None,
+) -> tuple[Targets, list[tuple[Modules, float]]]:
+    """(file key -> [(module name, None)], each LoRA's modules of the parts the file holds with its ratio), checked:
+    every such module has a weight of its shape in `src`."""
+    names, ambiguous = file_module_names(family, sections, list(shapes))
+    loras = [({n: m for p in sections for n, m in parts.get(p, {}).items()}, ratio) for parts, ratio in per_lora]
+    part = next(iter(sections))
+    what = f"{family.name} single file" if part == "transformer" and family.bundles else f"{family.labels[part]} file"
+    for i, (modules, _) in enumerate(loras):
+        missing = sorted(n for n in modules if n not in names)
+        if missing:
+            raise ValueError(
+                f"{_who(lora_names, i)}{len(missing)} LoRA modules match nothing in {src}, e.g. {missing[0]}; is it the "
+                f"{what} this LoRA was trained on, or is the LoRA for another model?"
+            )
+        both = sorted(n for n in modules if n in ambiguous)
+        if both:
+            raise ValueError(f"{both[0]} matches several weights of {src}; cannot tell which one to merge into")
+    by_key: Targets = {names[n]: [(n, None)] for n in sorted({n for modules, _ in loras for n in modules})}
+    check_targets(src, shapes, by_key, loras, "is it a LoRA for another model size?", lora_names)
+    return by_key, loras
+
+
+def _check_transformer_file(family: PartFiles, src: str, shapes: dict[str, tuple[int, ...]]) -> None:
+    from library.checkpoint_files import FAMILY_NAMES, detect_family
+
+    found = detect_family(shapes)
+    if found != family.key:
+        what = f"a {FAMILY_NAMES[found]} model" if found in FAMILY_NAMES else f"not a {family.name} transformer file"
+        hint = f"; merge into it with {MODEL_FLAGS[found]}" if found in MODEL_FLAGS else ""
+        raise ValueError(f"{family.flags['transformer'][0]} {src} is {what}{hint}")
 
 
 class _SourceFile:
@@ -381,7 +506,9 @@ def sd_single_file_targets(shapes: dict[str, tuple[int, ...]], names: set[str], 
 
     family = detect_family(shapes)
     if family not in ("sd1", "sd2", "sdxl"):
-        raise ValueError(f"not an SD 1.x/2.x or SDXL single file (its keys read as {family}); FLUX merges take --flux_model")
+        raise ValueError(
+            f"not an SD 1.x/2.x or SDXL single file (its keys read as {family}); FLUX merges take --flux_model, SD3 ones --sd3_model"
+        )
     if v2 and family != "sd2":
         raise ValueError(f"--v2 is given but the file is {'SDXL' if family == 'sdxl' else 'SD 1.x'}")
     meta = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
@@ -527,47 +654,94 @@ def merge_into_sd_folder(
     return changed
 
 
-def merge_into_flux_files(
-    files: dict[str, tuple[str, str]], loras: list[tuple[dict[str, torch.Tensor], float]], save_dtype: torch.dtype | None = None
+def merge_into_part_files(
+    family: PartFiles,
+    files: dict[str, tuple[str, str]],
+    loras: list[tuple[dict[str, torch.Tensor], float]],
+    save_dtype: torch.dtype | None = None,
+    merge_dtype: torch.dtype = torch.float32,
+    lora_names: list[str] | None = None,
 ) -> dict[str, int]:
-    """Merge FLUX LoRAs into single files, streamed. `files`: part ("transformer", "clip_l", "t5xxl") -> (source file,
-    new file). Everything is checked before the first file is written: a LoRA module of a part without a file, a file
-    whose part no LoRA adapts, a module matching no weight of its file (or not its shape). Returns part -> weights changed."""
-    unknown = sorted(set(files) - set(FLUX_PARTS))
+    """Merge LoRAs (state dicts with ratios) into a family's single files, streamed (merge_into_file). `files`: part ->
+    (source file, new file); a transformer file that bundles text encoders gets their modules too (and so does a file
+    given for the encoder). `lora_names` (the LoRA files) are named in errors. Everything is checked before the first
+    file is written: a transformer file of another family, a LoRA module of a part no file holds, a file holding no
+    part the LoRAs adapt, a module matching no weight of its file (or not its shape). Returns part -> weights changed."""
+    unknown = sorted(set(files) - set(family.parts))
     if unknown:
-        raise ValueError(f"unknown FLUX parts {unknown}; valid: {', '.join(FLUX_PARTS)}")
+        raise ValueError(f"unknown {family.name} parts {unknown}; valid: {', '.join(family.parts)}")
+    shapes = {part: _file_shapes(src) for part, (src, _) in files.items()}
+    if "transformer" in files:
+        _check_transformer_file(family, files["transformer"][0], shapes["transformer"])
     transformer = None
     if "transformer" in files and any(_has_peft_transformer_keys(sd) for sd, _ in loras):
-        transformer = _meta_flux_transformer(files["transformer"][0])
-    per_part: dict[str, list[tuple[Modules, float]]] = {}
-    for sd, ratio in loras:
-        for part, modules in flux_lora_parts(sd, transformer).items():
-            per_part.setdefault(part, []).append((modules, ratio))
-    lacking = [p for p in FLUX_PARTS if p in per_part and p not in files]
+        transformer = family.meta_transformer(shapes["transformer"])
+    per_lora: list[tuple[dict[str, Modules], float]] = []
+    for i, (sd, ratio) in enumerate(loras):
+        try:
+            per_lora.append((lora_parts(family, sd, transformer), ratio))
+        except ValueError as e:
+            raise ValueError(f"{_who(lora_names, i)}{e}") from None
+    sections = {part: file_sections(family, part, list(shapes[part])) for part in files}
+    adapted = {p for parts, _ in per_lora for p in parts}
+    lacking = [p for p in family.parts if p in adapted and not any(p in s for s in sections.values())]
     if lacking:
-        flags = " ".join(f"{FLUX_PART_FLAGS[p][0]} FILE {FLUX_PART_FLAGS[p][1]} OUT" for p in lacking)
+        flags = " ".join(f"{family.flags[p][0]} FILE {family.flags[p][1]} OUT" for p in lacking)
+        what = " and ".join(family.labels[p] for p in lacking)
+        held = f" ({files['transformer'][0]} holds no {what})" if family.bundles and "transformer" in files else ""
         raise ValueError(
-            f"the LoRA has {' and '.join(FLUX_PART_NAMES[p] for p in lacking)} modules but no file to merge them into; "
-            f"add {flags} (kiln never drops modules)"
+            f"the LoRA has {what} modules but no file to merge them into{held}; add {flags} (kiln never drops modules)"
         )
-    unused = [p for p in FLUX_PARTS if p in files and p not in per_part]
+    unused = [p for p in family.parts if p in files and not adapted & set(sections[p])]
     if unused:
+        held = [q for p in unused for q in sections[p]]
         raise ValueError(
-            f"no LoRA has {' or '.join(FLUX_PART_NAMES[p] for p in unused)} modules ({', '.join(FLUX_PARTS[p] for p in unused)}); "
-            f"leave out {' '.join(f'{FLUX_PART_FLAGS[p][0]} {FLUX_PART_FLAGS[p][1]}' for p in unused)}"
+            f"no LoRA has {' or '.join(family.labels[q] for q in held)} modules ({', '.join(family.parts[q] for q in held)}); "
+            f"leave out {' '.join(f'{family.flags[p][0]} {family.flags[p][1]}' for p in unused)}"
         )
-    plans = {part: _plan_merge(files[part][0], part, per_part[part]) for part in FLUX_PARTS if part in files}
+    plans = {
+        part: _plan_file(family, files[part][0], shapes[part], sections[part], per_lora, lora_names)
+        for part in family.parts
+        if part in files
+    }
     from library.saving import SaveError
 
     counts: dict[str, int] = {}
-    for part, by_key in plans.items():
+    for part, (by_key, part_loras) in plans.items():
         try:
-            counts[part] = merge_into_file(*files[part], per_part[part], by_key, save_dtype)
+            counts[part] = merge_into_file(*files[part], part_loras, by_key, save_dtype, merge_dtype)
         except SaveError as e:
             if counts:
                 raise SaveError(f"{e}\nwritten before the error: {', '.join(files[p][1] for p in counts)}") from e
             raise
     return counts
+
+
+def merge_into_flux_files(
+    files: dict[str, tuple[str, str]],
+    loras: list[tuple[dict[str, torch.Tensor], float]],
+    save_dtype: torch.dtype | None = None,
+    lora_names: list[str] | None = None,
+) -> dict[str, int]:
+    """Merge FLUX LoRAs into single files, streamed in float32. `files`: part ("transformer": the BFL file, "clip_l",
+    "t5xxl") -> (source file, new file); see merge_into_part_files. Returns part -> weights changed."""
+    return merge_into_part_files(FLUX_FILES, files, loras, save_dtype, lora_names=lora_names)
+
+
+def merge_into_sd3_files(
+    files: dict[str, tuple[str, str]],
+    loras: list[tuple[dict[str, torch.Tensor], float]],
+    save_dtype: torch.dtype | None = None,
+    merge_dtype: torch.dtype = torch.float32,
+    lora_names: list[str] | None = None,
+) -> dict[str, int]:
+    """Merge SD3 / SD3.5 LoRAs (sd-scripts' lora_sd3 names, or diffusers/PEFT) into single files, streamed. `files`:
+    part ("transformer": a SAI single file, with or without `model.diffusion_model.` and bundled
+    `text_encoders.{clip_l,clip_g,t5xxl}.transformer.*`; "clip_l", "clip_g", "t5xxl": transformers-layout encoder
+    files) -> (source file, new file). A kohya file's lora_up is in SAI's row order (the final layer's and the pre-only
+    context block's modulations included), so each weight gets ratio x alpha / rank x up @ down as it is; see
+    merge_into_part_files. Returns part -> weights changed."""
+    return merge_into_part_files(SD3_FILES, files, loras, save_dtype, merge_dtype, lora_names)
 
 
 def _has_peft_transformer_keys(state_dict: dict[str, torch.Tensor]) -> bool:

@@ -26,9 +26,16 @@ layout (ai-toolkit) are converted first. Modules of a part without its file are 
 is a file of a part no LoRA adapts. `--save_precision` (fp8 included) applies to every file written; the source's
 metadata is kept. Everything is checked before the first file is written.
 
-An existing output (--save_to, --clip_l_save_to, --t5xxl_save_to) is never overwritten: files are written to a
-temporary name and published without replacing anything, so an output that appears meanwhile stays as it is and the
-merge fails (exit status 1). Outputs get the usual file mode (0666 & ~umask).
+SD3 / SD3.5 the same way: `lora_unet_` modules (sd-scripts' lora_sd3 names, or a diffusers/PEFT SD3 LoRA) into
+`--sd3_model` (Stability AI's single file; an SD3 file given as --sd_model is taken as --sd3_model) -> `--save_to`,
+and the text-encoder modules `lora_te1_`, `lora_te2_`, `lora_te3_` into the CLIP-L, CLIP-G and T5-XXL the SAI file
+bundles (text_encoders.*, merged in place) and into `--clip_l`, `--clip_g`, `--t5xxl` files (Hugging Face layout)
+-> `--clip_l_save_to`, `--clip_g_save_to`, `--t5xxl_save_to` (an encoder both bundled and given as a file gets them
+in both). --precision (default float) and --save_precision (not fp8) as for --sd_model.
+
+An existing output (--save_to, --clip_l_save_to, --clip_g_save_to, --t5xxl_save_to) is never overwritten: files are
+written to a temporary name and published without replacing anything, so an output that appears meanwhile stays as it
+is and the merge fails (exit status 1). Outputs get the usual file mode (0666 & ~umask).
 """
 
 from __future__ import annotations
@@ -44,10 +51,11 @@ import torch  # noqa: E402
 from library import quiet  # noqa: E402
 from library.saving import SAVE_DTYPES, SaveError, load_weights_file, save_weights  # noqa: E402
 from networks.merge import (  # noqa: E402
-    FLUX_PART_FLAGS,
+    FLUX_FILES,
+    SD3_FILES,
     check_lora_keys,
-    merge_into_flux_files,
     merge_into_models,
+    merge_into_part_files,
     merge_into_sd_file,
     merge_into_sd_folder,
     merge_loras_concat,
@@ -107,43 +115,81 @@ def _save_folder(modules: dict, others: dict, dtype, folder: str) -> None:
     publish_folder(tmp, folder)
 
 
-def _flux_files(parser: argparse.ArgumentParser, args) -> dict[str, tuple[str, str]]:
-    """part -> (source, new file) of a FLUX merge from the flags, checked; {} when no FLUX flag is given."""
-    pairs = {
-        "transformer": (args.flux_model, args.save_to if args.flux_model else None),
-        "clip_l": (args.clip_l, args.clip_l_save_to),
-        "t5xxl": (args.t5xxl, args.t5xxl_save_to),
-    }
-    for part in ("clip_l", "t5xxl"):
-        src_flag, dst_flag = FLUX_PART_FLAGS[part]
-        src, dst = pairs[part]
-        if (src is None) != (dst is None):
+ENCODER_PARTS = ("clip_l", "clip_g", "t5xxl")
+
+
+def _lora_keys(path: str) -> list[str]:
+    from library.checkpoint_files import read_key_shapes
+
+    try:
+        return list(read_key_shapes(path))
+    except (OSError, ValueError):
+        return []  # reported when the file is loaded
+
+
+def _part_files(parser: argparse.ArgumentParser, args):
+    """(PartFiles of the family, part -> (source, new file)) of a FLUX or SD3 merge from the flags, checked; (None, {})
+    when none of their flags is given. Without --flux_model or --sd3_model the LoRAs tell the family (--clip_g: SD3)."""
+    from networks.merge import reads_as_sd3_lora
+
+    if args.flux_model and args.sd3_model:
+        parser.error("--flux_model and --sd3_model cannot be merged together")
+    for part in ENCODER_PARTS:
+        src_flag, dst_flag = SD3_FILES.flags[part]
+        if (getattr(args, part) is None) != (getattr(args, part + "_save_to") is None):
             parser.error(f"{src_flag} and {dst_flag} go together (the file to merge into and the new file to write)")
-    if not args.flux_model and not args.clip_l and not args.t5xxl:
-        return {}
+    model = args.flux_model or args.sd3_model
+    if not model and not any(getattr(args, part) for part in ENCODER_PARTS):
+        return None, {}
+    sd3 = bool(args.sd3_model or args.clip_g) or (
+        not args.flux_model and any(reads_as_sd3_lora(_lora_keys(path)) for path in args.models)
+    )
+    family = SD3_FILES if sd3 else FLUX_FILES
+    if args.flux_model and args.clip_g:
+        parser.error("--clip_g is SD3's CLIP-G: FLUX has no second CLIP")
+    model_flag = family.flags["transformer"][0]
     if args.sd_model:
-        parser.error("--sd_model cannot be merged together with FLUX files (--flux_model, --clip_l, --t5xxl)")
-    if args.flux_model and args.save_to is None:
-        parser.error("--flux_model needs --save_to (the merged transformer file)")
-    if not args.flux_model and args.save_to is not None:
-        parser.error("--save_to is the merged FLUX transformer: give --flux_model too, or leave --save_to out to merge only "
-                     "into --clip_l/--t5xxl")
+        parser.error(f"--sd_model cannot be merged together with {family.name} files ({model_flag}, --clip_l, ...)")
+    if model and args.save_to is None:
+        parser.error(f"{model_flag} needs --save_to (the merged {family.labels['transformer']} file)")
+    if not model and args.save_to is not None:
+        parser.error(f"--save_to is the merged {family.labels['transformer']}: give {model_flag} too, or leave --save_to out "
+                     "to merge only into the text-encoder files (--clip_l, --t5xxl, ...)")
+    precision = family is FLUX_FILES and args.precision not in (None, "float")
     for flag, given in (("--concat", args.concat), ("--new_rank", args.new_rank is not None), ("--v2", args.v2),
-                        ("--no_metadata", args.no_metadata), ("--precision", args.precision not in (None, "float"))):
+                        ("--no_metadata", args.no_metadata), ("--precision", precision)):
         if given:
-            parser.error(f"{flag} does not apply to FLUX merges into model files (they compute in float32; the output dtype is "
-                         "--save_precision)")
+            why = " (they compute in float32; the output dtype is --save_precision)" if family is FLUX_FILES else ""
+            parser.error(f"{flag} does not apply to {family.name} merges into model files{why}")
+    pairs = {p: (getattr(args, p), getattr(args, p + "_save_to")) for p in ENCODER_PARTS}
+    pairs["transformer"] = (model, args.save_to)
     files = {part: pair for part, pair in pairs.items() if pair[0] is not None}
     for part, (src, dst) in files.items():
-        src_flag, dst_flag = FLUX_PART_FLAGS[part]
+        src_flag, dst_flag = family.flags[part]
         if not dst.endswith(".safetensors"):
             parser.error(f"{dst_flag} must be a .safetensors file")
         if not os.path.isfile(src):
             parser.error(f"{src_flag} {src} does not exist")
     dsts = [os.path.abspath(dst) for _, dst in files.values()]
     if len(set(dsts)) != len(dsts):
-        parser.error("--save_to, --clip_l_save_to and --t5xxl_save_to must be different files")
-    return files
+        parser.error("--save_to, --clip_l_save_to, --clip_g_save_to and --t5xxl_save_to must be different files")
+    return family, files
+
+
+def _sd_model_as_sd3(parser: argparse.ArgumentParser, args) -> None:
+    """An SD3 model given as --sd_model: a SAI single file is taken as --sd3_model; anything else SD3 is an error."""
+    if not args.sd_model:
+        return
+    from library.train_script import detect_model_family
+
+    if detect_model_family(args.sd_model) != "sd3":
+        return
+    if not os.path.isfile(args.sd_model):
+        parser.error(f"{args.sd_model} is an SD3 model that is not a single file: kiln merges SD3 LoRAs into Stability AI's "
+                     "single file (--sd3_model sd3.5_large.safetensors)")
+    if args.sd3_model:
+        parser.error("--sd_model and --sd3_model are both given")
+    args.sd3_model, args.sd_model = args.sd_model, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,10 +205,29 @@ def main(argv: list[str] | None = None) -> int:
         help="FLUX.1 BFL transformer file (flux1-dev.safetensors): its lora_unet_ modules are merged into --save_to",
     )
     parser.add_argument(
-        "--clip_l", type=str, default=None, help="FLUX CLIP-L file (Hugging Face layout): lora_te1_ modules go into --clip_l_save_to"
+        "--sd3_model",
+        type=str,
+        default=None,
+        help="SD3/SD3.5 single file (Stability AI layout): lora_unet_ modules, and the text-encoder modules of the "
+        "encoders it bundles, are merged into --save_to",
     )
     parser.add_argument(
-        "--t5xxl", type=str, default=None, help="FLUX T5-XXL encoder file (Hugging Face layout): lora_te3_ modules go into --t5xxl_save_to"
+        "--clip_l",
+        type=str,
+        default=None,
+        help="FLUX/SD3 CLIP-L file (Hugging Face layout): lora_te1_ modules go into --clip_l_save_to",
+    )
+    parser.add_argument(
+        "--clip_g",
+        type=str,
+        default=None,
+        help="SD3 CLIP-G file (Hugging Face layout): lora_te2_ modules go into --clip_g_save_to",
+    )
+    parser.add_argument(
+        "--t5xxl",
+        type=str,
+        default=None,
+        help="FLUX/SD3 T5-XXL encoder file (Hugging Face layout): lora_te3_ modules go into --t5xxl_save_to",
     )
     parser.add_argument("--models", type=str, nargs="+", required=True, help="LoRA files to merge")
     parser.add_argument("--ratios", type=float, nargs="*", default=None, help="one weight per LoRA (default 1 each)")
@@ -170,20 +235,25 @@ def main(argv: list[str] | None = None) -> int:
         "--save_to",
         type=str,
         default=None,
-        help="output file (.safetensors/.ckpt) or diffusers folder; with --flux_model the merged transformer (.safetensors). "
-        "Not needed when only --clip_l/--t5xxl are merged",
+        help="output file (.safetensors/.ckpt) or diffusers folder; with --flux_model/--sd3_model the merged model file "
+        "(.safetensors). Not needed when only --clip_l/--clip_g/--t5xxl are merged",
     )
     parser.add_argument("--clip_l_save_to", type=str, default=None, help="new .safetensors file for the merged --clip_l")
+    parser.add_argument("--clip_g_save_to", type=str, default=None, help="new .safetensors file for the merged --clip_g")
     parser.add_argument("--t5xxl_save_to", type=str, default=None, help="new .safetensors file for the merged --t5xxl")
     parser.add_argument(
         "--save_precision",
         type=str,
         default=None,
         choices=["float", "fp16", "bf16", "fp8"],
-        help="dtype of the output(s); FLUX: of every file written (fp8 = float8_e4m3fn: FLUX only)",
+        help="dtype of the output(s); FLUX/SD3: of every file written (fp8 = float8_e4m3fn: FLUX only)",
     )
     parser.add_argument(
-        "--precision", type=str, default=None, choices=["float", "fp16", "bf16"], help="dtype while merging into --sd_model (default float)"
+        "--precision",
+        type=str,
+        default=None,
+        choices=["float", "fp16", "bf16"],
+        help="dtype while merging into --sd_model or --sd3_model (default float)",
     )
     parser.add_argument("--v2", action="store_true", help="the base model is SD 2.x")
     parser.add_argument("--concat", action="store_true", help="LoRA merge: keep the ranks side by side (exact)")
@@ -194,29 +264,33 @@ def main(argv: list[str] | None = None) -> int:
     ratios = args.ratios or [1.0] * len(args.models)
     if len(ratios) != len(args.models):
         parser.error(f"--ratios has {len(ratios)} values for {len(args.models)} --models")
-    flux_files = _flux_files(parser, args)
-    if not flux_files and args.save_to is None:
-        parser.error("--save_to is required (or, for FLUX text encoders only, --clip_l/--clip_l_save_to, --t5xxl/--t5xxl_save_to)")
-    outputs = [dst for _, dst in flux_files.values()] if flux_files else [args.save_to]
+    _sd_model_as_sd3(parser, args)
+    family, part_files = _part_files(parser, args)
+    if not part_files and args.save_to is None:
+        parser.error("--save_to is required (or, for text encoders only, --clip_l/--clip_l_save_to, --clip_g/--clip_g_save_to, "
+                     "--t5xxl/--t5xxl_save_to)")
+    outputs = [dst for _, dst in part_files.values()] if part_files else [args.save_to]
     for path in outputs:
         if os.path.exists(path):
             parser.error(f"{path} already exists; kiln does not overwrite files, choose another name")
     try:
-        loras = [load_weights_file(path)[0] for path in args.models]
+        loaded = [load_weights_file(path) for path in args.models]
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
+    loras = [sd for sd, _ in loaded]
     save_dtype = {**SAVE_DTYPES, "fp8": torch.float8_e4m3fn}[args.save_precision] if args.save_precision else None
-    if args.save_precision == "fp8" and not flux_files:
+    if args.save_precision == "fp8" and family is not FLUX_FILES:
         parser.error("--save_precision fp8 is for FLUX merges (--flux_model, --clip_l, --t5xxl)")
-    if flux_files:
+    if part_files:
+        merge_dtype = SAVE_DTYPES[args.precision or "float"]
         try:
-            counts = merge_into_flux_files(flux_files, list(zip(loras, ratios)), save_dtype)
+            counts = merge_into_part_files(family, part_files, list(zip(loras, ratios)), save_dtype, merge_dtype, args.models)
         except (ValueError, FileNotFoundError) as e:
             parser.error(str(e))
         except SaveError as e:
             parser.exit(1, f"error: {e}\n")
         for part, n in counts.items():
-            print(f"merged {n} weights; wrote {flux_files[part][1]}")
+            print(f"merged {n} weights; wrote {part_files[part][1]}")
         return 0
 
     for path, sd in zip(args.models, loras):
@@ -226,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{path}: {e}")
     try:
         if args.sd_model is None:
-            merge_into_lora(args, loras, ratios, save_dtype)
+            merge_into_lora(args, loras, ratios, save_dtype, [metadata for _, metadata in loaded])
         else:
             merge_into_model(parser, args, loras, ratios, save_dtype)
     except SaveError as e:
@@ -235,7 +309,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def merge_into_lora(args, loras: list, ratios: list[float], save_dtype) -> None:
+def _network_module(loras: list, metadata: list[dict[str, str]]) -> str:
+    """The ss_network_module of a merged LoRA: the inputs' own when they agree, else the family their keys read as."""
+    from library.checkpoint_files import detect_lora_family
+
+    given = {m.get("ss_network_module") for m in metadata}
+    if len(given) == 1 and None not in given:
+        return given.pop()
+    kinds = {detect_lora_family(sd) for sd in loras}
+    return next((f"networks.lora_{k}" for k in ("sd3", "flux") if k in kinds), "networks.lora")
+
+
+def merge_into_lora(args, loras: list, ratios: list[float], save_dtype, metadata: list[dict[str, str]]) -> None:
     if args.concat:
         merged = merge_loras_concat(loras, ratios)
     else:
@@ -244,7 +329,10 @@ def merge_into_lora(args, loras: list, ratios: list[float], save_dtype) -> None:
     metadata = (
         None
         if args.no_metadata
-        else {"ss_network_module": "networks.lora", "ss_merged_from": ", ".join(map(os.path.basename, args.models))}
+        else {
+            "ss_network_module": _network_module(loras, metadata),
+            "ss_merged_from": ", ".join(map(os.path.basename, args.models)),
+        }
     )
     save_weights(args.save_to, merged, metadata, save_dtype, overwrite=False)
 
