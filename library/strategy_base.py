@@ -133,6 +133,15 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of what a tokenizer does (its class, vocabulary and special tokens), not of where it was loaded
+    from: a cache made with the same tokenizer from another folder (or a built-in model's temporary one) stays valid."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.all_special_tokens).encode())
+    return h.hexdigest()[:16]
+
+
 def file_signature(path: str) -> str:
     st = os.stat(path)
     return f"{st.st_size}:{st.st_mtime_ns}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from library.strategy_base import TextEncodingStrategy, TokenizeStrategy
+from library.strategy_base import TextEncodingStrategy, TokenizeStrategy, tokenizer_fingerprint
 from library.transfer import to_device
 
 TE_OUTPUT_KEYS = ("l_pooled", "t5_out", "t5_attn_mask")
@@ -31,7 +31,7 @@ class FluxTokenizeStrategy(TokenizeStrategy):
 
     def settings(self) -> dict:
         return {
-            "tokenizers": [self.clip.name_or_path, self.t5.name_or_path],
+            "tokenizers": [tokenizer_fingerprint(self.clip), tokenizer_fingerprint(self.t5)],
             "vocab": [len(self.clip), len(self.t5)],
             "t5_max_length": self.t5_max_length,
         }

@@ -14,6 +14,7 @@ from library.strategy_base import (
     apply_token_weights,
     clip_ids_and_weights,
     join_clip_chunks,
+    tokenizer_fingerprint,
 )
 from library.transfer import to_device
 
@@ -31,7 +32,7 @@ class SdTokenizeStrategy(TokenizeStrategy):
         return [torch.stack([p[0] for p in pairs])], [torch.stack([p[1] for p in pairs])]
 
     def settings(self) -> dict:
-        return {"tokenizer": self.tokenizer.name_or_path, "vocab": len(self.tokenizer), "max_length": self.max_length}
+        return {"tokenizer": tokenizer_fingerprint(self.tokenizer), "vocab": len(self.tokenizer), "max_length": self.max_length}
 
 
 def clip_hidden_states(text_encoder, ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:

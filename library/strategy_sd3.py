@@ -57,7 +57,7 @@ from typing import NamedTuple
 
 import torch
 
-from library.strategy_base import TextEncodingStrategy, TokenizeStrategy
+from library.strategy_base import TextEncodingStrategy, TokenizeStrategy, tokenizer_fingerprint
 from library.transfer import to_device
 
 CLIP_MAX_LENGTH = 77
@@ -101,7 +101,7 @@ class Sd3TokenizeStrategy(TokenizeStrategy):
 
     def settings(self) -> dict:
         return {
-            "tokenizers": [self.clip_l.name_or_path, self.clip_g.name_or_path, self.t5.name_or_path],
+            "tokenizers": [tokenizer_fingerprint(t) for t in (self.clip_l, self.clip_g, self.t5)],
             "vocab": [len(self.clip_l), len(self.clip_g), len(self.t5)],
             "pad": [self.clip_l.pad_token_id, CLIP_G_PAD_TOKEN_ID, self.t5.pad_token_id],
             "clip_max_length": CLIP_MAX_LENGTH,

@@ -16,6 +16,7 @@ from library.strategy_base import (
     apply_token_weights,
     clip_ids_and_weights,
     join_clip_chunks,
+    tokenizer_fingerprint,
 )
 from library.transfer import to_device
 
@@ -43,7 +44,7 @@ class SdxlTokenizeStrategy(TokenizeStrategy):
 
     def settings(self) -> dict:
         return {
-            "tokenizers": [t.name_or_path for t in self.tokenizers],
+            "tokenizers": [tokenizer_fingerprint(t) for t in self.tokenizers],
             "vocab": [len(t) for t in self.tokenizers],
             "pad": [t.pad_token_id for t in self.tokenizers],
             "max_length": self.max_length,

@@ -364,3 +364,21 @@ def test_cache_pickles_without_its_encoder(tmp_path):
     assert copy.encode is None and cache.encode is not None
     info = infos(group)[0]
     assert_outputs_equal(copy.get(info, 0), cache.get(info, 0))
+
+
+def test_tokenizer_identity_is_what_it_does_not_where_it_was_loaded_from(tmp_path):
+    """The built-in models load their tokenizers from a new temporary folder each run: their text-encoder caches must
+    stay valid. Another vocabulary or special token is another identity."""
+    from transformers import CLIPTokenizer
+
+    from library.strategy_base import tokenizer_fingerprint
+    from library.tiny_models import build_tiny_flux, write_tiny_clip_tokenizer
+
+    first, second = build_tiny_flux(), build_tiny_flux()
+    assert first["tokenizer"].name_or_path != second["tokenizer"].name_or_path
+    for key in ("tokenizer", "tokenizer_2"):
+        assert tokenizer_fingerprint(first[key]) == tokenizer_fingerprint(second[key])
+    assert tokenizer_fingerprint(first["tokenizer"]) != tokenizer_fingerprint(first["tokenizer_2"])
+    write_tiny_clip_tokenizer(str(tmp_path / "bang"), pad_token="!")
+    bang = CLIPTokenizer.from_pretrained(str(tmp_path / "bang"))
+    assert tokenizer_fingerprint(bang) != tokenizer_fingerprint(first["tokenizer"])
