@@ -1,8 +1,9 @@
 """Count the operators one LoRA training step dispatches at full model size, without a GPU and without weights.
 
-    python benchmarks/count_step_ops.py --family sdxl|flux [--no_checkpointing] [--top 12]
+    python benchmarks/count_step_ops.py --family sdxl|flux|sd3 [--no_checkpointing] [--top 12]
 
-Builds the full-size SDXL U-Net (LoRA dim 32 on the U-Net) or FLUX.1 dev transformer (LoRA dim 16) on PyTorch's
+Builds the full-size SDXL U-Net (LoRA dim 32 on the U-Net), FLUX.1 dev transformer (LoRA dim 16) or, for sd3, the
+SD3.5 Large and SD3.5 Medium MMDiTs (LoRA dim 16, 77 CLIP + 256 T5 tokens; one count each) on PyTorch's
 meta device (shapes only, no memory, no arithmetic), runs one forward and backward at 1024x1024 and counts the ATen
 operators that would launch work on a GPU (views and other metadata-only operators are left out), with and without
 the LoRA network. On a GPU each such operator is at least one kernel launch plus PyTorch's dispatch overhead, so the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import sys
 
@@ -97,9 +99,43 @@ def _flux(with_lora: bool):
     return transformer, adapters, inputs, transformer.x_embedder.weight
 
 
-def count_step(family: str, with_lora: bool, checkpointing: bool) -> collections.Counter:
-    """Operators of one forward + backward (bf16 model, bf16 adapters) of the full-size model on the meta device."""
-    model, adapters, inputs, input_layer = {"sdxl": _sdxl, "flux": _flux}[family](with_lora)
+def _sd3(variant: str, with_lora: bool):
+    from diffusers import SD3Transformer2DModel
+
+    from benchmarks.gpu_train_step import SD35_TRANSFORMERS
+    from library.strategy_sd3 import CLIP_MAX_LENGTH, DEFAULT_T5_MAX_LENGTH
+    from networks.lora_sd3 import create_network
+
+    config = SD35_TRANSFORMERS[variant]
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel(**config)
+    adapters = create_network(1.0, 16, 16, [None, None, None], transformer) if with_lora else None
+
+    def inputs(dtype):
+        return {
+            "hidden_states": torch.randn(1, 16, 128, 128, device="meta", dtype=dtype),
+            "encoder_hidden_states": torch.randn(
+                1, CLIP_MAX_LENGTH + DEFAULT_T5_MAX_LENGTH, config["joint_attention_dim"], device="meta", dtype=dtype
+            ),
+            "pooled_projections": torch.randn(1, config["pooled_projection_dim"], device="meta", dtype=dtype),
+            "timestep": torch.tensor([500.0], device="meta"),
+            "return_dict": False,
+        }
+
+    return transformer, adapters, inputs, transformer.pos_embed.proj.weight
+
+
+MODELS = {  # what --family counts: model name -> builder(with_lora)
+    "sdxl": {"sdxl": _sdxl},
+    "flux": {"flux": _flux},
+    "sd3": {variant: functools.partial(_sd3, variant) for variant in ("sd3.5-large", "sd3.5-medium")},
+}
+
+
+def count_step(build, with_lora: bool, checkpointing: bool) -> collections.Counter:
+    """Operators of one forward + backward (bf16 model, bf16 adapters) of the full-size model on the meta device;
+    build: one of MODELS' builders."""
+    model, adapters, inputs, input_layer = build(with_lora)
     dtype = torch.bfloat16
     model.to(dtype).requires_grad_(False)
     if checkpointing:
@@ -122,7 +158,7 @@ def count_step(family: str, with_lora: bool, checkpointing: bool) -> collections
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=["sdxl", "flux"], default="sdxl")
+    parser.add_argument("--family", choices=list(MODELS), default="sdxl")
     parser.add_argument("--no_checkpointing", action="store_true", help="without gradient checkpointing")
     parser.add_argument("--top", type=int, default=12, help="how many operator names to list")
     args = parser.parse_args()
@@ -130,12 +166,13 @@ def main() -> None:
     is_autocast_enabled = torch.is_autocast_enabled
     torch.is_autocast_enabled = lambda device=None: False if device == "meta" else is_autocast_enabled(*([device] if device else []))
     checkpointing = not args.no_checkpointing
-    base = count_step(args.family, False, checkpointing)
-    with_lora = count_step(args.family, True, checkpointing)
-    total, plain = sum(with_lora.values()), sum(base.values())
-    print(f"{args.family}, 1024x1024, batch 1, checkpointing {checkpointing}: {total} operators per step with LoRA, "
-          f"{plain} without ({total - plain} for the adapters)")
-    print("most frequent with LoRA: " + ", ".join(f"{k} {v}" for k, v in with_lora.most_common(args.top)))
+    for name, build in MODELS[args.family].items():
+        base = count_step(build, False, checkpointing)
+        with_lora = count_step(build, True, checkpointing)
+        total, plain = sum(with_lora.values()), sum(base.values())
+        print(f"{name}, 1024x1024, batch 1, checkpointing {checkpointing}: {total} operators per step with LoRA, "
+              f"{plain} without ({total - plain} for the adapters)")
+        print("most frequent with LoRA: " + ", ".join(f"{k} {v}" for k, v in with_lora.most_common(args.top)))
 
 
 if __name__ == "__main__":

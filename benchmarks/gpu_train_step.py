@@ -1,11 +1,16 @@
 """Seconds per training step and peak GPU memory of kiln's LoRA training step at full model size (random weights).
 
-    python benchmarks/gpu_train_step.py --family sdxl|flux [--steps 20] [--resolution 1024] [--compile] [--sync_debug]
-        [--profile DIR]
+    python benchmarks/gpu_train_step.py --family sdxl|flux|sd3 [--steps 20] [--resolution 1024] [--compile]
+        [--sync_debug] [--profile DIR]
 
 FLUX: the FLUX.1 dev transformer (random weights), 1024x1024, batch 1, LoRA dim 16 alpha 16, AdamW, gradient
 checkpointing, cached latents and text outputs, in four configurations: bf16, --fp8_base, --blocks_to_swap 18,
 --cpu_offload_checkpointing.
+
+SD3: the SD3.5 Large and SD3.5 Medium MMDiTs (random weights), 1024x1024, batch 1, LoRA dim 16 alpha 16
+(networks.lora_sd3's default targets), AdamW, gradient checkpointing, --weighting_scheme logit_normal, cached latents
+and text outputs (CLIP-L + CLIP-G + 256 T5 tokens), each in three configurations: bf16, --fp8_base, --blocks_to_swap
+(20 of Large's 38 joint blocks, 12 of Medium's 24).
 
 SDXL: the real SDXL base U-Net (diffusers class, random weights) on the GPU, 1024x1024, batch 1, bf16 mixed precision,
 LoRA dim 32 alpha 16 on the U-Net, AdamW, cached latents and text-encoder outputs (random tensors of the real
@@ -125,25 +130,9 @@ def bench_flux(steps: int, resolution: int, mode: str, smoke: bool = False, comp
         config = {k: v for k, v in build_tiny_flux()["transformer"].config.items() if not k.startswith("_")}
     else:
         config = FLUX_DEV_TRANSFORMER
-    build_on = "cpu" if mode == "blocks_to_swap" else device  # swapped blocks start in host memory
-    with torch.device("meta"):
-        transformer = FluxTransformer2DModel(**config)
-    transformer = transformer.to_empty(device=build_on).to(dtype)
-    with torch.no_grad():
-        for p in transformer.parameters():
-            p.normal_(0.0, 0.02)
-    transformer.requires_grad_(False)
-    transformer.enable_gradient_checkpointing(family.gradient_checkpointing_func(args))
-    transformer.train()
-    if mode == "fp8_base":
-        from library.fp8_utils import store_linear_weights_fp8
-
-        store_linear_weights_fp8(transformer, compute_dtype=dtype)
+    transformer = _random_transformer(FluxTransformer2DModel, config, family, args, mode, device, dtype)
     models = TrainModels([], [], torch.nn.Identity(), transformer)
-    network = create_network(1.0, 16, 16, [None, None], transformer)
-    network.apply_to(False, True)
-    family.place_models(args, models, device, dtype)
-    network.to(device, torch.float32)
+    network = _lora_on(create_network, [None, None], family, args, models, device, dtype)
     h = w = resolution // 8
     t5_len, t5_width, pooled = (512, config["joint_attention_dim"], config["pooled_projection_dim"])
     batch = _common_batch(resolution, 16, h, w)
@@ -151,6 +140,104 @@ def bench_flux(steps: int, resolution: int, mode: str, smoke: bool = False, comp
                              "t5_out": torch.randn(1, 16 if smoke else t5_len, t5_width, device=device, dtype=dtype),
                              "t5_attn_mask": torch.ones(1, 16 if smoke else t5_len, device=device, dtype=dtype)}
     return _time_steps(args, family, models, network, batch, accelerator, steps, dtype, batch_loss, compiled, **options)
+
+
+# The SD3.5 MMDiTs (diffusers SD3Transformer2DModel configs of the published models: 64-wide heads, one per 64
+# channels of width, qk RMS norm; 3.5 Medium's first 13 layers have the second "MMDiT-X" attention)
+SD35_TRANSFORMERS = {
+    "sd3.5-large": {
+        "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 38,
+        "attention_head_dim": 64, "num_attention_heads": 38, "caption_projection_dim": 2432, "joint_attention_dim": 4096,
+        "pooled_projection_dim": 2048, "pos_embed_max_size": 192, "dual_attention_layers": (), "qk_norm": "rms_norm",
+    },
+    "sd3.5-medium": {
+        "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+        "attention_head_dim": 64, "num_attention_heads": 24, "caption_projection_dim": 1536, "joint_attention_dim": 4096,
+        "pooled_projection_dim": 2048, "pos_embed_max_size": 384, "dual_attention_layers": tuple(range(13)),
+        "qk_norm": "rms_norm",
+    },
+}  # fmt: skip
+SD3_NAMES = {"sd3.5-large": "SD3.5 Large", "sd3.5-medium": "SD3.5 Medium"}
+SD3_BLOCKS_TO_SWAP = {"sd3.5-large": 20, "sd3.5-medium": 12}  # of 38 and 24 joint blocks
+SD3_CLIP_L_WIDTH = 768  # the pooled vector is CLIP-L's 768 + CLIP-G's 1280
+
+
+def bench_sd3(steps: int, resolution: int, config: tuple[str, str], smoke: bool = False, compiled: bool = False, **options) -> tuple[float, float]:
+    """SD3.5 (config: (variant, mode)) LoRA dim 16 alpha 16 on the MMDiT, gradient checkpointing, logit_normal
+    timesteps; mode: bf16, fp8_base or blocks_to_swap. smoke: the tiny layout of the variant on CPU."""
+    from accelerate import Accelerator
+    from diffusers import SD3Transformer2DModel
+
+    from library.family import TrainModels
+    from library.family_sd3 import Sd3Family, mark_repeated_blocks
+    from library.sd3_models import TINY_SD3_CLIP_L_WIDTH, tiny_sd3_transformer_config
+    from library.strategy_sd3 import CLIP_MAX_LENGTH, DEFAULT_T5_MAX_LENGTH
+    from library.trainer import batch_loss
+    from networks.lora_sd3 import create_network
+
+    variant, mode = config
+    family = Sd3Family()
+    dtype = torch.float32 if smoke else torch.bfloat16
+    swap = (1 if smoke else SD3_BLOCKS_TO_SWAP[variant]) if mode == "blocks_to_swap" else None  # the tiny layouts have 3 blocks
+    t5_len = 16 if smoke else DEFAULT_T5_MAX_LENGTH
+    args = training_args(family, mixed_precision="no" if smoke else "bf16", network_dim=16, network_alpha=16, network_train_unet_only=True,
+                         gradient_checkpointing=True, learning_rate=1e-4, max_grad_norm=1.0, weighting_scheme="logit_normal",
+                         t5xxl_max_token_length=t5_len, fp8_base=mode == "fp8_base", blocks_to_swap=swap)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=smoke)
+    device = accelerator.device
+    mmdit = tiny_sd3_transformer_config(variant) if smoke else SD35_TRANSFORMERS[variant]
+    transformer = mark_repeated_blocks(_random_transformer(SD3Transformer2DModel, mmdit, family, args, mode, device, dtype))
+    models = TrainModels([], [None, None, None], torch.nn.Identity(), transformer)  # cached text: no tokenizer runs
+    network = _lora_on(create_network, [None, None, None], family, args, models, device, dtype)
+    h = w = resolution // 8
+    l_width = TINY_SD3_CLIP_L_WIDTH if smoke else SD3_CLIP_L_WIDTH
+    g_width, t5_width = mmdit["pooled_projection_dim"] - l_width, mmdit["joint_attention_dim"]
+    batch = _common_batch(resolution, 16, h, w)
+
+    def rand(*shape):
+        return torch.randn(1, *shape, device=device, dtype=dtype)
+
+    def ones(length):
+        return torch.ones(1, length, device=device, dtype=dtype)
+
+    batch["text_outputs"] = {
+        "l_out": rand(CLIP_MAX_LENGTH, l_width), "g_out": rand(CLIP_MAX_LENGTH, g_width), "t5_out": rand(t5_len, t5_width),
+        "l_pooled": rand(l_width), "g_pooled": rand(g_width),
+        "l_attn_mask": ones(CLIP_MAX_LENGTH), "g_attn_mask": ones(CLIP_MAX_LENGTH), "t5_attn_mask": ones(t5_len),
+    }  # fmt: skip
+    return _time_steps(args, family, models, network, batch, accelerator, steps, dtype, batch_loss, compiled, **options)
+
+
+def _random_transformer(cls, config: dict, family, args, mode: str, device, dtype) -> torch.nn.Module:
+    """A frozen diffusers transformer of `config` with random weights, as the trainer holds it: built on the meta
+    device (no memory until placed), then materialised on the device (in host memory for blocks_to_swap: the family
+    places it, the swapped blocks stay there), gradient checkpointing (--cpu_offload_checkpointing's function when
+    set), Linear weights in float8 for fp8_base."""
+    build_on = "cpu" if mode == "blocks_to_swap" else device
+    with torch.device("meta"):
+        transformer = cls(**config)
+    transformer = transformer.to_empty(device=build_on).to(dtype)
+    with torch.no_grad():
+        for t in (*transformer.parameters(), *transformer.buffers()):  # to_empty leaves buffers uninitialised too
+            if t.is_floating_point():
+                t.normal_(0.0, 0.02)
+    transformer.requires_grad_(False)
+    transformer.enable_gradient_checkpointing(family.gradient_checkpointing_func(args))
+    transformer.train()
+    if mode == "fp8_base":
+        from library.fp8_utils import store_linear_weights_fp8
+
+        store_linear_weights_fp8(transformer, compute_dtype=dtype)
+    return transformer
+
+
+def _lora_on(create_network, text_encoders: list, family, args, models, device, dtype):
+    """The family's LoRA network (dim 16, alpha 16) applied to the denoiser only, the models placed by the family."""
+    network = create_network(1.0, 16, 16, text_encoders, models.denoiser)
+    network.apply_to(False, True)
+    family.place_models(args, models, device, dtype)
+    network.to(device, torch.float32)
+    return network
 
 
 def _common_batch(resolution: int, channels: int, h: int, w: int) -> dict:
@@ -213,7 +300,8 @@ def _time_steps(
             profiler = None
     if cuda:
         torch.cuda.set_sync_debug_mode("default")
-    return statistics.median(times[5:]), (torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+    timed = times[5:] or times  # a smoke run of fewer steps times them all
+    return statistics.median(timed), (torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
 
 
 def _report_profile(profiler, profile_dir: str, label: str, cuda: bool) -> None:
@@ -227,8 +315,10 @@ def _report_profile(profiler, profile_dir: str, label: str, cuda: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=["sdxl", "flux"], default="sdxl")
-    parser.add_argument("--steps", type=int, default=20, help="steps per configuration (the median is over steps 6..N)")
+    parser.add_argument("--family", choices=["sdxl", "flux", "sd3"], default="sdxl")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="steps per configuration (the median is over steps 6..N; default 20, 8 with --smoke)"
+    )
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--compile", action="store_true", help="also run each configuration with --torch_compile (inductor)")
     parser.add_argument("--sync_debug", action="store_true", help="warn at every host synchronisation in steps 6..N")
@@ -236,17 +326,20 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the benchmark code, measures nothing useful")
     args = parser.parse_args()
     if args.smoke:
-        steps, resolution, smoke = 8, 64, True
+        steps, resolution, smoke = args.steps or 8, 64, True
     elif not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
     else:
-        steps, resolution, smoke = args.steps, args.resolution, False
+        steps, resolution, smoke = args.steps or 20, args.resolution, False
         print(f"GPU: {torch.cuda.get_device_name()}; {args.family}, {resolution}x{resolution}, batch 1, bf16, AdamW, cached latents/text")
     if args.family == "sdxl":
         configs = [(f"LoRA 32/16, checkpointing {c}", bench_sdxl, c) for c in (True, False)]
-    else:
+    elif args.family == "flux":
         modes = ("bf16", "fp8_base", "blocks_to_swap", "cpu_offload_checkpointing")
         configs = [(f"LoRA 16/16, checkpointing, {m}", bench_flux, m) for m in modes]
+    else:
+        configs = [(f"{SD3_NAMES[v]}, LoRA 16/16, checkpointing, {m}", bench_sd3, (v, m))
+                   for v in SD35_TRANSFORMERS for m in ("bf16", "fp8_base", "blocks_to_swap")]
     runs = [(label, fn, config, False) for label, fn, config in configs]
     if args.compile:
         runs += [(label + ", compiled", fn, config, True) for label, fn, config in configs]
@@ -254,7 +347,7 @@ def main() -> None:
         label = ("smoke " if smoke else "") + label
         sec, mem = fn(steps, resolution, config, smoke=smoke, compiled=compiled, sync_debug=args.sync_debug,
                       profile_dir=args.profile, label=label)
-        print(f"{label:52s} {sec:.3f} s/step  peak {mem:.2f} GiB")
+        print(f"{label:60s} {sec:.3f} s/step  peak {mem:.2f} GiB")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import torch
 from conftest import ROOT
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -42,3 +43,43 @@ def test_operator_count_of_a_full_size_step_on_the_meta_device():
     with_lora, without = int(line.split(": ")[1].split()[0]), int(line.split("LoRA, ")[1].split()[0])
     # 304 adapters (two matmuls each forward, four backward, plus the adds) cost thousands of operators
     assert without > 5000 and 2000 < with_lora - without < 5000, line
+
+
+def test_gpu_train_step_benchmark_sd3_configurations_run_on_cpu_smoke():
+    """The SD3.5 Large and Medium configurations on their tiny layouts, 2 steps each."""
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_train_step.py"), "--family", "sd3", "--smoke", "--steps", "2"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 0, res.stderr
+    for model in ("SD3.5 Large", "SD3.5 Medium"):
+        assert all(f"smoke {model}, LoRA 16/16, checkpointing, {mode}" in res.stdout for mode in ("bf16", "fp8_base", "blocks_to_swap"))
+
+
+def test_full_size_sd35_configs_build_on_the_meta_device():
+    from diffusers import SD3Transformer2DModel
+
+    from benchmarks.gpu_train_step import SD35_TRANSFORMERS
+    from library.sd3_models import sd3_variant_from_config
+
+    sizes = {}
+    for variant, config in SD35_TRANSFORMERS.items():
+        with torch.device("meta"):
+            model = SD3Transformer2DModel(**config)
+        assert sd3_variant_from_config(model.config) == variant and model.config.num_layers == len(model.transformer_blocks)
+        sizes[variant] = sum(p.numel() for p in model.parameters()) / 1e9
+    # the published sizes: 8.1B parameters; 2.5B with 3.5 Medium's 384x384-position table (a buffer, 0.23B)
+    assert 8.0 < sizes["sd3.5-large"] < 8.2 and 2.2 < sizes["sd3.5-medium"] < 2.3, sizes
+
+
+def test_operator_count_of_full_size_sd35_steps_on_the_meta_device():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "count_step_ops.py"), "--family", "sd3", "--no_checkpointing"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 0, res.stderr
+    counts = {}
+    for line in res.stdout.splitlines():
+        if "operators per step" in line:
+            counts[line.split(",")[0]] = int(line.split(": ")[1].split()[0]), int(line.split("LoRA, ")[1].split()[0])
+    assert set(counts) == {"sd3.5-large", "sd3.5-medium"}, res.stdout
+    # 377 adapters on Large's 38 joint blocks, 263 on Medium's 24 (with the attn2 qkv and proj of its first 13 x blocks)
+    (large, large_plain), (medium, medium_plain) = counts["sd3.5-large"], counts["sd3.5-medium"]
+    assert large_plain > medium_plain > 5000, counts
+    assert 3000 < large - large_plain < 5000 and 2000 < medium - medium_plain < large - large_plain, counts
