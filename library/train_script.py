@@ -95,38 +95,51 @@ def detect_model_family(path: str | None) -> str:
     return "sd"
 
 
+# The cache tools' family switches: flag name -> (the model it names, the family's module, its class). Without one the
+# family is detected from --pretrained_model_name_or_path (detect_model_family); SD 1.x/2.x has no switch.
+TOOL_FAMILIES = {
+    "sdxl": ("SDXL", "library.family_sdxl", "SdxlFamily"),
+    "flux": ("FLUX.1", "library.family_flux", "FluxFamily"),
+    "sd3": ("SD3 / SD3.5", "library.family_sd3", "Sd3Family"),
+}
+
+
 def tool_family(argv: list[str] | None) -> ModelFamily:
-    """The family a cache tool works for, from `--sdxl` / `--flux` or the model given with --pretrained_model_name_or_path."""
+    """The family a cache tool works for, from `--sdxl` / `--flux` / `--sd3` or the model given with
+    --pretrained_model_name_or_path."""
+    import importlib
+
     from library.checkpoint_files import ModelLoadError
 
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--sdxl", action="store_true")
-    pre.add_argument("--flux", action="store_true")
+    for switch in TOOL_FAMILIES:
+        pre.add_argument(f"--{switch}", action="store_true")
     pre.add_argument("--pretrained_model_name_or_path", default=None)
     known, _ = pre.parse_known_args(argv)
+    switches = [switch for switch in TOOL_FAMILIES if getattr(known, switch)]
+    if len(switches) > 1:
+        pre.error(f"give at most one of --{', --'.join(TOOL_FAMILIES)} (got --{' and --'.join(switches)})")
     try:
-        kind = "sdxl" if known.sdxl else "flux" if known.flux else detect_model_family(known.pretrained_model_name_or_path)
+        kind = switches[0] if switches else detect_model_family(known.pretrained_model_name_or_path)
     except ModelLoadError:  # a truncated or broken model file: the loader reports it as one error line
         kind = "sd"
-    if kind == "sdxl":
-        from library.family_sdxl import SdxlFamily
-
-        return SdxlFamily()
-    if kind == "flux":
-        from library.family_flux import FluxFamily
-
-        return FluxFamily()
+    if kind in TOOL_FAMILIES:
+        _, module, cls = TOOL_FAMILIES[kind]
+        return getattr(importlib.import_module(module), cls)()
     from library.family_sd import SdFamily
 
     return SdFamily()
 
 
-# What every cache tool reads besides the dataset flags: the model, the family switches and --config_file.
-TOOL_MODEL_OPTIONS = ("pretrained_model_name_or_path", "v2", "vae", "tokenizer_cache_dir", "clip_l", "t5xxl", "ae", "sdxl", "flux")
+# What every cache tool reads besides the dataset flags: the model (the families' own model flags among them), the
+# family switches and --config_file. A flag the family does not define is not in its parser, so not in its --help.
+TOOL_MODEL_OPTIONS = (
+    "pretrained_model_name_or_path", "v2", "vae", "tokenizer_cache_dir", "clip_l", "clip_g", "t5xxl", "ae", *TOOL_FAMILIES,
+)  # fmt: skip
 
 
 def parse_tool_args(argv: list[str] | None, description: str, options: tuple[str, ...] = ()):
-    """(family, args) for a cache tool: the training script's flags of the detected family, plus --sdxl/--flux.
+    """(family, args) for a cache tool: the training script's flags of the detected family, plus the family switches.
     --help shows only the model and dataset flags, --config_file and the tool's own `options` (argument names); the
     other training flags are accepted and ignored, so a training command line or config file can be reused."""
     from library.args import add_dataset_arguments
@@ -136,8 +149,8 @@ def parse_tool_args(argv: list[str] | None, description: str, options: tuple[str
     family = tool_family(argv)
     parser = setup_network_parser(description)
     family.add_arguments(parser)
-    parser.add_argument("--sdxl", action="store_true", help="the model is SDXL (detected from the model when not given)")
-    parser.add_argument("--flux", action="store_true", help="the model is FLUX.1 (detected from the model when not given)")
+    for switch, (name, _, _) in TOOL_FAMILIES.items():
+        parser.add_argument(f"--{switch}", action="store_true", help=f"the model is {name} (detected from the model when not given)")
     dataset = argparse.ArgumentParser(add_help=False)
     add_dataset_arguments(dataset, training=False)
     shown = {"help", "config_file", *TOOL_MODEL_OPTIONS, *options, *(a.dest for a in dataset._actions)}
@@ -147,6 +160,28 @@ def parse_tool_args(argv: list[str] | None, description: str, options: tuple[str
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the tool's docstring keeps its lines
     parser.epilog = "The training scripts' other options are accepted and ignored, so a training command line can be reused."
     return family, parse_args_with_config(parser, argv)
+
+
+def load_tool_models(args, family: ModelFamily, device, part: str):
+    """The family's models for a cache tool, with `part` ("vae" or "text_encoders") frozen and placed as the trainer
+    places it before it fills the same caches: on `device`, in the --mixed_precision dtype (the VAE as
+    family.vae_dtype says, e.g. float32 with --no_half_vae; float8-stored weights stay float8). The weights a cache
+    was made with are part of its identity, so only then does a training run with the same flags reuse the tool's
+    caches instead of rebuilding them."""
+    import torch
+
+    from library.family import place_module
+
+    models = family.load_models(args)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)  # the trainer's
+    modules = [models.vae] if part == "vae" else list(models.text_encoders)
+    for module in modules:
+        module.requires_grad_(False).eval()
+        if part == "vae":
+            module.to(device, family.vae_dtype(args, dtype))
+        else:
+            place_module(module, device, dtype)
+    return models
 
 
 def tool_errors() -> tuple[type[Exception], ...]:

@@ -316,24 +316,61 @@ def test_missing_or_truncated_network_weights_are_one_line(tmp_path, capsys):
 # (g) the cache tools' --help
 
 
-@pytest.mark.parametrize(
-    "tool,own",
-    [("cache_latents", ["--vae_batch_size", "--skip_cache_check"]),
-     ("cache_text_encoder_outputs", ["--text_encoder_batch_size", "--text_encoder_cache_variants", "--max_token_length"])],
-)
-def test_cache_tool_help_shows_only_what_the_tool_reads(tool, own, capsys):
+# per family switch: flags its --help shows (model flags of that family) and flags it must not show (another family's
+# model flags, the family's own training flags)
+FAMILY_HELP = {
+    "--sdxl": (["--sdxl"], ["--clip_g", "--t5xxl", "--ae", "--apply_t5_attn_mask"]),
+    "--flux": (["--flux", "--clip_l", "--t5xxl", "--ae"], ["--clip_g", "--timestep_sampling", "--guidance_scale", "--blocks_to_swap"]),
+    "--sd3": (["--sd3", "--clip_l", "--clip_g", "--t5xxl", "--tokenizer_cache_dir", "--vae"],
+              ["--ae", "--weighting_scheme", "--training_shift", "--clip_l_dropout_rate", "--pos_emb_random_crop_rate",
+               "--enable_scaled_pos_embed", "--blocks_to_swap", "--cpu_offload_checkpointing"]),
+}
+TOOL_HELP = {  # per tool: its own flags, shown for every family
+    "cache_latents": ["--vae_batch_size", "--skip_cache_check", "--mixed_precision", "--no_half_vae"],
+    "cache_text_encoder_outputs": ["--text_encoder_batch_size", "--text_encoder_cache_variants", "--mixed_precision"],
+}
+TEXT_FLAGS = {  # a family's text-encoding flags: shown by the text-encoder tool only
+    "--sdxl": ["--max_token_length"],
+    "--flux": ["--t5xxl_max_token_length", "--apply_t5_attn_mask"],
+    "--sd3": ["--t5xxl_max_token_length", "--apply_lg_attn_mask", "--apply_t5_attn_mask", "--fp8_base"],
+}
+
+
+@pytest.mark.parametrize("switch", list(FAMILY_HELP))
+@pytest.mark.parametrize("tool", list(TOOL_HELP))
+def test_cache_tool_help_shows_only_what_the_tool_reads(tool, switch, capsys):
     import importlib
+    import re
 
     main = importlib.import_module(f"tools.{tool}").main
     with pytest.raises(SystemExit) as e:
-        main(["--sdxl", "--help"])
+        main([switch, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ["--pretrained_model_name_or_path", "--dataset_config", "--resolution", "--config_file", "--sdxl", *own]:
-        assert flag in out, flag
+    flags = set(re.findall(r"^  (--\w+)", out, re.M))  # the options listed (not the usage line)
+    shown, hidden = FAMILY_HELP[switch]
+    text = TEXT_FLAGS.get(switch, [])
+    own = TOOL_HELP[tool] + (text if tool == "cache_text_encoder_outputs" else [])
+    for flag in ["--pretrained_model_name_or_path", "--dataset_config", "--resolution", "--config_file", *shown, *own]:
+        assert flag in flags, flag
+    if tool == "cache_latents":
+        hidden = hidden + [f for f in text if f not in shown]  # text-encoding flags change no latent
     for flag in ["--learning_rate", "--network_dim", "--optimizer_type", "--max_train_steps", "--output_dir", "--save_state",
-                 "--sample_prompts", "--noise_offset", "--lr_scheduler"]:
-        assert flag not in out, flag
+                 "--sample_prompts", "--noise_offset", "--lr_scheduler", "--cache_text_encoder_outputs", *hidden]:
+        assert flag not in flags, flag
+
+
+def test_cache_tool_family_switches_and_detection():
+    from library.family_sd3 import Sd3Family
+    from library.family_sdxl import SdxlFamily
+    from library.train_script import tool_family
+
+    assert isinstance(tool_family(["--sd3", "--pretrained_model_name_or_path", "x.safetensors"]), Sd3Family)
+    assert isinstance(tool_family(["--pretrained_model_name_or_path", "kiln-tiny-sd3.5-large"]), Sd3Family)
+    assert isinstance(tool_family(["--pretrained_model_name_or_path", "kiln-tiny-sdxl"]), SdxlFamily)
+    with pytest.raises(SystemExit) as e:
+        tool_family(["--sdxl", "--sd3"])
+    assert e.value.code == 2
 
 
 def test_cache_tools_still_accept_a_training_command_line():

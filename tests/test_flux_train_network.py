@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, SCRIPT_ENV, launch_script, write_caption, write_image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.slow
 
@@ -197,12 +198,56 @@ def test_merge_into_bfl_file_streaming(tmp_path):
     assert {v.dtype for v in load_file(str(tmp_path / "m8.safetensors")).values()} == {torch.float8_e4m3fn}
 
 
+def run_tool(tool: str, *args) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), *map(str, args)], capture_output=True, text=True,
+                         env=ENV, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
 def test_cache_tools_with_flux(dataset, tmp_path):
     common = ["--pretrained_model_name_or_path", "kiln-tiny-flux", "--t5xxl_max_token_length", "16", *map(str, dataset)]
     for tool in ("cache_text_encoder_outputs.py", "cache_latents.py"):
-        res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), "--flux", *common], capture_output=True, text=True,
-                             env=ENV, timeout=300)
-        assert res.returncode == 0, res.stderr
+        run_tool(tool, "--flux", *common)
     names = os.listdir(tmp_path / "2_shapes")
     assert sum(n.endswith("_flux_te.safetensors") for n in names) == 4
     assert sum(n.endswith("_0064x0064_flux.safetensors") for n in names) == 4
+
+
+def test_cache_tools_with_sd3_then_training_reuses_the_caches(dataset, tmp_path):
+    """SD3 through the same tools (they sit here with FLUX's): kiln-tiny-sd3 as users have SD3.5, a SAI file with the
+    MMDiT and the VAE plus --clip_l / --clip_g / --t5xxl files and a --tokenizer_cache_dir. The tools (SD3 detected
+    from the file, or --sd3) write the caches of sd3_train_network.py with the same flags (bf16, both attention
+    masks, 16 T5 tokens), and that run reuses every one: no file rewritten, nothing encoded."""
+    from library.sd3_models import save_sd3_single_file
+    from library.tiny_models import build_tiny_sd3, write_tiny_clip_tokenizer, write_tiny_t5_tokenizer
+
+    parts = build_tiny_sd3("sd3-medium")
+    model = tmp_path / "sd3.safetensors"
+    save_sd3_single_file(str(model), parts["transformer"], vae=parts["vae"])
+    files = {}
+    for flag, name in (("--clip_l", "text_encoder"), ("--clip_g", "text_encoder_2"), ("--t5xxl", "text_encoder_3")):
+        files[flag] = tmp_path / f"{flag[2:]}.safetensors"  # transformers' names; T5's tied embedding once
+        save_file({k: v.clone() for k, v in parts[name].state_dict().items() if k != "encoder.embed_tokens.weight"}, files[flag])
+    tok = tmp_path / "tok"
+    write_tiny_clip_tokenizer(str(tok / "openai_clip-vit-large-patch14"))
+    write_tiny_clip_tokenizer(str(tok / "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k"), pad_token="!")
+    write_tiny_t5_tokenizer(str(tok / "google_t5-v1_1-xxl"))
+    common = ["--pretrained_model_name_or_path", model, *[x for kv in files.items() for x in kv], "--tokenizer_cache_dir", tok,
+              "--t5xxl_max_token_length", 16, "--apply_lg_attn_mask", "--apply_t5_attn_mask", "--mixed_precision", "bf16", *dataset]
+    run_tool("cache_text_encoder_outputs.py", *common)  # SD3 detected from the file
+    run_tool("cache_latents.py", "--sd3", *common)
+    img_dir = tmp_path / "2_shapes"
+    caches = {n: os.stat(img_dir / n).st_mtime_ns for n in os.listdir(img_dir) if "_sd3" in n}
+    assert sorted(caches) == sorted([f"{i}_sd3_te.safetensors" for i in range(4)] + [f"{i}_0064x0064_sd3.safetensors" for i in range(4)])
+    with safe_open(str(img_dir / "0_sd3_te.safetensors"), framework="pt") as f:
+        identity = json.loads(f.metadata()["identity"])
+        assert f.get_tensor("v0.t5_out").dtype == torch.bfloat16  # encoded as training encodes: in bf16
+    assert identity["apply_lg_attn_mask"] is identity["apply_t5_attn_mask"] is True and identity["tokens"]["t5_max_length"] == 16
+    res = launch_script("sd3_train_network.py", *common, "--network_module", "networks.lora_sd3", "--network_dim", 4,
+                        "--learning_rate", "1e-3", "--max_data_loader_n_workers", 0, "--seed", 5, "--network_train_unet_only",
+                        "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk", "--output_dir", tmp_path / "o",
+                        "--output_name", "r", "--max_train_steps", 2)
+    assert "caching" not in res.stderr  # no progress bar of an encoding pass
+    assert {n: os.stat(img_dir / n).st_mtime_ns for n in caches} == caches
+    assert load_file(str(tmp_path / "o" / "r.safetensors"))
