@@ -345,6 +345,11 @@ def check_text_cache_args(args) -> None:
         )
 
 
+def working_dtype(mixed_precision: str | None) -> torch.dtype:
+    """The dtype models compute in for --mixed_precision (no: float32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
 def place_module(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
     """module.to(device, dtype), except that a module with float8-stored weights (--fp8_base) keeps them: its other
     frozen weights are in the compute dtype already, and what it keeps in float32 on purpose stays float32."""

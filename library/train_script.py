@@ -168,12 +168,10 @@ def load_tool_models(args, family: ModelFamily, device, part: str):
     family.vae_dtype says, e.g. float32 with --no_half_vae; float8-stored weights stay float8). The weights a cache
     was made with are part of its identity, so only then does a training run with the same flags reuse the tool's
     caches instead of rebuilding them."""
-    import torch
-
-    from library.family import place_module
+    from library.family import place_module, working_dtype
 
     models = family.load_models(args)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)  # the trainer's
+    dtype = working_dtype(args.mixed_precision)
     modules = [models.vae] if part == "vae" else list(models.text_encoders)
     for module in modules:
         module.requires_grad_(False).eval()

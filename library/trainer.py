@@ -24,7 +24,7 @@ from library import config_util, saving
 from library.checkpointer import Checkpointer, RunState, initial_position, save_point, write_loss_log
 from library.data_loader import accumulation_group, make_data_loader
 from library.datasets import DatasetGroup, build_datasets, image_paths, raise_on_errors, raise_on_undecodable
-from library.family import ModelFamily, TrainModels, place_module
+from library.family import ModelFamily, TrainModels, place_module, working_dtype
 from library.lora_metadata import training_metadata
 from library.preflight import argument_problems, tracker_settings
 from library.run_control import StopSignals, restore_rng_states
@@ -366,7 +366,7 @@ class TrainingRun:
             raise TrainingError("--mixed_precision fp16 does not run on CPU (it would silently train in float32); use bf16")
         tune_backends(self.device)
         logger.info(f"device {self.device}; torch uses {torch.get_num_threads()} CPU threads")
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+        self.weight_dtype = working_dtype(args.mixed_precision)
         try:
             os.makedirs(args.output_dir, exist_ok=True)
         except OSError as e:
