@@ -37,6 +37,10 @@ class ModelFamily(ABC):
     bucket_reso_multiple: int = 64
     default_resolution: int = 512
 
+    # shared model/text options this family refuses or ignores (its check_args says so): the cache tools' --help
+    # leaves them out
+    unused_shared_options: tuple[str, ...] = ()
+
     # sample-prompt defaults and the prompt options this family cannot honour (see library.sample_prompts)
     sample_defaults: dict = {}
     sample_unsupported: dict = {}

@@ -34,6 +34,7 @@ AE_SCALE, AE_SHIFT = 0.3611, 0.1159
 
 class FluxFamily(ModelFamily):
     script_name = "flux_train_network.py"
+    unused_shared_options = ("v2", "clip_skip", "weighted_captions", "max_token_length")
     arch = "flux"
     bucket_reso_multiple = 16  # 8x autoencoder, then 2x2 packing
     default_resolution = 1024

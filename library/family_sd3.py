@@ -51,6 +51,7 @@ SCALED_POS_EMBED_BASE_SIZE = 16  # --enable_scaled_pos_embed: the grid's centre 
 
 class Sd3Family(ModelFamily):
     script_name = "sd3_train_network.py"
+    unused_shared_options = ("v2", "clip_skip", "weighted_captions", "max_token_length")
     arch = "sd3"
     bucket_reso_multiple = 16  # 8x autoencoder, then 2x2 patches
     default_resolution = 1024

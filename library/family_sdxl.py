@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 class SdxlFamily(DdpmFamily):
     script_name = "sdxl_train_network.py"
+    unused_shared_options = ("v2",)
     arch = "sdxl"
     vae_scale = 0.13025
     bucket_reso_multiple = 32

@@ -155,7 +155,7 @@ def parse_tool_args(argv: list[str] | None, description: str, options: tuple[str
     add_dataset_arguments(dataset, training=False)
     shown = {"help", "config_file", *TOOL_MODEL_OPTIONS, *options, *(a.dest for a in dataset._actions)}
     for action in parser._actions:
-        if action.dest not in shown:
+        if action.dest not in shown or action.dest in family.unused_shared_options:
             action.help = argparse.SUPPRESS
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the tool's docstring keeps its lines
     parser.epilog = "The training scripts' other options are accepted and ignored, so a training command line can be reused."

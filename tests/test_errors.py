@@ -319,11 +319,13 @@ def test_missing_or_truncated_network_weights_are_one_line(tmp_path, capsys):
 # per family switch: flags its --help shows (model flags of that family) and flags it must not show (another family's
 # model flags, the family's own training flags)
 FAMILY_HELP = {
-    "--sdxl": (["--sdxl"], ["--clip_g", "--t5xxl", "--ae", "--apply_t5_attn_mask"]),
-    "--flux": (["--flux", "--clip_l", "--t5xxl", "--ae"], ["--clip_g", "--timestep_sampling", "--guidance_scale", "--blocks_to_swap"]),
+    "--sdxl": (["--sdxl"], ["--clip_g", "--t5xxl", "--ae", "--apply_t5_attn_mask", "--v2"]),
+    "--flux": (["--flux", "--clip_l", "--t5xxl", "--ae"], ["--clip_g", "--timestep_sampling", "--guidance_scale", "--blocks_to_swap",
+                                                           "--v2", "--clip_skip", "--weighted_captions", "--max_token_length"]),
     "--sd3": (["--sd3", "--clip_l", "--clip_g", "--t5xxl", "--tokenizer_cache_dir", "--vae"],
               ["--ae", "--weighting_scheme", "--training_shift", "--clip_l_dropout_rate", "--pos_emb_random_crop_rate",
-               "--enable_scaled_pos_embed", "--blocks_to_swap", "--cpu_offload_checkpointing"]),
+               "--enable_scaled_pos_embed", "--blocks_to_swap", "--cpu_offload_checkpointing",
+               "--v2", "--clip_skip", "--weighted_captions", "--max_token_length"]),
 }
 TOOL_HELP = {  # per tool: its own flags, shown for every family
     "cache_latents": ["--vae_batch_size", "--skip_cache_check", "--mixed_precision", "--no_half_vae"],
