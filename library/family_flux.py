@@ -157,7 +157,7 @@ class FluxFamily(ModelFamily):
         device, dtype = latents.device, latents.dtype
         x0 = latents.detach().float()
         b, c, h, w = x0.shape
-        noise = to_device(torch.cat([torch.randn((1, c, h, w), generator=g) for g in generators]), device)
+        noise = fm.sample_noise(x0, generators, device)
         if timesteps is None:
             sigmas = torch.cat(
                 [
@@ -179,19 +179,7 @@ class FluxFamily(ModelFamily):
         else:
             sigmas = timesteps.float() / 1000.0
         host_sigmas, sigmas = sigmas, to_device(sigmas, device)
-        noisy = torch.cat(
-            [
-                fm.noisy_model_input(
-                    x0[i : i + 1],
-                    noise[i : i + 1],
-                    sigmas[i : i + 1],
-                    args.ip_noise_gamma,
-                    args.ip_noise_gamma_random_strength,
-                    generator=g,
-                )
-                for i, g in enumerate(generators)
-            ]
-        )
+        noisy = fm.noisy_model_inputs(args, x0, noise, sigmas, generators)
         l_pooled, t5_out, t5_mask = conds
         transformer = models.denoiser
         guidance = (

@@ -226,7 +226,7 @@ class Sd3Family(ModelFamily):
         device, dtype = latents.device, latents.dtype
         x0 = latents.detach().float()
         b, c, h, w = x0.shape
-        noise = to_device(torch.cat([torch.randn((1, c, h, w), generator=g) for g in generators]), device)
+        noise = fm.sample_noise(x0, generators, device)
         if timesteps is None:
             timesteps = torch.cat(
                 [
@@ -247,19 +247,7 @@ class Sd3Family(ModelFamily):
         host_t = timesteps.to(torch.float32)  # float32 whatever the mixed precision (integers up to 1000 are exact)
         host_sigmas = host_t / fm.NUM_TRAIN_TIMESTEPS
         sigmas = to_device(host_sigmas, device)
-        noisy = torch.cat(
-            [
-                fm.noisy_model_input(
-                    x0[i : i + 1],
-                    noise[i : i + 1],
-                    sigmas[i : i + 1],
-                    args.ip_noise_gamma,
-                    args.ip_noise_gamma_random_strength,
-                    generator=g,
-                )
-                for i, g in enumerate(generators)
-            ]
-        )
+        noisy = fm.noisy_model_inputs(args, x0, noise, sigmas, generators)
         _, encode = self.strategies(args, models)
         context, pooled = encode.conditioning(conds, generators)
         crop = self.pos_embed.draw(args.pos_emb_random_crop_rate, generators[0]) if self.pos_embed else contextlib.nullcontext()

@@ -177,6 +177,29 @@ def noisy_model_input(
     return ((1.0 - s) * latents.float() + s * input_noise).to(latents.dtype)
 
 
+def sample_noise(x0: torch.Tensor, generators: list[torch.Generator], device) -> torch.Tensor:
+    """Each sample's noise from its own generator (drawn on the host, then moved): independent of the batch."""
+    shape = (1, *x0.shape[1:])
+    return to_device(torch.cat([torch.randn(shape, generator=g) for g in generators]), device)
+
+
+def noisy_model_inputs(args: Any, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, generators) -> torch.Tensor:
+    """noisy_model_input per sample, each with its own generator (--ip_noise_gamma's draws)."""
+    return torch.cat(
+        [
+            noisy_model_input(
+                x0[i : i + 1],
+                noise[i : i + 1],
+                sigmas[i : i + 1],
+                args.ip_noise_gamma,
+                args.ip_noise_gamma_random_strength,
+                generator=g,
+            )
+            for i, g in enumerate(generators)
+        ]
+    )
+
+
 def flow_matching_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The flow velocity ``eps - x0`` (``noise - latents``): FLUX's loss target."""
     return noise - latents
