@@ -199,7 +199,8 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def metadata(self, args) -> dict[str, str]:
-        """ss_base_model_version, ss_v2 and the modelspec.* keys of this family."""
+        """ss_base_model_version, ss_v2 and the modelspec.* keys of this family; modelspec.architecture names the
+        whole model (a training method appends what its files hold, e.g. "/lora")."""
 
     def validation_timesteps(self, args) -> list[int]:
         return ddpm.validation_timesteps(args.min_timestep or 0, args.max_timestep or 1000)

@@ -219,7 +219,7 @@ class FluxFamily(ModelFamily):
         md = {
             "ss_v2": "False",
             "ss_base_model_version": "flux1",
-            "modelspec.architecture": ("flux-1-schnell" if schnell else "flux-1-dev") + "/lora",
+            "modelspec.architecture": "flux-1-schnell" if schnell else "flux-1-dev",
             "modelspec.implementation": "https://github.com/black-forest-labs/flux",
             "ss_model_type": "flux",
             "ss_apply_t5_attn_mask": str(args.apply_t5_attn_mask),

@@ -59,7 +59,7 @@ class SdFamily(DdpmFamily):
         return {
             "ss_v2": str(bool(v2)),
             "ss_base_model_version": version,
-            "modelspec.architecture": arch + "/lora",
+            "modelspec.architecture": arch,
             "modelspec.implementation": "diffusers",
             "modelspec.prediction_type": "v" if args.v_parameterization else "epsilon",
         }

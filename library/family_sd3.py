@@ -280,7 +280,7 @@ class Sd3Family(ModelFamily):
         md = {
             "ss_v2": "False",
             "ss_base_model_version": SD3_SS_BASE_MODEL_VERSION[self.variant],
-            "modelspec.architecture": SD3_MODELSPEC_ARCHITECTURE[self.variant] + "/lora",
+            "modelspec.architecture": SD3_MODELSPEC_ARCHITECTURE[self.variant],
             "modelspec.implementation": "diffusers",
         }
         for key in ("apply_lg_attn_mask", "apply_t5_attn_mask", "weighting_scheme", "logit_mean", "logit_std", "mode_scale"):

@@ -80,7 +80,7 @@ class SdxlFamily(DdpmFamily):
         return {
             "ss_v2": "False",
             "ss_base_model_version": "sdxl_base_v1-0" + ("_v" if args.v_parameterization else ""),
-            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base",
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
             "modelspec.prediction_type": "v" if args.v_parameterization else "epsilon",
         }

@@ -170,6 +170,7 @@ def training_metadata(
     if args.min_timestep is not None or args.max_timestep is not None:
         md["modelspec.timestep_range"] = f"{args.min_timestep or 0},{args.max_timestep or 1000}"
     md.update(family.metadata(args))
+    md["modelspec.architecture"] += "/lora"
     return md
 
 

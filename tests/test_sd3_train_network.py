@@ -242,9 +242,9 @@ def test_metadata_of_each_variant():
     from library.family_sd3 import Sd3Family
 
     expected = {
-        "kiln-tiny-sd3": ("medium", "stable-diffusion-3-medium/lora"),
-        "kiln-tiny-sd3.5-medium": ("5-medium", "stable-diffusion-3-5-medium/lora"),
-        "kiln-tiny-sd3.5-large": ("5-large", "stable-diffusion-3-5-large/lora"),
+        "kiln-tiny-sd3": ("medium", "stable-diffusion-3-medium"),
+        "kiln-tiny-sd3.5-medium": ("5-medium", "stable-diffusion-3-5-medium"),
+        "kiln-tiny-sd3.5-large": ("5-large", "stable-diffusion-3-5-large"),
     }
     for name, (version, architecture) in expected.items():
         family = Sd3Family()
