@@ -1,4 +1,4 @@
-"""What a run saves and where: adapter files and training states under sd-scripts' names (atomically, pruned by
+"""What a run saves and where: checkpoints (adapter files or whole models) and training states under sd-scripts' names (atomically, pruned by
 --save_last_n_*), the run's position (RunState) and its loss history."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, field
 
 from library import saving
-from library.lora_metadata import ESSENTIAL_KEYS
 from library.run_control import rng_states
 
 logger = logging.getLogger("kiln")
@@ -43,30 +42,29 @@ def initial_position(step: int, steps_per_epoch: int, batches_per_step: int, ski
 
 
 class Checkpointer:
-    """Saves adapter files and training states with sd-scripts' names, atomically, and prunes old ones."""
+    """Saves checkpoints (what the training method writes) and training states with sd-scripts' names, atomically,
+    and prunes old ones."""
 
     def __init__(
-        self, args, network, optimizer, lr_scheduler, metadata: dict[str, str], accelerator, masters=None, deepspeed=None
+        self, args, family, method, models, optimizer, lr_scheduler, metadata: dict[str, str], accelerator, deepspeed=None
     ) -> None:
-        self.args, self.network, self.optimizer, self.lr_scheduler = args, network, optimizer, lr_scheduler
-        self.masters = masters
+        self.args, self.family, self.method, self.models = args, family, method, models
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.deepspeed = deepspeed  # library.deepspeed_run.DeepSpeedSteps: the optimizer state is every process's
         self.metadata = metadata
         self.accelerator = accelerator
-        self.ext = "." + args.save_model_as
-        self.dtype = saving.SAVE_DTYPES.get(args.save_precision) if args.save_precision else None
 
     def save_model(self, name: str, state: RunState) -> str:
-        path = os.path.join(self.args.output_dir, name + self.ext)
+        """The checkpoint `name` (written by the main process); returns its path."""
+        stem = os.path.join(self.args.output_dir, name)
+        path = None
         if self.accelerator.is_main_process:
             md = dict(self.metadata)
             md.update({"ss_training_finished_at": str(time.time()), "ss_steps": str(state.step), "ss_epoch": str(state.last_epoch)})
-            if self.args.no_metadata:
-                md = {k: v for k, v in md.items() if k in ESSENTIAL_KEYS or k.startswith("modelspec.")}
-            saving.save_weights(path, self.network.state_dict(), md if self.ext == ".safetensors" else None, self.dtype)
+            path = self.method.save_checkpoint(self.args, self.family, self.models, stem, md)
             logger.info(f"saved {path}")
         self.accelerator.wait_for_everyone()
-        return path
+        return path or stem
 
     def save_state(self, name: str, state: RunState, seed: int) -> str:
         folder = os.path.join(self.args.output_dir, name + "-state")
@@ -80,9 +78,7 @@ class Checkpointer:
                 "first_logged_step": state.first_logged_step,
                 "loss_history": state.loss_history,
             }
-            weights = self.network.state_dict()
-            if self.masters:  # the float32 weights the optimizer updates, so that a resume is exact
-                weights.update(self.masters.named_masters())
+            weights = self.method.state_weights()
             saving.save_state(folder, weights, optimizer_state, self.lr_scheduler.state_dict(), train_state, rng_states())
             logger.info(f"saved state {folder}")
         self.accelerator.wait_for_everyone()
@@ -90,7 +86,8 @@ class Checkpointer:
 
     def prune(self, kind: str, keep_from: int, state: bool) -> None:
         if self.accelerator.is_main_process:
-            saving.prune_checkpoints(self.args.output_dir, self.args.output_name, self.ext, kind, keep_from, state)
+            suffix = self.method.checkpoint_suffix_pattern(self.args)
+            saving.prune_checkpoints(self.args.output_dir, self.args.output_name, suffix, kind, keep_from, state)
 
 
 def save_point(ckpt: Checkpointer, args, state: RunState, seed: int, step: int | None = None, epoch: int | None = None) -> None:

@@ -29,6 +29,7 @@ class CompatOption:
     choices: tuple[str, ...] | None = None
     default: object = None
     scripts: tuple[str, ...] = ()  # empty: every training script
+    kinds: tuple[str, ...] = ("network", "full")  # the script kinds that have it
 
 
 OPTIONS = [
@@ -125,14 +126,15 @@ OPTIONS = [
 ]
 
 
-def add_compat_arguments(parser: argparse.ArgumentParser, arch: str) -> None:
-    """Add the options of OPTIONS that sd-scripts' script for `arch` ("sd", "sdxl", "flux", "sd3") has."""
+def add_compat_arguments(parser: argparse.ArgumentParser, arch: str, kind: str = "network") -> None:
+    """Add the options of OPTIONS that sd-scripts' script for `arch` ("sd", "sdxl", "flux", "sd3") and training
+    `kind` ("network": adapter scripts, "full": fine-tuning scripts) has."""
     g = parser.add_argument_group(
         "sd-scripts options kiln handles differently (accepted so that sd-scripts command lines parse; "
         "each says what kiln does)"
     )
     for opt in OPTIONS:
-        if opt.scripts and arch not in opt.scripts:
+        if (opt.scripts and arch not in opt.scripts) or kind not in opt.kinds:
             continue
         prefix = "not supported: " if opt.refused else "no effect: "
         help_text = (prefix + opt.message).replace("%", "%%")

@@ -84,16 +84,33 @@ class ModelFamily(ABC):
     # the denoiser's ModuleLists whose blocks --blocks_to_swap streams, in the order they run (empty: no block swap)
     swap_block_lists: tuple[str, ...] = ()
 
-    def place_models(self, args, models: TrainModels, device: torch.device, dtype: torch.dtype) -> None:
+    def place_models(
+        self,
+        args,
+        models: TrainModels,
+        device: torch.device,
+        dtype: torch.dtype,
+        trained: list[torch.nn.Module] = (),
+        trained_dtype: torch.dtype = torch.float32,
+    ) -> None:
         """Put the text encoders and the denoiser on the device in the working dtype; float8-stored weights stay
-        float8 (place_module). With --blocks_to_swap (families with swap_block_lists) the denoiser's last blocks stay
-        in host memory and `self.swapper` streams them in (swap_denoiser_blocks)."""
+        float8 (place_module); the models in `trained` (trained in place by a full fine-tune) in `trained_dtype`.
+        With --blocks_to_swap (families with swap_block_lists) the denoiser's last blocks stay in host memory and
+        `self.swapper` streams them in (swap_denoiser_blocks)."""
+        trained_ids = {id(m) for m in trained}
+
+        def dtype_of(module: torch.nn.Module) -> torch.dtype:
+            return trained_dtype if id(module) in trained_ids else dtype
+
         for m in models.text_encoders:
-            place_module(m, device, dtype)
+            place_module(m, device, dtype_of(m))
+        denoiser_dtype = dtype_of(models.denoiser)
         if self.swap_block_lists and getattr(args, "blocks_to_swap", None):
-            self.swapper = swap_denoiser_blocks(models.denoiser, self.swap_block_lists, args.blocks_to_swap, device, dtype)
+            self.swapper = swap_denoiser_blocks(
+                models.denoiser, self.swap_block_lists, args.blocks_to_swap, device, denoiser_dtype
+            )
         else:
-            place_module(models.denoiser, device, dtype)
+            place_module(models.denoiser, device, denoiser_dtype)
 
     def sampling_block_swap(self) -> contextlib.AbstractContextManager:
         """For preview sampling: with block swap, stream only the blocks that do not fit in free device memory
@@ -204,6 +221,29 @@ class ModelFamily(ABC):
 
     def validation_timesteps(self, args) -> list[int]:
         return ddpm.validation_timesteps(args.min_timestep or 0, args.max_timestep or 1000)
+
+    def save_checkpoint(
+        self,
+        args,
+        models: TrainModels,
+        path: str,
+        form: str,
+        dtype: torch.dtype | None,
+        metadata: dict[str, str] | None,
+        trained: frozenset[str],
+    ) -> list[str]:
+        """Write the model as a checkpoint. `path` is the output path WITHOUT extension (e.g. out/name-step00000200);
+        form is "safetensors", "ckpt" (weights-only-loadable pickle {"state_dict": ...} of tensors) or "diffusers"
+        (a folder at `path`). `dtype` casts floating tensors (--save_precision; None keeps each tensor's dtype).
+        `trained` names the parts that were trained: "denoiser" and/or "text_encoder_0", "text_encoder_1", ... (index in
+        models.text_encoders). Returns the written paths (file(s) or folder). Atomic: temp name then rename; an existing
+        file of that name is replaced only when the new one is complete.
+
+        Trained parts are written from `models` (wherever their tensors are, one tensor at a time; the models are not
+        moved or cast); the others from the model the user gave (args.pretrained_model_name_or_path and the files that
+        replace its parts), never from memory, where frozen parts are kept in the working dtype. See
+        library/model_checkpoint.py."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save full checkpoints")
 
 
 def per_sample(fn, generators: list[torch.Generator], *tensors: torch.Tensor, **kw) -> torch.Tensor:

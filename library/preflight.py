@@ -1,7 +1,7 @@
 """Checks of a run's arguments and inputs that need no model (`argument_problems`): flags that contradict each other
-or cannot train, sd-scripts options kiln handles otherwise, the output folder, learning rates that leave something to
-train, the model and --network_weights files of this model family. Each problem is one line naming the flag or file
-and what to do; `check_args` in library/trainer.py stops the run with them before anything loads."""
+or cannot train, sd-scripts options kiln handles otherwise, the output folder, the model file of this model family.
+Each problem is one line naming the flag or file and what to do; `check_args` in library/trainer.py stops the run
+with them (and the training method's own problems) before anything loads."""
 
 from __future__ import annotations
 
@@ -31,27 +31,6 @@ def output_dir_problem(output_dir: str) -> str | None:
     return None
 
 
-def learning_rate_problem(args) -> str | None:
-    """None when some trained part gets a learning rate above 0 (networks skip parameter groups with rate 0)."""
-    default = args.learning_rate
-    unet = default if args.unet_lr is None else args.unet_lr
-    te_values = args.text_encoder_lr if isinstance(args.text_encoder_lr, list) else [args.text_encoder_lr]
-    te = [default if v is None else v for v in (te_values or [None])]
-    trains_unet = not args.network_train_text_encoder_only and unet != 0
-    trains_te = not args.network_train_unet_only and any(v != 0 for v in te)
-    if trains_unet or trains_te:
-        return None
-    given = [f"--learning_rate {default}"]
-    if args.unet_lr is not None:
-        given.append(f"--unet_lr {args.unet_lr}")
-    if args.text_encoder_lr:
-        given.append("--text_encoder_lr " + " ".join(str(v) for v in args.text_encoder_lr))
-    return (
-        f"nothing to train: every learning rate is 0 ({', '.join(given)}); give --learning_rate (or --unet_lr / "
-        "--text_encoder_lr for the part to train) a value above 0"
-    )
-
-
 def network_weights_problem(path: str, family: ModelFamily) -> str | None:
     """A --network_weights file that is missing, unreadable, or an adapter for another model family."""
     from library.checkpoint_files import FAMILY_NAMES, FAMILY_SCRIPTS, ModelLoadError, detect_lora_family, read_key_shapes
@@ -73,16 +52,6 @@ def network_weights_problem(path: str, family: ModelFamily) -> str | None:
         f"--network_weights {path}: this LoRA is for {name} (keys like {example}), "
         f"not for {family.script_name}; use {FAMILY_SCRIPTS[kind]}"
     )
-
-
-def preflight_problems(args, family: ModelFamily) -> list[str]:
-    problems = []
-    if args.output_dir:
-        problems.append(output_dir_problem(args.output_dir))
-    problems.append(learning_rate_problem(args))
-    if args.network_weights:
-        problems.append(network_weights_problem(args.network_weights, family))
-    return [p for p in problems if p]
 
 
 def tracker_settings(path: str) -> dict:
@@ -107,8 +76,6 @@ def argument_problems(args, family: ModelFamily) -> list[str]:
         problems.append("--pretrained_model_name_or_path is required (try kiln-tiny-sd for a dry run)")
     if not args.output_dir:
         problems.append("--output_dir is required")
-    if args.network_train_unet_only and args.network_train_text_encoder_only:
-        problems.append("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     if args.full_fp16 and args.full_bf16:
         problems.append("--full_fp16 and --full_bf16 exclude each other")
     if args.full_fp16 and args.mixed_precision != "fp16":
@@ -117,8 +84,6 @@ def argument_problems(args, family: ModelFamily) -> list[str]:
         problems.append("--full_bf16 needs --mixed_precision bf16")
     if (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first) and not args.sample_prompts:
         problems.append("sample images were asked for but --sample_prompts is not given")
-    if args.dim_from_weights and not args.network_weights:
-        problems.append("--dim_from_weights needs --network_weights")
     if args.cpu_offload_checkpointing and not args.gradient_checkpointing:
         problems.append("--cpu_offload_checkpointing offloads checkpointed activations: add --gradient_checkpointing")
     if args.gradient_accumulation_steps < 1:
@@ -148,18 +113,14 @@ def argument_problems(args, family: ModelFamily) -> list[str]:
             tracker_settings(args.log_tracker_config)
         except ValueError as e:
             problems.append(str(e))
-    if args.network_dim is not None and args.network_dim < 1 and not args.dim_from_weights:
-        problems.append(f"--network_dim {args.network_dim}: the LoRA rank must be at least 1")
     if args.max_train_epochs is not None and args.max_train_epochs < 1:
         problems.append(f"--max_train_epochs {args.max_train_epochs}: train for at least one epoch")
     elif args.max_train_epochs is None and args.max_train_steps < 1:
         problems.append(f"--max_train_steps {args.max_train_steps}: train for at least one step")
-    for flag in ("learning_rate", "unet_lr", "text_encoder_lr"):
-        value = getattr(args, flag, None)
-        for lr in value if isinstance(value, list) else [value]:
-            if lr is not None and lr < 0:
-                problems.append(f"--{flag} {lr}: a learning rate cannot be negative")
-    problems += preflight_problems(args, family)  # output folder, all-zero learning rates, --network_weights
+    if args.learning_rate is not None and args.learning_rate < 0:
+        problems.append(f"--learning_rate {args.learning_rate}: a learning rate cannot be negative")
+    if args.output_dir and output_dir_problem(args.output_dir):
+        problems.append(output_dir_problem(args.output_dir))
     no_compile = str(args.dynamo_backend).lower() == "no"  # what accelerate and the kohya_ss GUI write for "off"
     if args.torch_compile and no_compile:
         problems.append("--torch_compile with --dynamo_backend no: leave out one of them (or name a backend, e.g. inductor)")

@@ -199,12 +199,16 @@ def checkpoint_name(output_name: str, epoch: int | None = None, step: int | None
     return output_name
 
 
-def prune_checkpoints(output_dir: str, output_name: str, ext: str, kind: str, keep_from: int, state: bool = False) -> list[str]:
-    """Remove this run's epoch (kind="epoch") or step checkpoints numbered below keep_from; returns removed paths."""
+def prune_checkpoints(
+    output_dir: str, output_name: str, suffix_pattern: str, kind: str, keep_from: int, state: bool = False
+) -> list[str]:
+    """Remove this run's epoch (kind="epoch") or step checkpoints numbered below keep_from (files and folders whose
+    name is the checkpoint's followed by a match of `suffix_pattern`, a regular expression), or their states;
+    returns removed paths."""
     pattern = (
         re.escape(output_name)
         + (r"-step(\d{8})" if kind == "step" else r"-(\d{6})")
-        + ("-state" if state else re.escape(ext))
+        + ("-state" if state else f"(?:{suffix_pattern})")
         + "$"
     )
     removed = []
@@ -212,7 +216,7 @@ def prune_checkpoints(output_dir: str, output_name: str, ext: str, kind: str, ke
         m = re.match(pattern, entry)
         if m and int(m.group(1)) < keep_from:
             path = os.path.join(output_dir, entry)
-            shutil.rmtree(path) if state else os.remove(path)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             removed.append(path)
     return removed
 

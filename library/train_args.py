@@ -57,8 +57,6 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--save_precision", type=str, default=None, choices=["float", "fp16", "bf16"], help="dtype of the saved weights"
     )
-    g.add_argument("--no_metadata", action="store_true", help="write only the essential ss_* metadata")
-    g.add_argument("--training_comment", type=str, default=None, help="free text stored as ss_training_comment")
     g.add_argument("--save_every_n_epochs", type=int, default=None, help="save a checkpoint every N epochs")
     g.add_argument("--save_every_n_steps", type=int, default=None, help="save a checkpoint every N steps")
     g.add_argument(
@@ -176,27 +174,15 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--huber_scale", type=float, default=1.0, help="huber loss scale")
 
 
-def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("network (LoRA)")
-    g.add_argument("--network_module", type=str, default=None, help="adapter module, e.g. networks.lora")
-    g.add_argument("--network_dim", type=int, default=None, help="LoRA rank (default 4)")
-    g.add_argument("--network_alpha", type=float, default=1, help="LoRA alpha: the update is scaled by alpha / rank")
-    g.add_argument("--network_dropout", type=float, default=None, help="dropout on the LoRA down projection's output")
-    g.add_argument("--network_args", type=str, default=None, nargs="*", help="module options key=value, e.g. conv_dim=4")
-    g.add_argument("--network_weights", type=str, default=None, help="start from this LoRA file (kiln's or sd-scripts')")
-    g.add_argument("--dim_from_weights", action="store_true", help="take ranks and alphas from --network_weights")
-    g.add_argument("--network_train_unet_only", action="store_true", help="train the U-Net adapters only")
-    g.add_argument("--network_train_text_encoder_only", action="store_true", help="train the text-encoder adapters only")
-    g.add_argument("--unet_lr", type=float, default=None, help="learning rate of the U-Net adapters (default --learning_rate)")
-    g.add_argument("--text_encoder_lr", type=float, default=None, nargs="*", help="learning rate(s) of the text-encoder adapters")
-    g.add_argument("--scale_weight_norms", type=float, default=None, help="max norm of each adapter's weight delta (1 suggested)")
+def _add_base_weights_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("base model changes")
     g.add_argument(
         "--base_weights",
         type=str,
         default=None,
         nargs="*",
-        help="LoRA files merged into the base model's weights before the trained network is created (and before "
-        "--fp8_base): training starts from the model with these LoRAs applied",
+        help="LoRA files merged into the base model's weights before training starts (and before --fp8_base): "
+        "training starts from the model with these LoRAs applied",
     )
     g.add_argument(
         "--base_weights_multiplier",
@@ -259,8 +245,10 @@ def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def setup_network_parser(description: str) -> argparse.ArgumentParser:
-    """The full parser of a LoRA training script (family scripts add their own flags)."""
+def setup_training_parser(description: str, method=None) -> argparse.ArgumentParser:
+    """The parser of a training script: the shared flags and those of the training `method` (a
+    library.method.TrainingMethod; adapter training by default). Family scripts add their own flags."""
+    from library.method_adapter import AdapterMethod
     from library.optimizers import add_optimizer_arguments
 
     parser = TrainingArgumentParser(description=description)
@@ -269,11 +257,17 @@ def setup_network_parser(description: str) -> argparse.ArgumentParser:
     _add_output_arguments(parser)
     _add_training_arguments(parser)
     add_optimizer_arguments(parser)
-    _add_network_arguments(parser)
+    (method or AdapterMethod()).add_arguments(parser)
+    _add_base_weights_arguments(parser)
     _add_sample_and_validation_arguments(parser)
     _add_logging_arguments(parser)
     parser.set_defaults(learning_rate=1e-4)
     return parser
+
+
+def setup_network_parser(description: str) -> argparse.ArgumentParser:
+    """The parser of a LoRA training script (setup_training_parser with adapter training)."""
+    return setup_training_parser(description)
 
 
 # Flags of sd-scripts' other scripts, so that a command line meant for another family gets a helpful message.

@@ -13,17 +13,18 @@ import sys
 from library.family import ModelFamily
 
 
-def training_parser(family: ModelFamily, description: str) -> argparse.ArgumentParser:
-    """The parser of a LoRA training script: kiln's flags, the family's, and the sd-scripts options kiln handles
-    otherwise (library/compat_args.py), so that every sd-scripts option of that script parses."""
+def training_parser(family: ModelFamily, description: str, method=None) -> argparse.ArgumentParser:
+    """The parser of a training script: kiln's flags, the training method's (adapter training by default), the
+    family's, and the sd-scripts options kiln handles otherwise (library/compat_args.py), so that every sd-scripts
+    option of that script parses."""
     from library.compat_args import add_compat_arguments
     from library.deepspeed_run import add_deepspeed_arguments
-    from library.train_args import setup_network_parser
+    from library.train_args import setup_training_parser
 
-    parser = setup_network_parser(description)
+    parser = setup_training_parser(description, method)
     family.add_arguments(parser)
     add_deepspeed_arguments(parser)
-    add_compat_arguments(parser, family.arch)
+    add_compat_arguments(parser, family.arch, getattr(method, "script_kind", "network"))
     return parser
 
 
@@ -53,17 +54,24 @@ def setup_console_logging(args) -> None:
 
 
 def run_network_training(family: ModelFamily, description: str, argv: list[str] | None = None) -> None:
+    """A LoRA training script's main."""
+    run_training(family, description, None, argv)
+
+
+def run_training(family: ModelFamily, description: str, method=None, argv: list[str] | None = None) -> None:
+    """A training script's main: parse, train with `method` (a library.method.TrainingMethod; adapter training by
+    default), and turn known failures into one error line and a non-zero exit."""
     from library.run_control import stop_with_launcher
     from library.saving import SaveError
     from library.train_args import parse_args_with_config
     from library.trainer import TrainingInterrupted, train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args_with_config(training_parser(family, description), argv)
+    args = parse_args_with_config(training_parser(family, description, method), argv)
     setup_console_logging(args)
     stop_with_launcher()
     try:
-        train(args, family)
+        train(args, family, method)
     except TrainingInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)

@@ -1,4 +1,5 @@
-"""The one training loop of kiln's adapter (LoRA) scripts; per-family behaviour comes from a ModelFamily.
+"""The one training loop of kiln's training scripts: per-family behaviour comes from a ModelFamily, what is trained and
+saved from a TrainingMethod (library/method.py: adapters, full weights).
 
 Reproducibility: every random number of a sample (augmentation, latent sample, noise, timestep) comes from a
 generator seeded by (seed, batch number, position in the batch shared by all processes). A run resumed from a state
@@ -7,9 +8,7 @@ therefore repeats the uninterrupted run exactly, and N processes train like one 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib
 import logging
 import math
 import os
@@ -25,7 +24,8 @@ from library.checkpointer import Checkpointer, RunState, initial_position, save_
 from library.data_loader import accumulation_group, make_data_loader
 from library.datasets import DatasetGroup, build_datasets, image_paths, raise_on_errors, raise_on_undecodable
 from library.family import ModelFamily, TrainModels, place_module, working_dtype
-from library.lora_metadata import training_metadata
+from library.method import TrainingMethod
+from library.method_adapter import AdapterMethod
 from library.preflight import argument_problems, tracker_settings
 from library.run_control import StopSignals, restore_rng_states
 from library.transfer import to_device
@@ -58,9 +58,14 @@ def sample_generators(seed: int, batch: dict, kind: str = "train") -> list[torch
 # Set-up
 
 
-def check_args(args, family: ModelFamily) -> None:
+def check_args(args, family: ModelFamily, method: TrainingMethod | None = None) -> None:
     """Refuse contradictory or meaningless flags before anything loads (library/preflight.py lists the checks)."""
-    problems = argument_problems(args, family)
+    method = method or AdapterMethod()
+    problems = argument_problems(args, family) + method.argument_problems(args, family)
+    if getattr(args, "cache_text_encoder_outputs", False) and method.trains_text_encoders(args):
+        problems.append(
+            f"--cache_text_encoder_outputs needs {method.frozen_text_encoders_hint}: a trained text encoder changes its outputs"
+        )
     if len(problems) == 1:
         raise TrainingError(problems[0])
     if problems:
@@ -122,127 +127,19 @@ def load_datasets(args, family: ModelFamily, seed: int, decode_check: bool = Tru
     return DatasetGroup(datasets, seed)
 
 
-def import_network_module(name: str):
-    try:
-        module = importlib.import_module(name)
-    except ImportError as e:
-        raise TrainingError(f"--network_module {name} cannot be imported ({e}); kiln's LoRA module is networks.lora") from None
-    if not hasattr(module, "create_network"):
-        raise TrainingError(f"--network_module {name} has no create_network(); it is not a network module")
-    return module
-
-
-def build_network(args, family: ModelFamily, models: TrainModels, train_te: bool, train_unet: bool):
-    module = import_network_module(args.network_module or "networks.lora")
-    net_kwargs = dict(kv.split("=", 1) for kv in (args.network_args or []) if "=" in kv)
-    bad = [kv for kv in (args.network_args or []) if "=" not in kv]
-    if bad:
-        raise TrainingError(f"--network_args entries look like key=value, got {bad[0]!r}")
-    options = family.lora_options(models)
-    try:
-        if args.dim_from_weights:
-            weights, _ = saving.load_weights_file(args.network_weights)
-            network = module.create_network_from_weights(
-                1.0, weights, models.text_encoders, models.denoiser, **options, **net_kwargs
-            )
-        else:
-            network = module.create_network(
-                1.0,
-                args.network_dim,
-                args.network_alpha,
-                models.text_encoders,
-                models.denoiser,
-                neuron_dropout=args.network_dropout,
-                **options,
-                **net_kwargs,
-            )
-    except ValueError as e:
-        raise TrainingError(str(e)) from None
-    network.apply_to(train_te, train_unet)
-    if args.network_weights:
-        weights, _ = saving.load_weights_file(args.network_weights)
-        try:
-            unexpected = network.load_weights(weights, args.network_weights)
-        except ValueError as e:
-            raise TrainingError(str(e)) from None
-        if unexpected:
-            logger.warning(
-                f"{args.network_weights}: {len(unexpected)} keys have no module here and are ignored, e.g. {unexpected[0]}"
-            )
-    return network
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The run
 
 
-@contextlib.contextmanager
-def evaluation_weights(optimizer, masters=None):
-    """Schedule-free optimizers hold their evaluation weights apart: switch to them for sampling, validation and
-    saving, and back afterwards. Nothing happens for other optimizers."""
-    from library.optimizers import is_schedule_free
-
-    inner = getattr(optimizer, "optimizer", optimizer)
-    if not is_schedule_free(inner):
-        yield
-        return
-    inner.eval()
-    if masters:
-        masters.masters_to_params()
-    try:
-        yield
-    finally:
-        inner.train()
-        if masters:
-            masters.masters_to_params()
-
-
-class HalfPrecisionMasters:
-    """--full_fp16/--full_bf16: the adapter weights are stored and computed in half precision, while the optimizer
-    updates float32 copies (a half-precision Adam state underflows: fp16 cannot hold its epsilon)."""
-
-    def __init__(self, network: torch.nn.Module, params: list[torch.Tensor]) -> None:
-        self.params = params
-        self.masters = [p.detach().float().clone().requires_grad_(True) for p in params]
-        names = {id(p): n for n, p in network.named_parameters()}
-        self.names = [names[id(p)] for p in params]
-
-    def swap_groups(self, groups: list[dict]) -> list[dict]:
-        by_id = {id(p): m for p, m in zip(self.params, self.masters)}
-        return [{**g, "params": [by_id[id(p)] for p in g["params"]]} for g in groups]
-
-    def grads_to_masters(self) -> None:
-        for p, m in zip(self.params, self.masters):
-            m.grad = p.grad.float() if p.grad is not None else torch.zeros_like(m)
-            p.grad = None
-
-    def masters_to_params(self) -> None:
-        with torch.no_grad():
-            for p, m in zip(self.params, self.masters):
-                p.copy_(m)
-
-    def params_to_masters(self) -> None:
-        with torch.no_grad():
-            for p, m in zip(self.params, self.masters):
-                m.copy_(p)
-
-    def named_masters(self) -> dict[str, torch.Tensor]:
-        return {n: m.detach() for n, m in zip(self.names, self.masters)}
-
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for n, m in zip(self.names, self.masters):
-                m.copy_(state[n])
-
-
-def train(args, family: ModelFamily) -> str | None:
-    """Run a whole training; returns the path of the final adapter file. With --debug_dataset, show the batches of
-    the first epoch instead and train nothing (None)."""
+def train(args, family: ModelFamily, method: TrainingMethod | None = None) -> str | None:
+    """Run a whole training (adapter training unless another method is given); returns the path of the final
+    checkpoint. With --debug_dataset, show the batches of the first epoch instead and train nothing (None)."""
+    method = method or AdapterMethod()
     if args.debug_dataset:
-        check_args(args, family)
+        check_args(args, family, method)
         show_batches(load_datasets(args, family, args.seed if args.seed is not None else 0))
         return None
-    return TrainingRun(args, family).run()
+    return TrainingRun(args, family, method).run()
 
 
 def show_batches(group: DatasetGroup) -> None:
@@ -261,11 +158,11 @@ def show_batches(group: DatasetGroup) -> None:
 class TrainingRun:
     """One run: __init__ sets everything up (data first, so a bad dataset fails before a model loads), run() trains."""
 
-    def __init__(self, args, family: ModelFamily) -> None:
+    def __init__(self, args, family: ModelFamily, method: TrainingMethod) -> None:
         from accelerate.utils import set_seed
 
-        check_args(args, family)
-        self.args, self.family = args, family
+        check_args(args, family, method)
+        self.args, self.family, self.method = args, family, method
         args.output_name = args.output_name or "last"
         resume = saving.load_state(args.resume, deepspeed=args.deepspeed) if args.resume else None
         self._setup_accelerator()
@@ -280,22 +177,29 @@ class TrainingRun:
             self._resume(resume)
         if args.initial_step is not None or args.initial_epoch is not None:
             self._start_at_initial_step()
-        metadata = training_metadata(
-            args, family, self.group, self.seed, self.num_epochs, self.batches_per_epoch, self.optimizer_name, self.optimizer_args
-        )
+        run_info = {
+            "group": self.group,
+            "seed": self.seed,
+            "num_epochs": self.num_epochs,
+            "batches_per_epoch": self.batches_per_epoch,
+            "optimizer_name": self.optimizer_name,
+            "optimizer_args": self.optimizer_args,
+        }
+        metadata = method.checkpoint_metadata(args, family, run_info)
         self.ckpt = Checkpointer(
-            args, self.network, self.optimizer, self.lr_scheduler, metadata, self.accelerator, self.masters, self.deepspeed
+            args, family, method, self.models, self.optimizer, self.lr_scheduler, metadata, self.accelerator, self.deepspeed
         )
         if self.log_with:
             init_kwargs = tracker_settings(args.log_tracker_config) if args.log_tracker_config else {}
             if args.wandb_run_name:
                 init_kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
             self.accelerator.init_trackers(
-                args.log_tracker_name or "network_train",
+                args.log_tracker_name or self.method.tracker_name,
                 config=_loggable_config(args) if args.log_config else {},
                 init_kwargs=init_kwargs,
             )
         self.recent: list[float] = []
+        self.step_logs: dict[str, float] = {}
         self.last_sampled = self.last_validated = None
 
     # -- set-up ---------------------------------------------------------------------------------------------------
@@ -388,43 +292,43 @@ class TrainingRun:
             for te in models.text_encoders:
                 place_module(te, device, dtype)  # float8 text encoders stay float8
             self.te_cache = cache_all_text_outputs(args, family, models, self.group, self.accelerator)
-        self.train_te = not args.network_train_unet_only
-        train_unet = not args.network_train_text_encoder_only
-        self.network = build_network(args, family, models, self.train_te, train_unet)
         try:
-            family.place_models(args, models, device, dtype)
+            self.method.build(args, family, models)
+            family.place_models(args, models, device, dtype, self.method.trained_modules(), self.method.trained_dtype(args))
         except ValueError as e:
             raise TrainingError(str(e)) from None
         if self.te_cache is not None and not self.prompts:
             for te in models.text_encoders:  # every caption is cached and nothing samples: free their device memory
                 te.to("cpu")
-        self.network.to(device, dtype if (args.full_fp16 or args.full_bf16) else torch.float32)
+        self.method.to_device(device, dtype)
+        train_te = self.method.text_encoder_training
         if args.gradient_checkpointing:
             models.denoiser.enable_gradient_checkpointing(family.gradient_checkpointing_func(args))
-            if self.train_te:
+            if train_te:
                 for te in models.text_encoders:
                     te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if args.torch_compile:
             compile_repeated_blocks(models.denoiser, args.dynamo_backend)
-        models.denoiser.train(train_unet)
+        models.denoiser.train(self.method.trains_denoiser)
         for te in models.text_encoders:
-            te.train(self.train_te)
+            te.train(train_te)
 
     def _setup_optimizer(self) -> None:
-        from library.optimizers import make_lr_scheduler, make_optimizer, scheduler_needs_metric
+        from library.optimizers import make_lr_scheduler, scheduler_needs_metric
 
         args, acc = self.args, self.accelerator
-        groups, self.group_names = self.network.param_groups(args.text_encoder_lr, args.unet_lr, args.learning_rate)
+        groups, self.group_names = self.method.param_groups(args)
         if not groups:
             raise TrainingError("nothing to train: every parameter group has learning rate 0")
         self.trainable = [p for g in groups for p in g["params"]]
         for p in self.trainable:
             p.requires_grad_(True)
-        self.masters = HalfPrecisionMasters(self.network, self.trainable) if (args.full_fp16 or args.full_bf16) else None
-        self.optimizer_name, self.optimizer_args, optimizer = make_optimizer(
-            args, self.masters.swap_groups(groups) if self.masters else groups
-        )
-        self.optimized = self.masters.masters if self.masters else self.trainable
+        optimizer_groups = self.method.optimizer_groups(groups)
+        self.optimized = [p for g in optimizer_groups for p in g["params"]]
+        try:
+            self.optimizer_name, self.optimizer_args, optimizer = self.method.make_optimizer(args, optimizer_groups)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
 
         n_proc, rank = acc.num_processes, acc.process_index
         self.loader = make_data_loader(
@@ -461,7 +365,7 @@ class TrainingRun:
         if args.deepspeed:
             from library.deepspeed_run import DeepSpeedSteps
 
-            engine, self.optimizer = acc.prepare(self.network, optimizer)
+            engine, self.optimizer = acc.prepare(self.method.deepspeed_module, optimizer)
             self.deepspeed = DeepSpeedSteps(engine)
             # the scheduler drives the optimizer DeepSpeed steps (with CPU offload, DeepSpeed's own CPU Adam)
             lr_scheduler = make_lr_scheduler(args, self.deepspeed.torch_optimizer, args.max_train_steps, n_proc)
@@ -472,9 +376,7 @@ class TrainingRun:
         self.metric_scheduler = scheduler_needs_metric(lr_scheduler)
 
     def _resume(self, resume: dict) -> None:
-        self.network.load_weights(resume["network"], self.args.resume)
-        if self.masters:
-            self.masters.load(resume["network"])
+        self.method.load_state_weights(resume["network"], self.args.resume)
         if self.deepspeed:
             self.deepspeed.load_state_dicts(resume["optimizer"], self.args.resume)
         elif isinstance(resume["optimizer"], list):
@@ -528,7 +430,7 @@ class TrainingRun:
         self.progress = tqdm(
             total=args.max_train_steps, initial=state.step, desc="steps", disable=not self.accelerator.is_local_main_process
         )
-        self.network.train()
+        self.method.train_mode()
         with StopSignals() as stop:
             try:
                 while state.epoch <= self.num_epochs and state.step < args.max_train_steps and not self.stop_requested(stop):
@@ -569,9 +471,17 @@ class TrainingRun:
     def backward(self, batch: dict, group_size: int, last_of_group: bool) -> torch.Tensor:
         """Forward and backward of one batch of a step of `group_size` batches (the step trains on their mean loss),
         queued without waiting for the GPU; returns this process's [loss sum, real sample count] (device)."""
-        use_dataset_multiplier(self.network, batch)
+        self.method.before_batch(batch)
         loss, logged = batch_loss(
-            self.args, self.family, self.models, batch, self.seed, self.device, self.weight_dtype, self.train_te, self.accelerator
+            self.args,
+            self.family,
+            self.models,
+            batch,
+            self.seed,
+            self.device,
+            self.weight_dtype,
+            self.method.text_encoder_training,
+            self.accelerator,
         )
         if self.deepspeed:
             self.deepspeed.backward(loss / group_size, last_of_group)
@@ -606,31 +516,22 @@ class TrainingRun:
             self.deepspeed.step()
         else:
             if self.accelerator.num_processes > 1:
-                all_reduce_mean(self.trainable, self.accelerator.num_processes)
-            if self.masters:
-                self.masters.grads_to_masters()
-            if self.args.max_grad_norm:
+                all_reduce_mean([p for p in self.trainable if p.requires_grad], self.accelerator.num_processes)
+            self.method.before_optimizer_step()
+            if self.args.max_grad_norm and not self.method.clips_in_backward:
                 self.accelerator.clip_grad_norm_(self.optimized, self.args.max_grad_norm)
             self.optimizer.step()
         self.lr_scheduler.step(losses.mean().item()) if self.metric_scheduler else self.lr_scheduler.step()
         if not self.deepspeed:
             self.optimizer.zero_grad(set_to_none=True)
-        if self.masters:
-            self.masters.masters_to_params()
         self.state.step += 1
+        self.step_logs = self.method.after_optimizer_step(self.state.step)
         self.progress.update(1)
 
     def after_step(self, loss: float) -> None:
         """Logs, max-norm, and what is due every N steps: checkpoint, samples, validation."""
         args, state = self.args, self.state
-        logs = {"loss/current": loss}
-        if args.scale_weight_norms:
-            scaled, mean_norm, max_norm = self.network.apply_max_norm(args.scale_weight_norms)
-            if self.masters:
-                self.masters.params_to_masters()
-            logs.update(
-                {"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": max_norm}
-            )
+        logs = {"loss/current": loss, **self.step_logs}
         self.recent = (self.recent + [loss])[-self.batches_per_epoch :]
         logs["loss/average"] = sum(self.recent) / len(self.recent)
         for name, lr in zip(self.group_names, self.lr_scheduler.get_last_lr()):
@@ -667,7 +568,7 @@ class TrainingRun:
         interrupted = self.stop_requested(stop)
         if not interrupted and self.last_validated != state.step:
             self.validate(state.step, "step")
-        with evaluation_weights(self.optimizer, self.masters):
+        with self.method.evaluation_weights(self.optimizer):
             final = self.ckpt.save_model(args.output_name, state)
         saved = [final]
         if args.save_state or args.save_state_on_train_end:
@@ -689,15 +590,13 @@ class TrainingRun:
     # -- what happens every N steps --------------------------------------------------------------------------------
 
     def save_point(self, step: int | None = None, epoch: int | None = None) -> None:
-        with evaluation_weights(self.optimizer, self.masters):
+        with self.method.evaluation_weights(self.optimizer):
             save_point(self.ckpt, self.args, self.state, self.seed, step=step, epoch=epoch)
 
     def sample(self, step: int, epoch: int | None = None) -> None:
         self.last_sampled = step
         if self.prompts and self.accelerator.is_main_process:
-            self.network.eval()
-            self.network.set_multiplier(1.0)  # previews show the LoRA at full strength, whatever the last dataset's
-            with evaluation_weights(self.optimizer, self.masters), self.accelerator.autocast():
+            with self.method.evaluation_weights(self.optimizer), self.method.previewing(), self.accelerator.autocast():
                 self.family.sample_images(
                     self.args,
                     self.models,
@@ -709,14 +608,13 @@ class TrainingRun:
                     self.device,
                     self.weight_dtype,
                 )
-            self.network.train()
         self.accelerator.wait_for_everyone()
 
     def validate(self, x: int, kind: str) -> None:
         if self.val_loader is None:
             return
         self.last_validated = self.state.step
-        with evaluation_weights(self.optimizer, self.masters):
+        with self.method.evaluation_weights(self.optimizer):
             validate(
                 self.args,
                 self.family,
@@ -730,7 +628,7 @@ class TrainingRun:
                 x,
                 kind,
                 self.log_with,
-                self.network,
+                self.method,
             )
 
 
@@ -792,16 +690,8 @@ def batch_loss(
     return loss, logged
 
 
-def use_dataset_multiplier(network, batch: dict) -> None:
-    """The adapter strength of the batch's dataset (`network_multiplier` in the dataset config; a batch never mixes
-    datasets): e.g. -1 trains the LoRA away from a dataset. sd-scripts reads the key and ignores it."""
-    multiplier = float(batch["network_multipliers"][0])
-    if multiplier != network.multiplier:
-        network.set_multiplier(multiplier)
-
-
 def validate(
-    args, family, models, val_loader, seed, device, dtype, accelerator, train_average, x, kind, log_with, network
+    args, family, models, val_loader, seed, device, dtype, accelerator, train_average, x, kind, log_with, method
 ) -> float:
     """Mean loss over the validation images at fixed timesteps, with noise fixed by the validation seed (each
     dataset's network_multiplier applied, as in training)."""
@@ -812,7 +702,7 @@ def validate(
         for n, batch in enumerate(val_loader):
             if args.max_validation_steps and n >= args.max_validation_steps:
                 break
-            use_dataset_multiplier(network, batch)
+            method.before_batch(batch)
             for t in family.validation_timesteps(args):
                 timesteps = torch.full((len(batch["captions"]),), t, dtype=torch.long)
                 loss, _ = batch_loss(

@@ -478,9 +478,9 @@ def test_d_adapted_lrs_follow_the_real_d():
 
 @pytest.mark.parametrize("name", ["AdamWScheduleFree", "RAdamScheduleFree", "SGDScheduleFree"])
 def test_evaluation_weights_switch_real_schedule_free_optimizers(name):
-    """library.trainer.evaluation_weights shows the schedule-free evaluation weights (what the package's own eval()
+    """library.method.evaluation_weights shows the schedule-free evaluation weights (what the package's own eval()
     gives) inside the block, and restores the train weights and train mode after it."""
-    from library.trainer import evaluation_weights
+    from library.method import evaluation_weights
 
     a = parse("--optimizer_type", name, "--learning_rate", "1e-2")
     weight, bias = param(), param((64,), seed=1)
