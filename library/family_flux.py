@@ -238,6 +238,25 @@ class FluxFamily(ModelFamily):
             md[f"ss_{key}"] = str(getattr(args, key))
         return md
 
+    def save_checkpoint(self, args, models, path, form, dtype, metadata, trained) -> list[str]:
+        """The bare BFL transformer file or a FluxPipeline folder (flux_models.flux_checkpoint_spec); the text encoders
+        are never trained."""
+        from library.flux_models import flux_checkpoint_spec
+        from library.model_checkpoint import save_model_checkpoint
+
+        spec = flux_checkpoint_spec(
+            args.pretrained_model_name_or_path,
+            args.ae,
+            args.clip_l,
+            args.t5xxl,
+            models.text_encoders,
+            models.tokenizers,
+            models.vae,
+            models.denoiser,
+            schnell=not models.denoiser.config.guidance_embeds,
+        )
+        return save_model_checkpoint(args, spec, path, form, dtype, metadata, trained)
+
     def sample_images(self, args, models: TrainModels, prompts, output_dir: str, output_name: str, step, epoch, device, dtype):
         def encode_prompts(texts: list[str]) -> dict:
             with torch.no_grad():

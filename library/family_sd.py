@@ -64,6 +64,24 @@ class SdFamily(DdpmFamily):
             "modelspec.prediction_type": "v" if args.v_parameterization else "epsilon",
         }
 
+    def save_checkpoint(self, args, models, path, form, dtype, metadata, trained) -> list[str]:
+        """An original (LDM) single file or a StableDiffusionPipeline folder (sd_models.sd_checkpoint_spec)."""
+        from library.model_checkpoint import save_model_checkpoint
+        from library.sd_models import sd_checkpoint_spec
+
+        spec = sd_checkpoint_spec(
+            args.pretrained_model_name_or_path,
+            args.vae,
+            getattr(self, "v2", args.v2),
+            models.text_encoders[0],
+            models.tokenizers[0],
+            models.vae,
+            models.denoiser,
+            v_prediction=args.v_parameterization,
+            zero_terminal_snr=args.zero_terminal_snr,
+        )
+        return save_model_checkpoint(args, spec, path, form, dtype, metadata, trained)
+
     def sample_images(self, args, models: TrainModels, prompts, output_dir: str, output_name: str, step, epoch, device, dtype):
         scheduler_config = self.sampling_scheduler_config(args)
 

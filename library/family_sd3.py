@@ -287,6 +287,18 @@ class Sd3Family(ModelFamily):
             md[f"ss_{key}"] = str(getattr(args, key))
         return md
 
+    def save_checkpoint(self, args, models, path, form, dtype, metadata, trained) -> list[str]:
+        """SAI's single file (MMDiT + VAE) with side files for trained text encoders, or a StableDiffusion3Pipeline
+        folder (sd3_models.sd3_checkpoint_spec)."""
+        from library.model_checkpoint import save_model_checkpoint
+        from library.sd3_models import sd3_checkpoint_spec
+
+        files = {"vae": args.vae, "clip_l": args.clip_l, "clip_g": args.clip_g, "t5xxl": args.t5xxl}
+        spec = sd3_checkpoint_spec(
+            args.pretrained_model_name_or_path, files, models.text_encoders, models.tokenizers, models.vae, models.denoiser
+        )
+        return save_model_checkpoint(args, spec, path, form, dtype, metadata, trained)
+
     # --- previews ----------------------------------------------------------------------------------------------------
 
     def sample_images(self, args, models: TrainModels, prompts, output_dir: str, output_name: str, step, epoch, device, dtype):

@@ -85,6 +85,23 @@ class SdxlFamily(DdpmFamily):
             "modelspec.prediction_type": "v" if args.v_parameterization else "epsilon",
         }
 
+    def save_checkpoint(self, args, models, path, form, dtype, metadata, trained) -> list[str]:
+        """An original (sgm) single file or a StableDiffusionXLPipeline folder (sdxl_models.sdxl_checkpoint_spec)."""
+        from library.model_checkpoint import save_model_checkpoint
+        from library.sdxl_models import sdxl_checkpoint_spec
+
+        spec = sdxl_checkpoint_spec(
+            args.pretrained_model_name_or_path,
+            args.vae,
+            models.text_encoders,
+            models.tokenizers,
+            models.vae,
+            models.denoiser,
+            v_prediction=args.v_parameterization,
+            zero_terminal_snr=args.zero_terminal_snr,
+        )
+        return save_model_checkpoint(args, spec, path, form, dtype, metadata, trained)
+
     def sample_images(self, args, models: TrainModels, prompts, output_dir: str, output_name: str, step, epoch, device, dtype):
         scheduler_config = self.sampling_scheduler_config(args)
 

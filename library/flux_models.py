@@ -510,3 +510,87 @@ def save_flux_transformer_bfl(
     """Write a FluxTransformer2DModel as a BFL single file (flux1-dev.safetensors layout, no prefix), atomically.
     `dtype` casts floating tensors."""
     write_single_file(path, flux_transformer_to_bfl(transformer.state_dict(), transformer.config), dtype, metadata)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints of a trained model (ModelFamily.save_checkpoint; see library/model_checkpoint.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def flux_release_scheduler_config(schnell: bool) -> dict:
+    """The FlowMatchEulerDiscreteScheduler config the FLUX.1 releases ship: dev shifts with the image size
+    (resolution-dependent shift between 0.5 and 1.15 for 256..4096 tokens), schnell uses shift 1."""
+    if schnell:
+        return {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False}
+    return {
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+    }
+
+
+def flux_transformer_bfl_sources(transformer) -> dict:
+    """A FluxTransformer2DModel's tensors in BFL single-file names (model_files.TensorSource each; fused tensors are
+    concatenated when the sources are made, renamed ones are the model's own)."""
+    from library.model_files import tensor_sources
+
+    return tensor_sources(flux_transformer_to_bfl(transformer.state_dict(), transformer.config))
+
+
+def flux_checkpoint_spec(
+    source: str,
+    ae: str | None,
+    clip_l: str | None,
+    t5xxl: str | None,
+    text_encoders: list,
+    tokenizers: list,
+    vae_model,
+    transformer,
+    schnell: bool,
+):
+    """What a FLUX.1 checkpoint holds (model_checkpoint.CheckpointSpec): the single file is the bare BFL transformer
+    (no prefix, as flux1-dev.safetensors); a diffusers folder is a FluxPipeline with every component. Parts not
+    trained come from the user's files: the BFL file `source` (with or without `model.diffusion_model.`), a diffusers
+    folder or the built-in tiny model, and the --ae / --clip_l / --t5xxl files that replace its parts. The text
+    encoders and the autoencoder are never trained."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from library.model_checkpoint import CheckpointPart, CheckpointSpec, PartSource, model_parts, vae_part
+    from library.tiny_models import build_tiny_flux
+
+    def single_file(file) -> dict[str, PartSource]:
+        prefix = UNET_PREFIX if file.keys(UNET_PREFIX) else ""
+        build = lambda: transformer_from_bfl(file.tensors(prefix), None, file.path, copy=False)  # noqa: E731
+        return {"transformer": PartSource(build=build, file=file, prefix=prefix)}
+
+    classes = {
+        "transformer": FluxTransformer2DModel,
+        "text_encoder": CLIPTextModel,
+        "text_encoder_2": T5EncoderModel,
+        "vae": AutoencoderKL,
+    }
+    sources = model_parts(source, classes, build_tiny_flux, single_file)
+    if ae is not None:
+        sources["vae"] = vae_part(ae, FLUX_VAE)
+    if clip_l is not None:
+        sources["text_encoder"] = PartSource(build=lambda: clip_l_from_state_dict(read_state_dict(clip_l), None, clip_l))
+    if t5xxl is not None:
+        sources["text_encoder_2"] = PartSource(build=lambda: t5_from_state_dict(read_state_dict(t5xxl), None, t5xxl))
+    missing = [c for c in classes if c not in sources]
+    if missing:
+        raise ModelLoadError(f"{source} holds only the FLUX.1 transformer: the {', '.join(missing)} files are needed")
+    text_encoder, text_encoder_2 = text_encoders
+    parts = [
+        CheckpointPart("denoiser", "transformer", transformer, sources["transformer"], flux_transformer_bfl_sources),
+        CheckpointPart("text_encoder_0", "text_encoder", text_encoder, sources["text_encoder"], trainable=False),
+        CheckpointPart("text_encoder_1", "text_encoder_2", text_encoder_2, sources["text_encoder_2"], trainable=False),
+        CheckpointPart("vae", "vae", vae_model, sources["vae"]),
+    ]
+    scheduler = FlowMatchEulerDiscreteScheduler(**flux_release_scheduler_config(schnell))
+    components = {"tokenizer": tokenizers[0], "tokenizer_2": tokenizers[1], "scheduler": scheduler}
+    return CheckpointSpec("FluxPipeline", parts, components)

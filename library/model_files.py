@@ -37,12 +37,16 @@ def key_indices(keys: Iterable[str], prefix: str) -> list[int]:
 
 
 def build_and_load(cls_or_factory: Callable[[], torch.nn.Module], state_dict: dict, dtype, what: str, source: str):
-    """Instantiate without allocating weights, then load `state_dict` strictly (every key must match)."""
+    """Instantiate without allocating weights, then load `state_dict` strictly (every key must match). Floating
+    tensors are cast to `dtype`; dtype=None keeps each tensor's own dtype (and the tensor itself when contiguous)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
         model = cls_or_factory()
-    state_dict = {k: v.to(dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in state_dict.items()}
+    state_dict = {
+        k: v.to(dtype).contiguous() if dtype is not None and v.is_floating_point() else v.contiguous()
+        for k, v in state_dict.items()
+    }
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as e:
@@ -53,10 +57,11 @@ def build_and_load(cls_or_factory: Callable[[], torch.nn.Module], state_dict: di
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 
-def upcast_fp8(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """fp8 tensors -> `dtype` (bf16 if `dtype` is an fp8 type itself), other tensors unchanged: the layout conversions
-    concatenate and split, which float8 tensors do not support. For fp8 files (t5xxl_fp8_e4m3fn.safetensors, ...)."""
-    target = torch.bfloat16 if dtype in FP8_DTYPES else dtype
+def upcast_fp8(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """fp8 tensors -> `dtype` (bf16 if `dtype` is an fp8 type itself or None), other tensors unchanged: the layout
+    conversions concatenate and split, which float8 tensors do not support. For fp8 files (t5xxl_fp8_e4m3fn.safetensors,
+    ...)."""
+    target = torch.bfloat16 if dtype is None or dtype in FP8_DTYPES else dtype
     return {k: (v.to(target) if v.dtype in FP8_DTYPES else v) for k, v in state_dict.items()}
 
 
@@ -69,7 +74,7 @@ def own_memory(converted: dict[str, torch.Tensor], inputs: Mapping[str, torch.Te
     storages = {v.untyped_storage().data_ptr() for v in inputs.values() if isinstance(v, torch.Tensor)}
     out = {}
     for k, v in converted.items():
-        if v.is_floating_point():
+        if v.is_floating_point() and dtype is not None:  # None: each tensor keeps its dtype
             v = v.to(dtype)
         if v.untyped_storage().data_ptr() in storages:
             v = v.clone(memory_format=torch.contiguous_format)
@@ -473,6 +478,37 @@ def folder_family(path: str) -> tuple[str, bool]:
     return ("sd2" if te.get("hidden_act") == "gelu" else "sd1"), te.get("hidden_act") == "gelu"
 
 
+PIPELINE_LIBRARIES = {  # diffusers pipeline component -> the library of its class (model_index.json)
+    "unet": "diffusers",
+    "transformer": "diffusers",
+    "vae": "diffusers",
+    "scheduler": "diffusers",
+    "text_encoder": "transformers",
+    "tokenizer": "transformers",
+    "text_encoder_2": "transformers",
+    "tokenizer_2": "transformers",
+    "text_encoder_3": "transformers",
+    "tokenizer_3": "transformers",
+}
+
+
+def pipeline_index(class_name: str, classes: Mapping[str, str]) -> dict:
+    """The model_index.json of a diffusers pipeline `class_name` whose components (name -> class name) are `classes`:
+    the optional components it lacks (safety checker, image encoder, feature extractor) as [null, null]."""
+    import diffusers
+
+    index: dict[str, Any] = {"_class_name": class_name, "_diffusers_version": diffusers.__version__}
+    for name, cls in classes.items():
+        index[name] = [PIPELINE_LIBRARIES[name], cls]
+    if class_name == "StableDiffusionPipeline":
+        index.update({"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
+    else:
+        index.update({"image_encoder": [None, None], "feature_extractor": [None, None]})
+        if class_name == "StableDiffusionXLPipeline":
+            index["force_zeros_for_empty_prompt"] = True
+    return index
+
+
 def save_diffusers_folder(components: dict, folder: str) -> None:
     """Save components as a diffusers pipeline folder (model_index.json and one folder each): a
     StableDiffusion3Pipeline when they include `text_encoder_3` (build_tiny_sd3), a FluxPipeline when they include
@@ -491,28 +527,9 @@ def save_diffusers_folder(components: dict, folder: str) -> None:
         if sdxl
         else "StableDiffusionPipeline"
     )
-    index = {"_class_name": class_name, "_diffusers_version": "0.42.1"}
-    libraries = {
-        "unet": "diffusers",
-        "transformer": "diffusers",
-        "vae": "diffusers",
-        "scheduler": "diffusers",
-        "text_encoder": "transformers",
-        "tokenizer": "transformers",
-        "text_encoder_2": "transformers",
-        "tokenizer_2": "transformers",
-        "text_encoder_3": "transformers",
-        "tokenizer_3": "transformers",
-    }
     for name, obj in components.items():
         obj.save_pretrained(os.path.join(folder, name))
-        index[name] = [libraries[name], type(obj).__name__]
-    if sd3 or flux or sdxl:
-        index.update({"image_encoder": [None, None], "feature_extractor": [None, None]})
-        if sdxl:
-            index["force_zeros_for_empty_prompt"] = True
-    else:
-        index.update({"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
+    index = pipeline_index(class_name, {name: type(obj).__name__ for name, obj in components.items()})
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=1)
 
@@ -554,3 +571,47 @@ def write_single_file(
         _atomic_write(path, lambda tmp: torch.save({"state_dict": state}, tmp))
     else:
         raise ValueError(f"unsupported file type for a single-file model: {path} (use .safetensors)")
+
+
+# A tensor of a file being written, made only when its turn comes: (shape, dtype, function making the tensor).
+TensorSource = tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]
+
+
+def tensor_sources(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, TensorSource]:
+    """`prefix` + key -> TensorSource of existing tensors (a model's state dict, on any device)."""
+    return {prefix + k: (tuple(v.shape), v.dtype, lambda t=v: t) for k, v in state_dict.items()}
+
+
+def check_metadata(metadata: Mapping[str, str] | None) -> None:
+    """TypeError unless every metadata key and value is a string (safetensors' rule)."""
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("safetensors metadata keys and values must all be strings")
+
+
+def write_tensor_sources(
+    path: str,
+    sources: Mapping[str, TensorSource],
+    dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = True,
+) -> None:
+    """Write the tensors `sources` make as one model file, atomically (saving.save_tensors): `.safetensors` streamed
+    one tensor at a time (each copied to host memory only when written: a model on a GPU or partly in host memory is
+    neither moved nor copied whole), another suffix a weights-only-loadable {"state_dict": ...} pickle. `dtype` casts
+    floating tensors (None: each keeps its own); `metadata` values must be strings."""
+    from library.saving import save_tensors
+
+    check_metadata(metadata)
+
+    def out_dtype(d: torch.dtype) -> torch.dtype:
+        return dtype if dtype is not None and d.is_floating_point else d
+
+    layout = [(name, shape, out_dtype(d)) for name, (shape, d, _) in sources.items()]
+
+    def produce(name: str) -> torch.Tensor:
+        _, d, make = sources[name]
+        return make().detach().to("cpu", out_dtype(d)).contiguous()
+
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_tensors(path, layout, produce, metadata, overwrite)

@@ -81,6 +81,7 @@ from library.model_files import (
     t5_from_state_dict,
     upcast_fp8,
     vae_from_state_dict,
+    write_tensor_sources,
 )
 
 logger = logging.getLogger("kiln")
@@ -928,24 +929,7 @@ def save_sd3_single_file(
     given) atomically. `.safetensors` is streamed one tensor at a time (a fused qkv is made only when written);
     another suffix gives a weights-only-loadable {"state_dict": ...} pickle. `dtype` casts floating tensors;
     `metadata` values must be strings."""
-    from library.saving import save_tensors
-
-    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise TypeError("safetensors metadata keys and values must all be strings")
-    sources = sd3_single_file_sources(transformer, vae, clip_l, clip_g, t5xxl)
-
-    def out_dtype(d: torch.dtype) -> torch.dtype:
-        return dtype if dtype is not None and d.is_floating_point else d
-
-    layout = [(name, shape, out_dtype(d)) for name, (shape, d, _) in sources.items()]
-
-    def produce(name: str) -> torch.Tensor:
-        _, d, make = sources[name]
-        return make().detach().to("cpu", out_dtype(d)).contiguous()
-
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_tensors(path, layout, produce, metadata, overwrite)
+    write_tensor_sources(path, sd3_single_file_sources(transformer, vae, clip_l, clip_g, t5xxl), dtype, metadata, overwrite)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -985,3 +969,96 @@ def tiny_sd3_transformer_config(variant: str = "sd3-medium") -> dict:
     if variant == "sd3.5-large":
         return {**base, **qk, "num_layers": 3}
     raise ValueError(f"unknown SD3 variant {variant!r}: expected one of {', '.join(SD3_VARIANTS)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints of a trained model (ModelFamily.save_checkpoint; see library/model_checkpoint.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+SD3_SIDE_FILES = {"clip_l": "_clip_l", "clip_g": "_clip_g", "t5xxl": "_t5xxl"}  # sd-scripts' text-encoder file suffixes
+_COMPONENTS = {"transformer": "transformer", "vae": "vae", **_FOLDER_MODELS}  # part -> diffusers pipeline component
+
+
+def sd3_checkpoint_spec(
+    source: str,
+    files: Mapping[str, str | None],
+    text_encoders: list,
+    tokenizers: list,
+    vae_model,
+    transformer,
+):
+    """What an SD3 / SD3.5 checkpoint holds (model_checkpoint.CheckpointSpec), as sd-scripts' sd3_train.py writes it:
+    the single file is SAI's layout with the MMDiT and the VAE (`model.diffusion_model.`, `first_stage_model.`); each
+    trained text encoder goes to a side file `<name>_clip_l.safetensors`, `_clip_g`, `_t5xxl` (transformers names, T5's
+    embedding under both of its names). A diffusers folder is a StableDiffusion3Pipeline with every component. Parts
+    not trained come from the user's files: the SAI file `source` (parts it bundles copied by key), a diffusers folder
+    or a built-in, and the `files` given for parts ("vae", "clip_l", "clip_g", "t5xxl" -> --vae / --clip_l / ...
+    path or None), which replace them as in load_sd3_model. `text_encoders`: CLIP-L, CLIP-G, T5, as the family holds
+    them."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    from library.model_checkpoint import CheckpointPart, CheckpointSpec, PartSource, model_parts, vae_part
+    from library.tiny_models import TINY_SD3_VARIANT, build_tiny_sd3
+
+    def single_file(file) -> dict[str, PartSource]:
+        where, _ = _split_keys(file.keys())
+        present = {part for part, _ in where.values()}
+        out = {}
+        for part in present:
+            prefix, exclude = PART_PREFIXES[part], ()
+            if part == "transformer" and not file.keys(UNET_PREFIX):  # an MMDiT without the prefix
+                prefix, exclude = "", ("text_encoders.", VAE_PREFIX)
+            builders = {
+                "transformer": lambda p=prefix, e=exclude: transformer_from_sai(file.tensors(p, e), None, file.path, copy=False),
+                "vae": lambda: vae_from_sai(file.tensors(VAE_PREFIX), None, file.path),
+                "clip_l": lambda: clip_from_sai(file.tensors(CLIP_L_PREFIX), "clip_l", None, file.path),
+                "clip_g": lambda: clip_from_sai(file.tensors(CLIP_G_PREFIX), "clip_g", None, file.path),
+                "t5xxl": lambda: t5_from_state_dict(file.tensors(T5XXL_PREFIX), None, file.path),
+            }
+            out[_COMPONENTS[part]] = PartSource(build=builders[part], file=file, prefix=prefix, exclude=exclude)
+        return out
+
+    classes = {
+        "transformer": SD3Transformer2DModel,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModelWithProjection,
+        "text_encoder_2": CLIPTextModelWithProjection,
+        "text_encoder_3": T5EncoderModel,
+    }
+    sources = model_parts(source, classes, lambda: build_tiny_sd3(TINY_SD3_VARIANT[source]), single_file)
+    for part, path in files.items():
+        if path is None:
+            continue
+        if part == "vae":
+            sources["vae"] = vae_part(path, SD3_VAE)
+        else:
+            sources[_COMPONENTS[part]] = PartSource(build=lambda part=part, path=path: _load_part_file(part, path, None, None))
+    missing = [c for c in classes if c not in sources]
+    if missing:
+        raise ModelLoadError(f"{source} lacks the {', '.join(missing)} of the model, and no file gives them")
+
+    def in_main_file(which: str):
+        return lambda m: sd3_single_file_sources(**{which: m})
+
+    clip_l, clip_g, t5xxl = text_encoders
+    parts = [
+        CheckpointPart("denoiser", "transformer", transformer, sources["transformer"], in_main_file("transformer"), UNET_PREFIX),
+        CheckpointPart(
+            "text_encoder_0", "text_encoder", clip_l, sources["text_encoder"], _clip_sources, side_file=SD3_SIDE_FILES["clip_l"]
+        ),
+        CheckpointPart(
+            "text_encoder_1", "text_encoder_2", clip_g, sources["text_encoder_2"], _clip_sources, side_file=SD3_SIDE_FILES["clip_g"]
+        ),
+        CheckpointPart(
+            "text_encoder_2", "text_encoder_3", t5xxl, sources["text_encoder_3"], _t5_sources, side_file=SD3_SIDE_FILES["t5xxl"]
+        ),
+        CheckpointPart("vae", "vae", vae_model, sources["vae"], in_main_file("vae"), VAE_PREFIX),
+    ]
+    components = {
+        "tokenizer": tokenizers[0],
+        "tokenizer_2": tokenizers[1],
+        "tokenizer_3": tokenizers[2],
+        "scheduler": FlowMatchEulerDiscreteScheduler(**sd3_scheduler_config()),
+    }
+    return CheckpointSpec("StableDiffusion3Pipeline", parts, components)

@@ -545,18 +545,20 @@ def vae_to_ldm_state_dict(vae) -> dict[str, torch.Tensor]:
     return out
 
 
+def text_encoder_to_ldm_state_dict(text_encoder, v2: bool) -> dict[str, torch.Tensor]:
+    """An SD text encoder's weights under their single-file names, prefix included: SD1 CLIP-L
+    (`cond_stage_model.transformer.`, the model's own tensors), SD2 OpenCLIP (`cond_stage_model.model.`)."""
+    if v2:
+        return {OPEN_CLIP_PREFIX + key: value for key, value in _open_clip_state_dict(text_encoder).items()}
+    te_state = text_encoder.state_dict()
+    return {CLIP_L_PREFIX + ldm: te_state[key] for key, ldm in text_encoder_ldm_param_names(text_encoder, v2=False).items()}
+
+
 def sd_to_ldm_state_dict(text_encoder, vae, unet, v2: bool) -> dict[str, torch.Tensor]:
     """The original single-file state dict of a diffusers SD model (tensors are the models' own, not copies)."""
     out = unet_to_ldm_state_dict(unet)
     out.update(vae_to_ldm_state_dict(vae))
-
-    if v2:
-        for key, value in _open_clip_state_dict(text_encoder).items():
-            out[OPEN_CLIP_PREFIX + key] = value
-    else:
-        te_state = text_encoder.state_dict()
-        for key, ldm in text_encoder_ldm_param_names(text_encoder, v2=False).items():
-            out[CLIP_L_PREFIX + ldm] = te_state[key]
+    out.update(text_encoder_to_ldm_state_dict(text_encoder, v2))
     return out
 
 
@@ -578,3 +580,89 @@ def save_sd_single_file(
     else:
         text_encoder, vae, unet = model
     write_single_file(path, sd_to_ldm_state_dict(text_encoder, vae, unet, v2), dtype, metadata)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints of a trained model (ModelFamily.save_checkpoint; see library/model_checkpoint.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+TEXT_ENCODER_FILE_PREFIX = "cond_stage_model."  # everything of an SD file's text encoder (CLIP-L or OpenCLIP)
+
+
+def ddpm_pipeline_scheduler(cls_name: str, config: Mapping[str, Any], v_prediction: bool, zero_terminal_snr: bool):
+    """The scheduler a diffusers folder of a DDPM-trained model (SD 1.x/2.x, SDXL) ships: diffusers' `cls_name` with
+    the release's `config`, the trained prediction type, and with --zero_terminal_snr the rescaled betas and
+    "trailing" timesteps that schedule needs."""
+    import diffusers
+
+    config = {**config, "prediction_type": "v_prediction" if v_prediction else "epsilon"}
+    if zero_terminal_snr:
+        config.update({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"})
+    return getattr(diffusers, cls_name)(**config)
+
+
+def sd_checkpoint_spec(
+    source: str,
+    vae: str | None,
+    v2: bool,
+    text_encoder,
+    tokenizer,
+    vae_model,
+    unet,
+    v_prediction: bool = False,
+    zero_terminal_snr: bool = False,
+):
+    """What an SD 1.x/2.x checkpoint holds (model_checkpoint.CheckpointSpec): the in-memory parts and, for the parts
+    not trained, the user's weights: the LDM single file `source` (copied by key), its diffusers folder, or the
+    built-in tiny model built again; `vae` (--vae) replaces the VAE. Diffusers folders are StableDiffusionPipelines
+    with a DDIM scheduler (SD's schedule, the trained prediction type)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from library.model_checkpoint import CheckpointPart, CheckpointSpec, PartSource, model_parts, vae_part
+    from library.model_files import tensor_sources
+    from library.tiny_models import build_tiny_sd
+
+    reference = reference_config("sd2-base" if v2 else "sd15", "vae")
+
+    def single_file(file) -> dict[str, PartSource]:
+        return {
+            "unet": PartSource(
+                build=lambda: unet_from_ldm(file.tensors(UNET_PREFIX, strip=False), v2, None, file.path),
+                file=file,
+                prefix=UNET_PREFIX,
+            ),
+            "text_encoder": PartSource(
+                build=lambda: text_encoder_from_ldm(file.tensors(TEXT_ENCODER_FILE_PREFIX, strip=False), v2, None, file.path),
+                file=file,
+                prefix=TEXT_ENCODER_FILE_PREFIX,
+            ),
+            "vae": PartSource(
+                build=lambda: vae_from_state_dict(file.tensors(VAE_PREFIX), None, file.path, reference=reference),
+                file=file,
+                prefix=VAE_PREFIX,
+            ),
+        }
+
+    classes = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel, "vae": AutoencoderKL}
+    sources = model_parts(source, classes, lambda: build_tiny_sd(v2=v2), single_file)
+    if vae is not None:
+        sources["vae"] = vae_part(vae, reference)
+    parts = [
+        CheckpointPart(
+            "denoiser", "unet", unet, sources["unet"], lambda m: tensor_sources(unet_to_ldm_state_dict(m)), UNET_PREFIX
+        ),
+        CheckpointPart(
+            "text_encoder_0",
+            "text_encoder",
+            text_encoder,
+            sources["text_encoder"],
+            lambda m: tensor_sources(text_encoder_to_ldm_state_dict(m, v2)),
+            TEXT_ENCODER_FILE_PREFIX,
+        ),
+        CheckpointPart("vae", "vae", vae_model, sources["vae"], lambda m: tensor_sources(vae_to_ldm_state_dict(m)), VAE_PREFIX),
+    ]
+    scheduler = ddpm_pipeline_scheduler(
+        "DDIMScheduler", {**sd_scheduler_config(), "set_alpha_to_one": False}, v_prediction, zero_terminal_snr
+    )
+    return CheckpointSpec("StableDiffusionPipeline", parts, {"tokenizer": tokenizer, "scheduler": scheduler})

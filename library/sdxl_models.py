@@ -463,11 +463,8 @@ def sdxl_to_sgm_state_dict(text_encoder, text_encoder_2, vae, unet) -> dict[str,
     """The original (sgm) single-file state dict of a diffusers SDXL model (tensors are the models' own, or views)."""
     out = unet_to_ldm_state_dict(unet)
     out.update(vae_to_ldm_state_dict(vae))
-    te_state = text_encoder.state_dict()
-    for key, ldm in text_encoder_ldm_param_names(text_encoder, v2=False).items():
-        out[TE1_PREFIX + ldm] = te_state[key]
-    for key, value in _open_clip_state_dict(text_encoder_2, sd2=False).items():
-        out[TE2_PREFIX + key] = value
+    out.update(sdxl_text_encoder_1_to_sgm(text_encoder))
+    out.update(sdxl_text_encoder_2_to_sgm(text_encoder_2))
     return out
 
 
@@ -500,3 +497,107 @@ def sdxl_unet_lora_name_map(unet) -> dict[str, str]:
     `.` -> `_`), e.g. `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` ->
     `input_blocks.4.1.transformer_blocks.0.attn1.to_q`. `unet` is a UNet2DConditionModel or its config."""
     return unet_ldm_module_names(unet)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints of a trained model (ModelFamily.save_checkpoint; see library/model_checkpoint.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+TE1_FILE_PREFIX = "conditioner.embedders.0."  # everything of an sgm file's text encoder 1
+TE2_FILE_PREFIX = "conditioner.embedders.1."  # ... and of text encoder 2 (logit_scale included)
+
+
+def sdxl_text_encoder_1_to_sgm(text_encoder) -> dict[str, torch.Tensor]:
+    """Text encoder 1 (CLIP-L) under its sgm single-file names, prefix included (the model's own tensors)."""
+    te_state = text_encoder.state_dict()
+    return {TE1_PREFIX + ldm: te_state[key] for key, ldm in text_encoder_ldm_param_names(text_encoder, v2=False).items()}
+
+
+def sdxl_text_encoder_2_to_sgm(text_encoder_2) -> dict[str, torch.Tensor]:
+    """Text encoder 2 (OpenCLIP bigG) under its sgm single-file names, prefix included."""
+    return {TE2_PREFIX + key: value for key, value in _open_clip_state_dict(text_encoder_2, sd2=False).items()}
+
+
+def sdxl_checkpoint_spec(
+    source: str,
+    vae: str | None,
+    text_encoders: list,
+    tokenizers: list,
+    vae_model,
+    unet,
+    v_prediction: bool = False,
+    zero_terminal_snr: bool = False,
+):
+    """What an SDXL checkpoint holds (model_checkpoint.CheckpointSpec): the in-memory parts and, for the parts not
+    trained, the user's weights: the sgm single file `source` (copied by key), its diffusers folder, or the built-in
+    tiny model built again; `vae` (--vae) replaces the VAE. Diffusers folders are StableDiffusionXLPipelines with
+    SDXL base's Euler scheduler (the trained prediction type)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from library.model_checkpoint import CheckpointPart, CheckpointSpec, PartSource, model_parts, vae_part
+    from library.model_files import tensor_sources
+    from library.sd_models import ddpm_pipeline_scheduler
+    from library.tiny_models import build_tiny_sdxl
+
+    text_encoder, text_encoder_2 = text_encoders
+    pooled_dim = text_encoder_2.config.projection_dim
+
+    def single_file(file) -> dict[str, PartSource]:
+        return {
+            "unet": PartSource(
+                build=lambda: unet_from_sgm(file.tensors(UNET_PREFIX, strip=False), pooled_dim, None, file.path),
+                file=file,
+                prefix=UNET_PREFIX,
+            ),
+            "text_encoder": PartSource(
+                build=lambda: text_encoder_1_from_sgm(file.tensors(TE1_PREFIX, strip=False), None, file.path),
+                file=file,
+                prefix=TE1_FILE_PREFIX,
+            ),
+            "text_encoder_2": PartSource(
+                build=lambda: text_encoder_2_from_sgm(file.tensors(TE2_PREFIX, strip=False), None, file.path),
+                file=file,
+                prefix=TE2_FILE_PREFIX,
+            ),
+            "vae": PartSource(
+                build=lambda: vae_from_state_dict(file.tensors(VAE_PREFIX), None, file.path, reference=SDXL_VAE),
+                file=file,
+                prefix=VAE_PREFIX,
+            ),
+        }
+
+    classes = {
+        "unet": UNet2DConditionModel,
+        "text_encoder": CLIPTextModel,
+        "text_encoder_2": CLIPTextModelWithProjection,
+        "vae": AutoencoderKL,
+    }
+    sources = model_parts(source, classes, build_tiny_sdxl, single_file)
+    if vae is not None:
+        sources["vae"] = vae_part(vae, SDXL_VAE)
+    parts = [
+        CheckpointPart(
+            "denoiser", "unet", unet, sources["unet"], lambda m: tensor_sources(unet_to_ldm_state_dict(m)), UNET_PREFIX
+        ),
+        CheckpointPart(
+            "text_encoder_0",
+            "text_encoder",
+            text_encoder,
+            sources["text_encoder"],
+            lambda m: tensor_sources(sdxl_text_encoder_1_to_sgm(m)),
+            TE1_FILE_PREFIX,
+        ),
+        CheckpointPart(
+            "text_encoder_1",
+            "text_encoder_2",
+            text_encoder_2,
+            sources["text_encoder_2"],
+            lambda m: tensor_sources(sdxl_text_encoder_2_to_sgm(m)),
+            TE2_FILE_PREFIX,
+        ),
+        CheckpointPart("vae", "vae", vae_model, sources["vae"], lambda m: tensor_sources(vae_to_ldm_state_dict(m)), VAE_PREFIX),
+    ]
+    scheduler = ddpm_pipeline_scheduler("EulerDiscreteScheduler", sdxl_scheduler_config(), v_prediction, zero_terminal_snr)
+    components = {"tokenizer": tokenizers[0], "tokenizer_2": tokenizers[1], "scheduler": scheduler}
+    return CheckpointSpec("StableDiffusionXLPipeline", parts, components)
