@@ -48,6 +48,7 @@ OPTIONS = [
         "flag",
         "sd-scripts fuses the optimizer step into backward only when fine-tuning whole models with Adafactor; a LoRA's "
         "gradients are small, so kiln steps after backward as usual",
+        kinds=("network",),
     ),
     CompatOption(
         "--split_mode",
@@ -61,12 +62,61 @@ OPTIONS = [
         "flag",
         "a LoRA run saves only the LoRA file; the CLIP weights are not written (they are not trained in place)",
         scripts=("sd3",),
+        kinds=("network",),
     ),
     CompatOption(
         "--save_t5xxl",
         "flag",
         "a LoRA run saves only the LoRA file; the T5-XXL weights are not written (they are not trained in place)",
         scripts=("sd3",),
+        kinds=("network",),
+    ),
+    CompatOption(
+        "--save_clip",
+        "flag",
+        "kiln writes each trained CLIP next to the checkpoint (<name>_clip_l / _clip_g.safetensors), as sd-scripts; "
+        "frozen ones are not written",
+        scripts=("sd3",),
+        kinds=("full",),
+    ),
+    CompatOption(
+        "--save_t5xxl",
+        "flag",
+        "kiln writes a trained T5-XXL next to the checkpoint (<name>_t5xxl.safetensors), as sd-scripts; a frozen one "
+        "is not written",
+        scripts=("sd3",),
+        kinds=("full",),
+    ),
+    CompatOption(
+        "--use_t5xxl_cache_only",
+        "flag",
+        "kiln caches the outputs of all text encoders or of none: train the CLIPs without --cache_text_encoder_outputs",
+        refused=True,
+        scripts=("sd3",),
+        kinds=("full",),
+    ),
+    CompatOption(
+        "--mem_eff_save",
+        "flag",
+        "kiln writes checkpoints one tensor at a time already; --mem_eff_save changes nothing",
+        scripts=("flux",),
+        kinds=("full",),
+    ),
+    CompatOption(
+        "--double_blocks_to_swap",
+        "int",
+        "deprecated in sd-scripts (it meant part of --blocks_to_swap), and kiln does not swap trained blocks yet",
+        refused=True,
+        scripts=("flux",),
+        kinds=("full",),
+    ),
+    CompatOption(
+        "--single_blocks_to_swap",
+        "int",
+        "deprecated in sd-scripts (it meant part of --blocks_to_swap), and kiln does not swap trained blocks yet",
+        refused=True,
+        scripts=("flux",),
+        kinds=("full",),
     ),
     CompatOption(
         "--t5xxl_device",

@@ -151,6 +151,16 @@ def training_metadata(
     md["ss_tag_frequency"] = json.dumps(tag_frequency)
     md["ss_dataset_dirs"] = json.dumps(dataset_dirs)
     md["ss_bucket_info"] = json.dumps(group.datasets[0].bucket_info())
+    md.update(modelspec_metadata(args, family, group, now))
+    md["modelspec.architecture"] += "/lora"
+    return md
+
+
+def modelspec_metadata(args, family: ModelFamily, group: DatasetGroup, now: float | None = None) -> dict[str, str]:
+    """The modelspec.* keys of a run's files (--metadata_* options included) and the family's keys (what a whole-model
+    checkpoint carries; adapter files add sd-scripts' ss_* keys)."""
+    now = time.time() if now is None else now
+    md: dict[str, str] = {}
     res = group.datasets[0].config.resolution
     md.update(
         {
@@ -170,7 +180,6 @@ def training_metadata(
     if args.min_timestep is not None or args.max_timestep is not None:
         md["modelspec.timestep_range"] = f"{args.min_timestep or 0},{args.max_timestep or 1000}"
     md.update(family.metadata(args))
-    md["modelspec.architecture"] += "/lora"
     return md
 
 

@@ -111,6 +111,9 @@ class TrainingMethod(ABC):
         """The module DeepSpeed's engine wraps (--deepspeed)."""
         raise NotImplementedError(f"{type(self).__name__} does not train under DeepSpeed")
 
+    def start_at(self, step: int) -> None:
+        """The run starts (or resumes) after `step` optimizer steps."""
+
     def before_batch(self, batch: dict) -> None:
         """Called before each training or validation batch's forward."""
 

@@ -177,6 +177,7 @@ class TrainingRun:
             self._resume(resume)
         if args.initial_step is not None or args.initial_epoch is not None:
             self._start_at_initial_step()
+        method.start_at(self.state.step)
         run_info = {
             "group": self.group,
             "seed": self.seed,
@@ -331,6 +332,10 @@ class TrainingRun:
             raise TrainingError(str(e)) from None
 
         n_proc, rank = acc.num_processes, acc.process_index
+        try:
+            self.method.prepare(acc)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
         self.loader = make_data_loader(
             self.group,
             num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
