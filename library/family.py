@@ -381,13 +381,10 @@ def add_text_cache_arguments(group) -> None:
 
 
 def check_text_cache_args(args) -> None:
-    """--cache_text_encoder_outputs_to_disk implies caching; caching needs frozen text encoders."""
+    """--cache_text_encoder_outputs_to_disk implies caching (the trainer checks that the text encoders are frozen:
+    library/trainer.py check_args asks the training method)."""
     if args.cache_text_encoder_outputs_to_disk:
         args.cache_text_encoder_outputs = True
-    if args.cache_text_encoder_outputs and not args.network_train_unet_only:
-        raise ValueError(
-            "--cache_text_encoder_outputs needs --network_train_unet_only: a trained text encoder changes its outputs"
-        )
 
 
 def working_dtype(mixed_precision: str | None) -> torch.dtype:

@@ -254,7 +254,10 @@ class FullMethod(TrainingMethod):
 
     def _denoiser_lr(self, args) -> bool:
         if self.script.block_lr and args.block_lr:
-            return any(self._block_lrs(args))
+            try:
+                return any(self._block_lrs(args))
+            except ValueError:  # reported by argument_problems
+                return True
         return args.learning_rate != 0
 
     def _trained_text_encoders(self, args) -> list[int]:
