@@ -176,15 +176,15 @@ OPTIONS = [
 ]
 
 
-def add_compat_arguments(parser: argparse.ArgumentParser, arch: str, kind: str = "network") -> None:
+def add_compat_arguments(parser: argparse.ArgumentParser, arch: str, script_kind: str = "network") -> None:
     """Add the options of OPTIONS that sd-scripts' script for `arch` ("sd", "sdxl", "flux", "sd3") and training
-    `kind` ("network": adapter scripts, "full": fine-tuning scripts) has."""
+    kind (`script_kind` "network": adapter scripts, "full": fine-tuning scripts) has."""
     g = parser.add_argument_group(
         "sd-scripts options kiln handles differently (accepted so that sd-scripts command lines parse; "
         "each says what kiln does)"
     )
     for opt in OPTIONS:
-        if (opt.scripts and arch not in opt.scripts) or kind not in opt.kinds:
+        if (opt.scripts and arch not in opt.scripts) or script_kind not in opt.kinds:
             continue
         prefix = "not supported: " if opt.refused else "no effect: "
         help_text = (prefix + opt.message).replace("%", "%%")

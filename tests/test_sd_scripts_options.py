@@ -13,6 +13,14 @@ from conftest import ROOT, launch_script, write_caption, write_image
 from safetensors import safe_open
 
 SCRIPTS = {"train_network": "sd", "sdxl_train_network": "sdxl", "flux_train_network": "flux", "sd3_train_network": "sd3"}
+# the whole-model scripts: family and the library.method_full script spec
+FULL_SCRIPTS = {
+    "train_db": ("sd", "DREAMBOOTH"),
+    "fine_tune": ("sd", "FINE_TUNE"),
+    "sdxl_train": ("sdxl", "SDXL"),
+    "flux_train": ("flux", "FLUX"),
+    "sd3_train": ("sd3", "SD3"),
+}
 
 
 def family_of(arch: str):
@@ -31,13 +39,23 @@ def sd_scripts_options(script: str) -> list[list[str]]:
     return [r for r in rows if r[5] == "ALL" or script in r[5].split(",")]
 
 
-@pytest.mark.parametrize("script", sorted(SCRIPTS))
+@pytest.mark.parametrize("script", sorted(SCRIPTS) + sorted(FULL_SCRIPTS))
 def test_every_sd_scripts_option_parses(script):
+    from library import method_full
     from library.train_script import training_parser
 
-    actions = training_parser(family_of(SCRIPTS[script]), "test")._option_string_actions
+    if script in FULL_SCRIPTS:
+        arch, spec = FULL_SCRIPTS[script]
+        parser = training_parser(family_of(arch), "test", method_full.FullMethod(getattr(method_full, spec)))
+    else:
+        parser = training_parser(family_of(SCRIPTS[script]), "test")
+    actions = parser._option_string_actions
     rows = sd_scripts_options(script)
-    assert len(rows) > 190
+    assert len(rows) > 160
+    if script in FULL_SCRIPTS:  # the TSV lists the LoRA scripts' choices for every script; sd-scripts' whole-model
+        # scripts save with add_sd_saving_arguments (../shared/reference/sd-scripts-beyond-lora.md section 3)
+        rows = [r[:4] + ["None,ckpt,safetensors,diffusers,diffusers_safetensors"] + r[5:] if r[0] == "--save_model_as" else r
+                for r in rows]
     missing = [r[0] for r in rows if r[0] not in actions]
     assert not missing, f"{script} lacks {missing}"
     for flag, kind, nargs, _default, choices, _scripts in rows:
