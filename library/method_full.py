@@ -30,6 +30,11 @@ CHECKPOINT_SUFFIXES = r"(?:-ema)?(?:_clip_l|_clip_g|_t5xxl)?(?:\.safetensors|\.c
 SAVE_FORMATS = ("safetensors", "ckpt", "diffusers", "diffusers_safetensors")
 
 
+def default_save_format(model: str | None) -> str:
+    """--save_model_as when not given: the format of the user's model (a diffusers folder or a single file)."""
+    return "diffusers" if os.path.isdir(model or "") else "safetensors"
+
+
 @dataclass(frozen=True)
 class TextEncoderOption:
     """How a script lets the user train one text encoder (in the family's order of models.text_encoders)."""
@@ -283,8 +288,7 @@ class FullMethod(TrainingMethod):
         self.te_indices = self._trained_text_encoders(args)
         self.te_training = bool(self.te_indices)
         if args.save_model_as is None:
-            folder = os.path.isdir(args.pretrained_model_name_or_path or "")
-            args.save_model_as = "diffusers" if folder else "safetensors"
+            args.save_model_as = default_save_format(args.pretrained_model_name_or_path)
         self.frozen_blocks = self._frozen_blocks(args, family, models)
 
     def _frozen_blocks(self, args, family: ModelFamily, models: TrainModels) -> set[int]:
