@@ -153,9 +153,13 @@ def test_fine_tune_from_in_json_keeps_the_text_encoder(sd_file, tmp_path):
     meta = {f"{i}": {"caption": f"a shape {i}"} for i in range(2)}
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     out = tmp_path / "out"
+    (tmp_path / "p.txt").write_text("a shape --w 64 --h 64 --s 2 --d 1\n")
     launch_script("fine_tune.py", *COMMON, "--pretrained_model_name_or_path", sd_file, "--in_json", tmp_path / "meta.json",
                   "--train_data_dir", tmp_path / "img", "--output_dir", out, "--output_name", "ft", "--max_train_steps", "2",
-                  "--learning_rate", "1e-3", "--save_precision", "bf16")
+                  "--learning_rate", "1e-3", "--save_precision", "bf16", "--sample_prompts", tmp_path / "p.txt",
+                  "--sample_every_n_steps", "2", "--logging_dir", tmp_path / "logs")
+    assert len(list((out / "sample").iterdir())) == 1  # previews and TensorBoard logs as in the LoRA scripts
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
     source, _ = read(sd_file)
     final, _ = read(out / "ft.safetensors")
     assert {v.dtype for v in final.values() if v.is_floating_point()} == {torch.bfloat16}  # --save_precision
@@ -231,6 +235,39 @@ def test_sd3_trains_clips_as_side_files_and_freezes_the_last_block(tmp_path):
     assert not all(torch.equal(state[k], source[k]) for k in source if k.startswith("model.diffusion_model.joint_blocks.0."))
     clip_l = load_file(str(out / "s3_clip_l.safetensors"))
     assert not same(clip_l, {k: v for k, v in base.clip_l.state_dict().items() if k in clip_l})
+
+
+def test_previews_see_the_ema_and_the_weights_come_back():
+    """--sample_with_ema: inside previewing() the model holds the EMA, afterwards its own weights, bit for bit."""
+    from library.family_sd import SdFamily
+    from library.method_full import DREAMBOOTH, FullMethod
+    from library.train_script import training_parser
+
+    family, method = SdFamily(), FullMethod(DREAMBOOTH)
+    args = training_parser(family, "t", method).parse_args(
+        ["--pretrained_model_name_or_path", "kiln-tiny-sd", "--ema_decay", "0.5", "--sample_with_ema"]
+    )
+    models = family.load_models(args)
+    method.build(args, family, models)
+    method.to_device(torch.device("cpu"), torch.float32)
+    before = {k: v.clone() for k, v in models.denoiser.state_dict().items()}
+    with torch.no_grad():
+        for p in models.denoiser.parameters():
+            p.add_(1.0)
+    method.after_optimizer_step(1)  # ema = 0.5 before + 0.5 (before + 1)
+    trained = {k: v.clone() for k, v in models.denoiser.state_dict().items()}
+    with method.previewing():
+        for k, v in models.denoiser.state_dict().items():
+            torch.testing.assert_close(v, before[k] + 0.5, rtol=0, atol=1e-6)
+        assert not models.denoiser.training
+    assert same(models.denoiser.state_dict(), trained) and models.denoiser.training
+
+
+@pytest.mark.parametrize("model,expected", [("kiln-tiny-sd", "safetensors"), ("{folder}", "diffusers")])
+def test_default_checkpoint_format_follows_the_model(model, expected, tmp_path):
+    from library.method_full import default_save_format
+
+    assert default_save_format(model.format(folder=tmp_path)) == expected
 
 
 # ---------------------------------------------------------------------------------------------------------------------
