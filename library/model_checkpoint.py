@@ -359,9 +359,7 @@ def _part_tensors(part: CheckpointPart, memory: set[str]) -> Mapping[str, Tensor
     return part.layout(source.build())
 
 
-def _write_single_files(
-    spec: CheckpointSpec, path: str, form: str, dtype, metadata, memory: set[str]
-) -> list[str]:
+def _write_single_files(spec: CheckpointSpec, path: str, form: str, dtype, metadata, memory: set[str]) -> list[str]:
     files: dict[str, dict[str, TensorSource]] = {"": {}}
     for part in spec.parts:
         if part.layout is None or (part.side_file is not None and part.name not in memory):
@@ -460,9 +458,7 @@ def replace_folder(tmp: str, path: str) -> None:
         os.remove(old)
 
 
-def _write_diffusers_folder(
-    spec: CheckpointSpec, path: str, dtype, memory: set[str], stack: contextlib.ExitStack
-) -> str:
+def _write_diffusers_folder(spec: CheckpointSpec, path: str, dtype, memory: set[str], stack: contextlib.ExitStack) -> str:
     from library.saving import new_temp_folder
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

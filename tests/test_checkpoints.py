@@ -9,6 +9,7 @@ in the source's dtype (never the bf16 copies in memory)."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -92,13 +93,17 @@ def same_outputs(got: torch.Tensor, want: torch.Tensor) -> None:
 
 @pytest.fixture(scope="module")
 def sd1_file(tmp_path_factory):
-    """The tiny SD 1.x as an original single file in float16 (what users have), with kiln-written layout."""
+    """The tiny SD 1.x as an original single file in float16 (what users have)."""
     from library.sd_models import save_sd_single_file
     from library.tiny_models import build_tiny_sd
 
     p = build_tiny_sd()
     path = str(tmp_path_factory.mktemp("sd1") / "sd1-fp16.safetensors")
     save_sd_single_file(path, (p["text_encoder"], p["vae"], p["unet"]), v2=False, dtype=torch.float16)
+    # as in real SD 1.x files: CLIP's position_ids, which no model holds as a weight (kiln's loader skips it)
+    tensors = load_file(path)
+    tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
+    save_file(tensors, path, metadata={"kiln.test": "1"})
     return path
 
 
@@ -189,7 +194,110 @@ def test_trained_names_are_checked(sd1_trained, tmp_path):
         family.save_checkpoint(args, models, str(tmp_path / "x"), "safetensors", None, None, frozenset({"vae"}))
     with pytest.raises(ValueError, match="form"):
         family.save_checkpoint(args, models, str(tmp_path / "x"), "pt", None, None, frozenset({"denoiser"}))
+
+    # a part stored in float8 in memory (--fp8_base) cannot be written from there
+    from library.family import TrainModels
+    from library.fp8_utils import store_linear_weights_fp8
+
+    te = copy.deepcopy(models.text_encoders[0]).requires_grad_(False)
+    store_linear_weights_fp8(te, compute_dtype=torch.bfloat16)
+    fp8 = TrainModels([te], models.tokenizers, models.vae, models.denoiser)
+    with pytest.raises(ValueError, match="float8"):
+        family.save_checkpoint(args, fp8, str(tmp_path / "x"), "safetensors", None, None, frozenset({"text_encoder_0"}))
     assert not os.listdir(tmp_path)
+
+
+def test_sd1_text_encoder_only_and_base_weights(sd1_file, sd1_trained, tmp_path, caplog):
+    """An untrained U-Net comes from the file too; with --base_weights (LoRA files merged into the base model before
+    training) every part but the VAE is written as it is in memory."""
+    import copy
+
+    from library.sd_models import text_encoder_to_ldm_state_dict
+
+    family, args, models = sd1_trained
+    out = str(tmp_path / "te")
+    (path,) = family.save_checkpoint(args, models, out, "safetensors", None, None, frozenset({"text_encoder_0"}))
+    saved, source = load_file(path), load_file(sd1_file)
+    assert_same_state(under(saved, UNET_PREFIX), under(source, UNET_PREFIX), "U-Net (the file's)")
+    memory_te = {k: v for k, v in text_encoder_to_ldm_state_dict(models.text_encoders[0], v2=False).items()}
+    assert_same_state(under(saved, "cond_stage_model."), under(memory_te, "cond_stage_model."), "text encoder (memory)")
+
+    merged = copy.copy(args)
+    merged.base_weights = ["lora.safetensors"]
+    family.save_checkpoint(merged, models, out, "safetensors", None, None, frozenset({"denoiser"}))
+    saved = load_file(path)
+    assert_same_state(under(saved, "cond_stage_model."), under(memory_te, "cond_stage_model."), "text encoder (memory)")
+    assert_same_state(under(saved, VAE_PREFIX), under(source, VAE_PREFIX), "VAE (the file's)")
+    assert "--base_weights" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["folder", "sd_file", "diffusers_keys"])
+def test_vae_option_sources(sd1_file, tiny_sd, tmp_path, kind):
+    """--vae as a diffusers folder (float16), a whole LDM checkpoint (its first_stage_model.* copied by key) or a file
+    of diffusers-layout keys: the saved single file holds that VAE, as diffusers' own loader reads it."""
+    from diffusers import AutoencoderKL
+
+    from library.family_sd import SdFamily
+    from library.sd_models import save_sd_single_file
+    from library.tiny_models import build_tiny_sd
+
+    other = build_tiny_sd(seed=7)
+    vae = other["vae"]
+    if kind == "folder":
+        vae.to(torch.float16)
+        given = str(tmp_path / "vae")
+        vae.save_pretrained(given)
+    elif kind == "sd_file":
+        given = str(tmp_path / "other.safetensors")
+        save_sd_single_file(given, (other["text_encoder"], vae, other["unet"]), v2=False)
+    else:
+        given = str(tmp_path / "vae.safetensors")
+        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, given)
+    from library.model_checkpoint import vae_part
+
+    source = vae_part(given, {})  # where the saver takes it from: LDM keys by key, other layouts through a model
+    assert (source.folder is not None, source.file is not None, source.prefix) == {
+        "folder": (True, False, ""),
+        "sd_file": (False, True, VAE_PREFIX),
+        "diffusers_keys": (False, False, ""),
+    }[kind]
+    family = SdFamily()
+    args = parse(family, "--pretrained_model_name_or_path", sd1_file, "--vae", given)
+    models = family.load_models(args)
+    frozen_as_trainer_keeps(models.vae)
+    (path,) = family.save_checkpoint(args, models, str(tmp_path / "out"), "safetensors", None, None, frozenset({"denoiser"}))
+    saved = load_file(path)
+    want_dtype = torch.float16 if kind == "folder" else torch.float32
+    assert {v.dtype for v in under(saved, VAE_PREFIX).values()} == {want_dtype}
+    loaded = AutoencoderKL.from_single_file(path, config=tiny_sd, subfolder="vae", local_files_only=True, torch_dtype=want_dtype)
+    assert_same_state(loaded.state_dict(), vae.state_dict(), "VAE")
+    if kind == "sd_file":
+        assert_same_state(under(saved, VAE_PREFIX), under(load_file(given), VAE_PREFIX), "VAE keys")
+
+
+def test_failed_folder_write_keeps_the_old_folder(sd1_trained, tmp_path, monkeypatch):
+    from library import model_checkpoint
+
+    family, args, models = sd1_trained
+    out = str(tmp_path / "folder")
+    family.save_checkpoint(args, models, out, "diffusers", None, None, frozenset({"denoiser"}))
+    unet_file = os.path.join(out, "unet", "diffusion_pytorch_model.safetensors")
+    before = {name: sorted(files) for name, _, files in os.walk(out)}, open(unet_file, "rb").read()
+    real = model_checkpoint._write_component
+    calls = {"n": 0}
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("no space left")
+        return real(*a, **k)
+
+    monkeypatch.setattr(model_checkpoint, "_write_component", failing)
+    perturb(models.denoiser, 12)
+    with pytest.raises(OSError, match="no space"):
+        family.save_checkpoint(args, models, out, "diffusers", None, None, frozenset({"denoiser", "text_encoder_0"}))
+    assert ({name: sorted(files) for name, _, files in os.walk(out)}, open(unet_file, "rb").read()) == before
+    assert not leftovers(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -204,7 +312,7 @@ def test_sd2_builtin_to_diffusers_folder(tmp_path):
     from library.tiny_models import TINY_SD2, build_tiny_sd
 
     family = SdFamily()
-    args = parse(family, "--pretrained_model_name_or_path", TINY_SD2, "--v2", "--v_parameterization")
+    args = parse(family, "--pretrained_model_name_or_path", TINY_SD2, "--v2", "--v_parameterization", "--zero_terminal_snr")
     models = family.load_models(args)
     perturb(models.denoiser, 3)
     perturb(models.text_encoders[0], 4)
@@ -222,7 +330,8 @@ def test_sd2_builtin_to_diffusers_folder(tmp_path):
     assert_same_state(pipe.text_encoder.state_dict(), models.text_encoders[0].state_dict(), "text encoder")
     same_outputs(text_output(pipe.text_encoder), text_output(models.text_encoders[0]))
     assert_same_state(pipe.vae.state_dict(), build_tiny_sd(v2=True)["vae"].state_dict(), "VAE (the built-in's)")
-    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.rescale_betas_zero_snr
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
     assert pipe.tokenizer("a cat").input_ids == models.tokenizers[0]("a cat").input_ids
     assert pipe.tokenizer.pad_token == "!"
 
@@ -355,30 +464,33 @@ def test_flux_transformer_file(flux, tmp_path):
 
 
 def test_flux_diffusers_folder(flux, tmp_path):
+    import json
+
     from diffusers import FluxPipeline
+
+    from library.sd_models import vae_to_ldm_state_dict
 
     family, args, models, files = flux
     out = str(tmp_path / "flux")
     family.save_checkpoint(args, models, out, "diffusers", None, None, frozenset({"denoiser"}))
-    pipe = FluxPipeline.from_pretrained(out, local_files_only=True, torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(out, local_files_only=True, dtype=torch.float32)
     assert_same_state(pipe.transformer.state_dict(), models.denoiser.state_dict(), "transformer")
     same_outputs(transformer_output(pipe.transformer), transformer_output(models.denoiser))
     assert pipe.scheduler.config.use_dynamic_shifting  # FLUX.1 dev's scheduler
+    assert pipe.tokenizer_2("a cat").input_ids == models.tokenizers[1]("a cat").input_ids
 
     # the untouched parts are the files' own tensors and dtypes (T5 float16, its embedding under both names)
     t5 = load_file(files["t5xxl"])
     written_t5 = load_file(os.path.join(out, "text_encoder_2", "model.safetensors"))
     assert_same_state(written_t5, {**t5, "encoder.embed_tokens.weight": t5["shared.weight"]}, "T5")
-    clip = load_file(os.path.join(out, "text_encoder", "model.safetensors"))
-    assert_same_state({"text_model." + k.removeprefix("text_model."): v for k, v in clip.items()}, load_file(files["clip_l"]), "CLIP-L")
-    source_ae = load_file(files["ae"])
-    from library.sd_models import vae_to_ldm_state_dict
-
-    assert_same_state(under(vae_to_ldm_state_dict(pipe.vae), VAE_PREFIX), source_ae, "autoencoder")
-    for name in ("text_encoder", "text_encoder_2"):  # transformers reads them
-        want = {k: v.float() for k, v in getattr(models, "text_encoders")[0 if name == "text_encoder" else 1].state_dict().items()}
-        got = getattr(pipe, name).state_dict()
-        assert set(got) == set(want)
+    with open(os.path.join(out, "text_encoder_2", "config.json")) as f:
+        assert json.load(f)["dtype"] == "float16"
+    clip = {
+        "text_model." + k.removeprefix("text_model."): v
+        for k, v in load_file(os.path.join(out, "text_encoder", "model.safetensors")).items()
+    }
+    assert_same_state(clip, load_file(files["clip_l"]), "CLIP-L")
+    assert_same_state(under(vae_to_ldm_state_dict(pipe.vae), VAE_PREFIX), load_file(files["ae"]), "autoencoder")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -386,44 +498,54 @@ def test_flux_diffusers_folder(flux, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def sd3_config_folder(folder: str, transformer) -> str:
-    transformer.save_config(os.path.join(folder, "transformer"))
-    return folder
-
-
-def test_sd3_single_file_with_side_file(tmp_path):
-    from diffusers import SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection
-
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    """SD3.5 Medium as users have it: a SAI file bundling the MMDiT, the VAE and the CLIPs (float16) with a separate
+    t5xxl_fp16.safetensors; loaded, its MMDiT and CLIP-L trained."""
     from library.family_sd3 import Sd3Family
     from library.sd3_models import save_sd3_single_file
     from library.tiny_models import build_tiny_sd3
 
+    root = tmp_path_factory.mktemp("sd3")
     c = build_tiny_sd3("sd3.5-medium")
-    source = str(tmp_path / "sd3.5m.safetensors")
-    save_sd3_single_file(
-        source, c["transformer"], c["vae"], c["text_encoder"], c["text_encoder_2"], c["text_encoder_3"], dtype=torch.float16
-    )
+    files = {"source": str(root / "sd3.5m.safetensors"), "t5xxl": str(root / "t5xxl_fp16.safetensors")}
+    save_sd3_single_file(files["source"], c["transformer"], c["vae"], c["text_encoder"], c["text_encoder_2"], dtype=torch.float16)
+    t5 = {k: v.half().contiguous() for k, v in c["text_encoder_3"].state_dict().items()}
+    t5.pop("encoder.embed_tokens.weight", None)
+    save_file(t5, files["t5xxl"])
     family = Sd3Family()
-    args = parse(family, "--pretrained_model_name_or_path", source)
+    args = parse(family, "--pretrained_model_name_or_path", files["source"], "--t5xxl", files["t5xxl"])
     models = family.load_models(args)
     perturb(models.denoiser, 9)
     perturb(models.text_encoders[0], 10)
     frozen_as_trainer_keeps(models.vae, *models.text_encoders[1:])
+    return family, args, models, files
+
+
+def sd3_transformer_output(transformer) -> torch.Tensor:
+    return transformer_output(transformer, flux=False)
+
+
+def test_sd3_single_file_with_side_file(sd3, tmp_path):
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    family, args, models, files = sd3
     out = str(tmp_path / "out" / "sd3")
     written = family.save_checkpoint(args, models, out, "safetensors", None, METADATA, frozenset({"denoiser", "text_encoder_0"}))
     assert written == [out + ".safetensors", out + "_clip_l.safetensors"]
     assert sorted(os.listdir(tmp_path / "out")) == ["sd3.safetensors", "sd3_clip_l.safetensors"]
 
-    main, src = load_file(written[0]), load_file(source)
+    main, src = load_file(written[0]), load_file(files["source"])
     assert {k.split(".")[0] for k in main} == {"model", "first_stage_model"}
     assert_same_state(under(main, VAE_PREFIX), under(src, VAE_PREFIX), "VAE (the file's float16)")
-    config = sd3_config_folder(str(tmp_path / "config"), models.denoiser)
+    config = str(tmp_path / "config")
+    models.denoiser.save_config(os.path.join(config, "transformer"))
     oracle = SD3Transformer2DModel.from_single_file(
         written[0], config=config, subfolder="transformer", local_files_only=True, torch_dtype=torch.float32
     )
     assert_same_state(oracle.state_dict(), models.denoiser.state_dict(), "MMDiT")
-    same_outputs(transformer_output(oracle, flux=False), transformer_output(models.denoiser, flux=False))
+    same_outputs(sd3_transformer_output(oracle), sd3_transformer_output(models.denoiser))
     assert file_metadata(written[0]) == METADATA
 
     # the side file: transformers names, read by transformers into the trained CLIP-L
@@ -433,10 +555,39 @@ def test_sd3_single_file_with_side_file(tmp_path):
     same_outputs(text_output(clip_l), text_output(models.text_encoders[0]))
 
 
-def test_sd3_diffusers_folder_from_folder(tmp_path):
+def test_sd3_file_to_diffusers_folder(sd3, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
+    from library.sd3_models import CLIP_G_PREFIX
+
+    family, args, models, files = sd3
+    out = str(tmp_path / "sd3")
+    family.save_checkpoint(args, models, out, "diffusers", None, None, frozenset({"denoiser", "text_encoder_0"}))
+    pipe = StableDiffusion3Pipeline.from_pretrained(out, local_files_only=True, dtype=torch.float32)
+    assert_same_state(pipe.transformer.state_dict(), models.denoiser.state_dict(), "MMDiT")
+    same_outputs(sd3_transformer_output(pipe.transformer), sd3_transformer_output(models.denoiser))
+    assert_same_state(pipe.text_encoder.state_dict(), models.text_encoders[0].state_dict(), "CLIP-L (trained)")
+    same_outputs(text_output(pipe.text_encoder), text_output(models.text_encoders[0]))
+    # CLIP-G from the bundle, T5 from its file: their own float16 tensors
+    clip_g = load_file(os.path.join(out, "text_encoder_2", "model.safetensors"))
+    assert_same_state(clip_g, under(load_file(files["source"]), CLIP_G_PREFIX), "CLIP-G")
+    t5 = load_file(files["t5xxl"])
+    assert_same_state(
+        load_file(os.path.join(out, "text_encoder_3", "model.safetensors")),
+        {**t5, "encoder.embed_tokens.weight": t5["shared.weight"]},
+        "T5",
+    )
+    assert pipe.tokenizer_2.pad_token == "!"
+
+
+def test_sd3_folder_to_diffusers_folder(tmp_path):
+    import json
+
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import T5EncoderModel
+
     from library.family_sd3 import Sd3Family
+    from library.model_checkpoint import module_from_folder
     from library.tiny_models import build_tiny_sd3
 
     parts = build_tiny_sd3("sd3-medium")
@@ -450,14 +601,23 @@ def test_sd3_diffusers_folder_from_folder(tmp_path):
     frozen_as_trainer_keeps(models.vae, *models.text_encoders)
     out = str(tmp_path / "sd3-out")
     family.save_checkpoint(args, models, out, "diffusers", None, None, frozenset({"denoiser"}))
-    pipe = StableDiffusion3Pipeline.from_pretrained(out, local_files_only=True, torch_dtype=torch.float32)
+    pipe = StableDiffusion3Pipeline.from_pretrained(out, local_files_only=True, dtype=torch.float32)
     assert_same_state(pipe.transformer.state_dict(), models.denoiser.state_dict(), "MMDiT")
-    same_outputs(transformer_output(pipe.transformer, flux=False), transformer_output(models.denoiser, flux=False))
-    for sub, weights in (
-        ("vae", "diffusion_pytorch_model.safetensors"),
-        ("text_encoder", "model.safetensors"),
-        ("text_encoder_2", "model.safetensors"),
-        ("text_encoder_3", "model.safetensors"),
-    ):
+    same_outputs(sd3_transformer_output(pipe.transformer), sd3_transformer_output(models.denoiser))
+    components = {"vae": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors",
+                  "text_encoder_2": "model.safetensors", "text_encoder_3": "model.safetensors"}  # fmt: skip
+    for sub, weights in components.items():
         assert_same_state(load_file(os.path.join(out, sub, weights)), load_file(os.path.join(folder, sub, weights)), sub)
-    assert pipe.tokenizer_2.pad_token == "!"
+    # a folder's part as a model with its own tensors (the float16 T5, its embedding tied again)
+    t5 = module_from_folder(os.path.join(folder, "text_encoder_3"), T5EncoderModel)
+    assert_same_state(t5.state_dict(), parts["text_encoder_3"].state_dict(), "T5 from its folder")
+
+    # --save_precision bf16: every tensor and the transformers configs say bf16; the pipeline still loads
+    family.save_checkpoint(args, models, out, "diffusers", torch.bfloat16, None, frozenset({"denoiser"}))
+    for sub, weights in {**components, "transformer": "diffusion_pytorch_model.safetensors"}.items():
+        assert {v.dtype for v in load_file(os.path.join(out, sub, weights)).values()} == {torch.bfloat16}, sub
+    with open(os.path.join(out, "text_encoder_3", "config.json")) as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    pipe = StableDiffusion3Pipeline.from_pretrained(out, local_files_only=True, dtype=torch.bfloat16)
+    assert_same_state(pipe.transformer.state_dict(), {k: v.bfloat16() for k, v in models.denoiser.state_dict().items()}, "MMDiT")
+    assert not leftovers(tmp_path)
