@@ -255,7 +255,7 @@ class FluxFamily(ModelFamily):
             models.denoiser,
             schnell=not models.denoiser.config.guidance_embeds,
         )
-        return save_model_checkpoint(args, spec, path, form, dtype, metadata, trained)
+        return save_model_checkpoint(args, spec, path, form, dtype, metadata, trained, getattr(self, "swapper", None))
 
     def sample_images(self, args, models: TrainModels, prompts, output_dir: str, output_name: str, step, epoch, device, dtype):
         def encode_prompts(texts: list[str]) -> dict:

@@ -297,7 +297,7 @@ class Sd3Family(ModelFamily):
         spec = sd3_checkpoint_spec(
             args.pretrained_model_name_or_path, files, models.text_encoders, models.tokenizers, models.vae, models.denoiser
         )
-        return save_model_checkpoint(args, spec, path, form, dtype, metadata, trained)
+        return save_model_checkpoint(args, spec, path, form, dtype, metadata, trained, getattr(self, "swapper", None))
 
     # --- previews ----------------------------------------------------------------------------------------------------
 

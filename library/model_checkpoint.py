@@ -325,16 +325,25 @@ def save_model_checkpoint(
     dtype: torch.dtype | None,
     metadata: dict[str, str] | None,
     trained: frozenset[str],
+    swapper=None,
 ) -> list[str]:
     """Write `spec`'s model as a checkpoint (ModelFamily.save_checkpoint): `path` without extension; form
     "safetensors" / "ckpt" (the single-file layout: `path`.safetensors with `metadata`, or `path`.ckpt, a
     weights-only-loadable {"state_dict": ...} pickle; side files `path<suffix>.safetensors` of trained parts that
     have one) or "diffusers" (a pipeline folder at `path`). `dtype` casts floating tensors (None keeps each one's).
     Parts in `trained` come from memory, the others from their PartSource; when --base_weights (in `args`) changed the
-    base model, every part but the VAE comes from memory. Returns the written paths."""
+    base model, every part but the VAE comes from memory. `swapper`: the family's BlockSwapper (--blocks_to_swap), if
+    any. Returns the written paths."""
     if form not in FORMS:
         raise ValueError(f"unknown checkpoint form {form!r}: expected one of {', '.join(FORMS)}")
     memory = _from_memory(spec, frozenset(trained), bool(getattr(args, "base_weights", None)))
+    if "denoiser" in memory and swapper is not None and swapper.blocks_to_swap:
+        # the weights of swapped blocks are views into shared device slots (holding whichever block ran last); their
+        # own values are in the swapper's host buffers, which it does not expose
+        raise ValueError(
+            "the denoiser cannot be written from memory while --blocks_to_swap streams its blocks: its swapped "
+            "blocks' weights are views into shared device slots"
+        )
     path = os.fspath(path)
     with contextlib.ExitStack() as stack:
         for part in spec.parts:

@@ -186,6 +186,23 @@ def test_sd1_ckpt_bf16_and_replacing(sd1_file, sd1_trained, tmp_path, monkeypatc
     assert open(st, "rb").read() != before and not leftovers(tmp_path)
 
 
+def test_ckpt_source(sd1_file, tmp_path):
+    """A .ckpt source (read weights-only): its untouched tensors go into the new file as they are."""
+    from library.family_sd import SdFamily
+
+    source = str(tmp_path / "model.ckpt")
+    torch.save({"state_dict": load_file(sd1_file), "global_step": 10}, source)
+    family = SdFamily()
+    args = parse(family, "--pretrained_model_name_or_path", source)
+    models = family.load_models(args)
+    perturb(models.denoiser, 13)
+    frozen_as_trainer_keeps(models.vae, *models.text_encoders)
+    (path,) = family.save_checkpoint(args, models, str(tmp_path / "out"), "safetensors", None, None, frozenset({"denoiser"}))
+    saved, original = load_file(path), load_file(sd1_file)
+    assert_same_state({k: v for k, v in saved.items() if not k.startswith(UNET_PREFIX)},
+                      {k: v for k, v in original.items() if not k.startswith(UNET_PREFIX)}, "untouched parts")  # fmt: skip
+
+
 def test_trained_names_are_checked(sd1_trained, tmp_path):
     family, args, models = sd1_trained
     with pytest.raises(ValueError, match="text_encoder_1"):
@@ -461,6 +478,18 @@ def test_flux_transformer_file(flux, tmp_path):
     assert {v.dtype for v in load_file(path).values()} == {torch.bfloat16}
     with pytest.raises(ValueError, match="never trains"):
         family.save_checkpoint(args, models, out, "safetensors", None, None, frozenset({"denoiser", "text_encoder_1"}))
+
+    # block swap: swapped blocks' weights are views into shared slots, so the denoiser is not read from memory then
+    from library.family import TrainModels, swap_denoiser_blocks
+
+    swapped = type(family)()
+    denoiser = copy.deepcopy(memory).requires_grad_(False)
+    swapped.swapper = swap_denoiser_blocks(denoiser, swapped.swap_block_lists, 2, torch.device("cpu"), torch.float32)
+    swapped_models = TrainModels(models.text_encoders, models.tokenizers, models.vae, denoiser)
+    with pytest.raises(ValueError, match="blocks_to_swap"):
+        swapped.save_checkpoint(args, swapped_models, out, "safetensors", None, None, frozenset({"denoiser"}))
+    swapped.save_checkpoint(args, swapped_models, out, "safetensors", None, None, frozenset())  # the source's
+    assert_same_state(load_file(path), load_file(files["flux1"]), "transformer (the source file's)")
 
 
 def test_flux_diffusers_folder(flux, tmp_path):
