@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -267,6 +268,21 @@ def vae_to_diffusers_layout(checkpoint: Mapping[str, torch.Tensor], source: str)
                 sub, {"down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
             )
     raise ModelLoadError(f"{source}: no VAE weights (first_stage_model.encoder.* or encoder.down_blocks.*) found")
+
+
+def vae_to_ldm_state_dict(vae) -> dict[str, torch.Tensor]:
+    """An AutoencoderKL's weights under their single-file (LDM) names, `first_stage_model.` included (SD, SDXL, SD3;
+    the model's own tensors, the mid-block attention weights reshaped to LDM's 1x1 convolutions)."""
+    from library.ldm_names import vae_ldm_param_names
+
+    out: dict[str, torch.Tensor] = {}
+    vae_state = vae.state_dict()
+    for key, ldm in vae_ldm_param_names(vae).items():
+        value = vae_state[key]
+        if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", ldm) and value.ndim == 2:
+            value = value.reshape(*value.shape, 1, 1)  # LDM's attention uses 1x1 convolutions
+        out[VAE_PREFIX + ldm] = value
+    return out
 
 
 def vae_from_state_dict(
@@ -552,9 +568,7 @@ def write_single_file(
     """Write a single-file state dict atomically: `.safetensors` (with `metadata`, all values strings) or, for
     .ckpt/.pt, a plain {"state_dict": ...} pickle of tensors that loads with weights_only=True. `dtype` casts floating
     tensors. The file is written to a temporary name in the same folder, then renamed over `path`."""
-    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise TypeError("safetensors metadata keys and values must all be strings")
-
+    check_metadata(metadata)
     state = {}
     for key, value in state_dict.items():
         value = value.detach()

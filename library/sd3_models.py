@@ -42,7 +42,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -79,8 +78,10 @@ from library.model_files import (
     load_vae,
     own_memory,
     t5_from_state_dict,
+    tensor_sources,
     upcast_fp8,
     vae_from_state_dict,
+    vae_to_ldm_state_dict,
     write_tensor_sources,
 )
 
@@ -859,25 +860,8 @@ def load_sd3_model(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-_LDM_VAE_ATTN_WEIGHT = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
-
-
-def _vae_sources(vae) -> dict[str, tuple[tuple[int, ...], torch.dtype, Callable]]:
-    from library.ldm_names import vae_ldm_param_names
-
-    state = vae.state_dict()
-    out = {}
-    for key, ldm in vae_ldm_param_names(vae).items():
-        value = state[key]
-        if _LDM_VAE_ATTN_WEIGHT.search(ldm) and value.ndim == 2:
-            value = value.reshape(*value.shape, 1, 1)  # LDM's attention uses 1x1 convolutions
-        out[ldm] = (tuple(value.shape), value.dtype, lambda t=value: t)
-    return out
-
-
 def _clip_sources(text_encoder) -> dict[str, tuple[tuple[int, ...], torch.dtype, Callable]]:
-    state = _clip_keys(text_encoder.state_dict())
-    return {k: (tuple(v.shape), v.dtype, lambda t=v: t) for k, v in state.items()}
+    return tensor_sources(_clip_keys(text_encoder.state_dict()))
 
 
 def _t5_sources(text_encoder) -> dict[str, tuple[tuple[int, ...], torch.dtype, Callable]]:
@@ -887,7 +871,7 @@ def _t5_sources(text_encoder) -> dict[str, tuple[tuple[int, ...], torch.dtype, C
     state = text_encoder.state_dict()
     if "shared.weight" in state:
         state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])
-    return {k: (tuple(v.shape), v.dtype, lambda t=v: t) for k, v in state.items()}
+    return tensor_sources(state)
 
 
 def sd3_single_file_sources(
@@ -900,7 +884,7 @@ def sd3_single_file_sources(
         state = transformer if isinstance(transformer, Mapping) else transformer.state_dict()
         out.update({UNET_PREFIX + k: v for k, v in _transformer_sources(state).items()})
     if vae is not None:
-        out.update({VAE_PREFIX + k: v for k, v in _vae_sources(vae).items()})
+        out.update(tensor_sources(vae_to_ldm_state_dict(vae)))
     for prefix, model in ((CLIP_L_PREFIX, clip_l), (CLIP_G_PREFIX, clip_g)):
         if model is not None:
             out.update({prefix + k: v for k, v in _clip_sources(model).items()})

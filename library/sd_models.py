@@ -66,6 +66,7 @@ from library.model_files import (
     load_vae,
     vae_from_state_dict,
     vae_to_diffusers_layout,
+    vae_to_ldm_state_dict,  # noqa: F401  (re-exported)
     write_single_file,
 )
 
@@ -531,18 +532,6 @@ def unet_to_ldm_state_dict(unet) -> dict[str, torch.Tensor]:
     """A UNet2DConditionModel's weights under their single-file names, `model.diffusion_model.` included (SD and SDXL)."""
     unet_state = unet.state_dict()
     return {UNET_PREFIX + ldm: unet_state[key] for key, ldm in unet_ldm_param_names(unet).items()}
-
-
-def vae_to_ldm_state_dict(vae) -> dict[str, torch.Tensor]:
-    """An AutoencoderKL's weights under their single-file names, `first_stage_model.` included (SD and SDXL)."""
-    out: dict[str, torch.Tensor] = {}
-    vae_state = vae.state_dict()
-    for key, ldm in vae_ldm_param_names(vae).items():
-        value = vae_state[key]
-        if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", ldm) and value.ndim == 2:
-            value = value.reshape(*value.shape, 1, 1)  # LDM's attention uses 1x1 convolutions
-        out[VAE_PREFIX + ldm] = value
-    return out
 
 
 def text_encoder_to_ldm_state_dict(text_encoder, v2: bool) -> dict[str, torch.Tensor]:
