@@ -57,14 +57,14 @@ class Checkpointer:
     def save_model(self, name: str, state: RunState) -> str:
         """The checkpoint `name` (written by the main process); returns its path."""
         stem = os.path.join(self.args.output_dir, name)
-        path = None
-        if self.accelerator.is_main_process:
-            md = dict(self.metadata)
-            md.update({"ss_training_finished_at": str(time.time()), "ss_steps": str(state.step), "ss_epoch": str(state.last_epoch)})
-            path = self.method.save_checkpoint(self.args, self.family, self.models, stem, md)
+        main = self.accelerator.is_main_process
+        md = dict(self.metadata)
+        md.update({"ss_training_finished_at": str(time.time()), "ss_steps": str(state.step), "ss_epoch": str(state.last_epoch)})
+        path = self.method.save_checkpoint(self.args, self.family, self.models, stem, md, main)
+        if main:
             logger.info(f"saved {path}")
         self.accelerator.wait_for_everyone()
-        return path or stem
+        return path
 
     def save_state(self, name: str, state: RunState, seed: int) -> str:
         folder = os.path.join(self.args.output_dir, name + "-state")

@@ -89,7 +89,11 @@ class TrainingMethod(ABC):
         return make_optimizer(args, groups)
 
     def prepare(self, accelerator) -> None:
-        """Hand the trained modules to accelerate where the method wants its wrapping (DDP); nothing by default."""
+        """After to_device, before the optimizer is built: put the trained modules under the engine that spreads
+        them over several processes (DDP, FSDP), where the method does so; nothing by default."""
+
+    # whether gradients come out of backward averaged over the processes (else the trainer averages them)
+    averages_gradients: bool = False
 
     # -- the loop -------------------------------------------------------------------------------------------------
 
@@ -147,8 +151,11 @@ class TrainingMethod(ABC):
         optimizer_name, optimizer_args)."""
 
     @abstractmethod
-    def save_checkpoint(self, args, family: ModelFamily, models: TrainModels, stem: str, metadata: dict[str, str]) -> str:
-        """Write the checkpoint `stem` (output path without extension); returns the main path written."""
+    def save_checkpoint(
+        self, args, family: ModelFamily, models: TrainModels, stem: str, metadata: dict[str, str], is_main: bool
+    ) -> str:
+        """Write the checkpoint `stem` (output path without extension); returns the main path written. Called in
+        every process (gathering sharded weights needs them all); the main process (`is_main`) writes."""
 
     @abstractmethod
     def checkpoint_suffix_pattern(self, args) -> str:

@@ -250,10 +250,14 @@ class AdapterMethod(TrainingMethod):
 
         return training_metadata(args, family, **run_info)
 
-    def save_checkpoint(self, args, family: ModelFamily, models: TrainModels, stem: str, metadata: dict[str, str]) -> str:
+    def save_checkpoint(
+        self, args, family: ModelFamily, models: TrainModels, stem: str, metadata: dict[str, str], is_main: bool
+    ) -> str:
         from library.lora_metadata import ESSENTIAL_KEYS
 
         path = stem + "." + args.save_model_as
+        if not is_main:  # every process holds the whole adapter: the main process writes it
+            return path
         if args.no_metadata:
             metadata = {k: v for k, v in metadata.items() if k in ESSENTIAL_KEYS or k.startswith("modelspec.")}
         dtype = saving.SAVE_DTYPES.get(args.save_precision) if args.save_precision else None

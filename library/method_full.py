@@ -4,7 +4,11 @@ models in the family's original single-file layout or a diffusers folder (ModelF
 
 Memory options: --fused_backward_pass and --blockwise_fused_optimizers step the optimizer inside backward
 (library/full_optim.py ChunkedOptimizer), --full_bf16 keeps bf16 weights without float32 masters and rounds their
-updates stochastically, --ema_decay keeps an exponential moving average (library/ema.py)."""
+updates stochastically, --ema_decay keeps an exponential moving average (library/ema.py). --blocks_to_swap (FLUX, SD3)
+keeps the trained weights of the transformer's last blocks in host memory with their optimizer state: it needs
+--fused_backward_pass or --blockwise_fused_optimizers, so that each swapped block is stepped inside its own backward
+while it is on the device (library/custom_offloading_utils.py BlockSwapper, ChunkedOptimizer.stream_with); whatever
+reads or writes all the weights (EMA, checkpoints, states) does it inside the swapper's own_weights()."""
 
 from __future__ import annotations
 
@@ -86,6 +90,8 @@ class FullMethod(TrainingMethod):
         self.script = script
         self.ema = None
         self.fused = False
+        self.averages_gradients = False  # under DDP/FSDP the engines average the gradients in backward
+        self.sharded = False
 
     # -- flags ----------------------------------------------------------------------------------------------------
 
@@ -202,11 +208,18 @@ class FullMethod(TrainingMethod):
                 "--fp8_base stores the model's weights in float8, and full fine-tuning trains them: leave it out "
                 "(--fused_backward_pass, --full_bf16 and --gradient_checkpointing save memory instead)"
             )
-        if getattr(args, "blocks_to_swap", None):
-            problems.append(
-                "--blocks_to_swap streams frozen blocks; kiln does not yet swap blocks that are trained: leave it out "
-                "(--fused_backward_pass and --full_bf16 save memory instead)"
-            )
+        if getattr(args, "blocks_to_swap", None) and self._denoiser_lr(args):
+            if getattr(args, "fused_optimizer_groups", None):
+                problems.append(
+                    "--blocks_to_swap with --fused_optimizer_groups: a group spans several blocks, whose gradients "
+                    "would wait on the device for the rest of the group; use --fused_backward_pass or "
+                    "--blockwise_fused_optimizers instead"
+                )
+            elif not (args.fused_backward_pass or getattr(args, "blockwise_fused_optimizers", False)):
+                problems.append(
+                    "--blocks_to_swap trains each swapped block while it is on the device: add --fused_backward_pass "
+                    "(or --blockwise_fused_optimizers)"
+                )
         fused = [f for f in ("fused_backward_pass", "blockwise_fused_optimizers") if getattr(args, f, False)]
         if getattr(args, "fused_optimizer_groups", None):
             fused.append("fused_optimizer_groups")
@@ -291,16 +304,16 @@ class FullMethod(TrainingMethod):
             args.save_model_as = default_save_format(args.pretrained_model_name_or_path)
         self.frozen_blocks = self._frozen_blocks(args, family, models)
 
-    def _frozen_blocks(self, args, family: ModelFamily, models: TrainModels) -> set[int]:
-        """ids of the parameters --num_last_block_to_freeze leaves untrained."""
+    def _frozen_blocks(self, args, family: ModelFamily, models: TrainModels) -> set[str]:
+        """Names (in the denoiser) of the parameters --num_last_block_to_freeze leaves untrained."""
         n = getattr(args, "num_last_block_to_freeze", None) or 0
         if not n:
             return set()
-        blocks = [b for name in family.swap_block_lists for b in getattr(models.denoiser, name)]
+        blocks = [(f"{name}.{i}.", b) for name in family.swap_block_lists for i, b in enumerate(getattr(models.denoiser, name))]
         if n >= len(blocks):
             raise ValueError(f"--num_last_block_to_freeze {n}: the transformer has {len(blocks)} blocks; freeze fewer")
         logger.info(f"--num_last_block_to_freeze {n}: the last {n} of {len(blocks)} transformer blocks are not trained")
-        return {id(p) for b in blocks[len(blocks) - n :] for p in b.parameters()}
+        return {prefix + p for prefix, b in blocks[len(blocks) - n :] for p, _ in b.named_parameters()}
 
     def trained_parts(self) -> dict[str, torch.nn.Module]:
         """The trained modules by the names ModelFamily.save_checkpoint uses ("denoiser", "text_encoder_<i>")."""
@@ -317,7 +330,7 @@ class FullMethod(TrainingMethod):
     def param_groups(self, args) -> tuple[list[dict], list[str]]:
         groups, names = [], []
         if self.train_unet:
-            params = [(n, p) for n, p in self.models.denoiser.named_parameters() if id(p) not in self.frozen_blocks]
+            params = [(n, p) for n, p in self.models.denoiser.named_parameters() if n not in self.frozen_blocks]
             if self.script.block_lr and args.block_lr:
                 groups_by_block = self._block_groups(args, params)
                 groups += groups_by_block
@@ -376,7 +389,16 @@ class FullMethod(TrainingMethod):
         if chunks is not None:
             optimizer.fuse_into_backward(args.max_grad_norm)
             self.fused = True
+        swapper = getattr(self.family, "swapper", None)
+        if swapper is not None and swapper.blocks_to_swap:
+            optimizer.stream_with(swapper)  # swapped blocks are stepped in their slots, their state kept in host memory
         return name, arg_text, optimizer
+
+    def _own_weights(self, read_only: bool = False) -> contextlib.AbstractContextManager:
+        """With --blocks_to_swap: inside, every swapped block's parameters hold its own values (BlockSwapper.own_weights;
+        they share device slots otherwise). For whatever reads or writes all the trained weights outside the steps."""
+        swapper = getattr(self.family, "swapper", None)
+        return swapper.own_weights(read_only) if swapper is not None else contextlib.nullcontext()
 
     def _chunking(self, args, groups: list[dict]):
         """None (one optimizer step after backward), "parameter" or a list of parameter lists: how the optimizer
@@ -412,29 +434,48 @@ class FullMethod(TrainingMethod):
         return self.fused
 
     def prepare(self, accelerator) -> None:
-        if self.fused and accelerator.num_processes > 1:
-            raise ValueError(
-                "--fused_backward_pass / --blockwise_fused_optimizers / --fused_optimizer_groups step before the "
-                "processes' gradients are averaged: train on one process, or leave the option out"
+        """With several processes, the trained modules go under DDP or FSDP2 (library/sharding.py); then the EMA
+        starts from the weights before training (the shards of them under FSDP)."""
+        from library.sharding import distribute, sharding_requested
+
+        args = self.args
+        if accelerator.num_processes > 1:
+            fused = [f for f in ("fused_backward_pass", "blockwise_fused_optimizers", "fused_optimizer_groups") if getattr(args, f, None)]
+            if fused:
+                raise ValueError(
+                    f"--{fused[0]} steps before the processes' gradients are averaged: train on one process, or leave "
+                    "the option out"
+                )
+            self.sharded = sharding_requested(accelerator)
+            if self.sharded and (args.save_state or args.save_state_on_train_end or args.resume):
+                raise ValueError(
+                    "--save_state / --resume with FSDP sharding are not supported yet: leave out --use_fsdp (every "
+                    "process then holds the whole model) or the state options"
+                )
+            local, whole = distribute(self.trained_modules(), self.sharded)
+            self.averages_gradients = True
+            engine = "FSDP2 (fully_shard per block)" if self.sharded else "DDP"
+            logger.info(
+                f"{engine} over {accelerator.num_processes} processes: process {accelerator.process_index} holds "
+                f"{local} of the {whole} trained weights"
             )
+        self._start_ema()
 
     def _start_ema(self) -> None:
         from library.ema import EmaWeights
 
         if self.args.ema_decay is None or self.ema is not None:
             return
-        self.ema = EmaWeights(self._named_trained(), self.args.ema_decay, self.args.ema_update_every, self.args.ema_on_cpu)
+        with self._own_weights(read_only=True):  # swapped blocks' averages start (and stay) in host memory
+            self.ema = EmaWeights(self._named_trained(), self.args.ema_decay, self.args.ema_update_every, self.args.ema_on_cpu)
 
     def _named_trained(self) -> dict[str, torch.Tensor]:
         return {
             f"{part}.{n}": p
             for part, module in self.trained_parts().items()
             for n, p in module.named_parameters()
-            if id(p) not in self.frozen_blocks
+            if not (part == "denoiser" and n in self.frozen_blocks)
         }
-
-    def to_device(self, device: torch.device, dtype: torch.dtype) -> None:
-        self._start_ema()  # from the weights before training, as placed for training
 
     # -- the loop -------------------------------------------------------------------------------------------------
 
@@ -451,8 +492,9 @@ class FullMethod(TrainingMethod):
 
     def after_optimizer_step(self, step: int) -> dict[str, float]:
         self._stop_text_encoders_if_due(step)
-        if self.ema is not None:
-            self.ema.after_step(step)
+        if self.ema is not None and step % self.ema.update_every == 0:
+            with self._own_weights(read_only=True):
+                self.ema.after_step(step)
         return {}
 
     def _stop_text_encoders_if_due(self, step: int) -> None:
@@ -474,10 +516,23 @@ class FullMethod(TrainingMethod):
         for m in modules:
             m.eval()
         try:
-            with self.ema.applied() if (self.ema is not None and self.args.sample_with_ema) else contextlib.nullcontext():
+            with self._ema_applied() if (self.ema is not None and self.args.sample_with_ema) else contextlib.nullcontext():
                 yield
         finally:
             self.train_mode()
+
+    @contextlib.contextmanager
+    def _ema_applied(self):
+        """The EMA weights in the model for sampling. With --blocks_to_swap they are written into the swapped blocks'
+        host buffers, from which sampling streams them, and the trained weights are put back the same way."""
+        applied = self.ema.applied()
+        with self._own_weights():
+            applied.__enter__()
+        try:
+            yield
+        finally:
+            with self._own_weights():
+                applied.__exit__(None, None, None)
 
     def train_mode(self) -> None:
         if self.train_unet:
@@ -492,21 +547,29 @@ class FullMethod(TrainingMethod):
 
         return modelspec_metadata(args, family, run_info["group"])
 
-    def save_checkpoint(self, args, family: ModelFamily, models: TrainModels, stem: str, metadata: dict[str, str]) -> str:
+    def save_checkpoint(
+        self, args, family: ModelFamily, models: TrainModels, stem: str, metadata: dict[str, str], is_main: bool
+    ) -> str:
+        from library.sharding import whole_parameters
+
         dtype = saving.SAVE_DTYPES.get(args.save_precision) if args.save_precision else None
         form = "diffusers" if args.save_model_as.startswith("diffusers") else args.save_model_as
         trained = frozenset(self.trained_parts())
-        paths = family.save_checkpoint(args, models, stem, form, dtype, metadata, trained)
+        modules = self.trained_modules()
+        with self._own_weights(read_only=True), whole_parameters(modules, is_main):
+            paths = family.save_checkpoint(args, models, stem, form, dtype, metadata, trained) if is_main else [stem]
         if self.ema is not None:
-            with self.ema.applied():
-                family.save_checkpoint(args, models, stem + "-ema", form, dtype, metadata, trained)
+            with self._own_weights(), self.ema.applied(), whole_parameters(modules, is_main):
+                if is_main:
+                    family.save_checkpoint(args, models, stem + "-ema", form, dtype, metadata, trained)
         return paths[0]
 
     def checkpoint_suffix_pattern(self, args) -> str:
         return CHECKPOINT_SUFFIXES
 
     def state_weights(self) -> dict[str, torch.Tensor]:
-        weights = {n: p.detach() for n, p in self._named_trained().items()}
+        with self._own_weights(read_only=True):  # swapped blocks: their host buffers, unchanged until the next step
+            weights = {n: p.detach() for n, p in self._named_trained().items()}
         if self.ema is not None:
             weights.update({"ema." + n: t for n, t in self.ema.state_dict().items()})
         return weights
@@ -519,7 +582,7 @@ class FullMethod(TrainingMethod):
                 f"--resume {source}: the state has no {missing[0]} ({len(missing)} trained weights missing); it was "
                 "written by a run that trained other parts"
             )
-        with torch.no_grad():
+        with torch.no_grad(), self._own_weights():
             for n, p in named.items():
                 p.copy_(weights[n])
         if self.ema is not None:

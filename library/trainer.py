@@ -302,6 +302,10 @@ class TrainingRun:
             for te in models.text_encoders:  # every caption is cached and nothing samples: free their device memory
                 te.to("cpu")
         self.method.to_device(device, dtype)
+        try:
+            self.method.prepare(self.accelerator)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
         train_te = self.method.text_encoder_training
         if args.gradient_checkpointing:
             models.denoiser.enable_gradient_checkpointing(family.gradient_checkpointing_func(args))
@@ -332,10 +336,6 @@ class TrainingRun:
             raise TrainingError(str(e)) from None
 
         n_proc, rank = acc.num_processes, acc.process_index
-        try:
-            self.method.prepare(acc)
-        except ValueError as e:
-            raise TrainingError(str(e)) from None
         self.loader = make_data_loader(
             self.group,
             num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
@@ -520,7 +520,7 @@ class TrainingRun:
         if self.deepspeed:  # DeepSpeed reduces, clips, steps and zeroes the gradients itself
             self.deepspeed.step()
         else:
-            if self.accelerator.num_processes > 1:
+            if self.accelerator.num_processes > 1 and not self.method.averages_gradients:
                 all_reduce_mean([p for p in self.trainable if p.requires_grad], self.accelerator.num_processes)
             self.method.before_optimizer_step()
             if self.args.max_grad_norm and not self.method.clips_in_backward:

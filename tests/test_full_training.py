@@ -6,6 +6,7 @@ stopped, the EMA by hand, exact resume, and the refusals."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -250,6 +251,7 @@ def test_previews_see_the_ema_and_the_weights_come_back():
     models = family.load_models(args)
     method.build(args, family, models)
     method.to_device(torch.device("cpu"), torch.float32)
+    method.prepare(types.SimpleNamespace(num_processes=1))  # one process: the EMA starts here
     before = {k: v.clone() for k, v in models.denoiser.state_dict().items()}
     with torch.no_grad():
         for p in models.denoiser.parameters():
@@ -268,6 +270,35 @@ def test_default_checkpoint_format_follows_the_model(model, expected, tmp_path):
     from library.method_full import default_save_format
 
     assert default_save_format(model.format(folder=tmp_path)) == expected
+
+
+def test_ddp_and_fsdp_equal_one_process_with_twice_the_batch(tmp_path):
+    """2 processes x batch 1 under DDP and under FSDP2 (ACCELERATE_USE_FSDP=true, as `accelerate launch --use_fsdp`
+    sets it) train the U-Net as 1 process x batch 2 does (plain SGD; float32 rounding apart); FSDP holds half the
+    weights per process, and its checkpoint is a normal single file."""
+    import re
+
+    images(tmp_path / "img" / "1_shape", n=4)
+    args = [*COMMON, "--pretrained_model_name_or_path", "kiln-tiny-sd", "--train_data_dir", tmp_path / "img", "--output_name",
+            "ft", "--max_train_steps", "2", "--learning_rate", "0.5", "--optimizer_type", "SGD"]
+    launch_script("fine_tune.py", *args, "--train_batch_size", "1", "--output_dir", tmp_path / "ddp", processes=2)
+    res = launch_script("fine_tune.py", *args, "--train_batch_size", "1", "--output_dir", tmp_path / "fsdp", processes=2,
+                        env={"ACCELERATE_USE_FSDP": "true"})
+    launch_script("fine_tune.py", *args, "--train_batch_size", "2", "--output_dir", tmp_path / "one")
+    held = re.findall(r"FSDP2 \(fully_shard per block\) over 2 processes: process \d holds (\d+) of the (\d+)", res.stderr)
+    assert len(held) == 2 and all(abs(int(local) - int(whole) / 2) < 0.01 * int(whole) for local, whole in held), held
+    one, _ = read(tmp_path / "one" / "ft.safetensors")
+    for run in ("ddp", "fsdp"):
+        state, _ = read(tmp_path / run / "ft.safetensors")
+        assert state.keys() == one.keys()
+        for k in one:
+            torch.testing.assert_close(state[k], one[k], rtol=0, atol=1e-6)
+        losses = json.loads((tmp_path / run / "ft_losses.json").read_text())["losses"]
+        assert losses == pytest.approx(json.loads((tmp_path / "one" / "ft_losses.json").read_text())["losses"], rel=1e-5)
+    from library.sd_models import load_sd_model, unet_to_ldm_state_dict
+
+    base = unet_to_ldm_state_dict(load_sd_model("kiln-tiny-sd").unet)
+    assert sum(not torch.equal(base[k], one[k]) for k in base) > len(base) / 2  # trained
 
 
 # ---------------------------------------------------------------------------------------------------------------------
