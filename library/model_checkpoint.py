@@ -3,10 +3,13 @@ side files where the family has them) or a diffusers pipeline folder. Nothing he
 its parts (CheckpointSpec, built in its {family}_models.py) and save_model_checkpoint writes them.
 
 Which weights are written. A part named in `trained` comes from memory: the model being trained, wherever its tensors
-are (a GPU, host memory with block swap); each tensor is copied to host memory only when its turn comes, and the model
-is never moved or cast. Every other part is written from the model the user gave, never from memory: the trainer keeps
-frozen parts in the --mixed_precision dtype (or float8), so their in-memory values are not the user's. A part's
-PartSource says where the user's weights are:
+are (a GPU, host memory); each tensor is copied to host memory only when its turn comes, and the model is never moved
+or cast. (Under --blocks_to_swap the weights of swapped blocks are views into shared device slots, so a denoiser is
+then not written from memory: save_model_checkpoint refuses.) Every other part is written from the model the user
+gave, never from memory: the trainer keeps frozen parts in the --mixed_precision dtype (or float8), so their in-memory
+values are not the user's; only when --base_weights merged LoRA files into the base model are all parts but the VAE
+written from memory (the model the run started from is not the user's file then). A part's PartSource says where the
+user's weights are:
 
 - a single file holding the part in the layout being written (the source checkpoint itself, a --vae file): its tensors
   are copied by key, one at a time, each as it is in the file (dtype, extra tensors such as position_ids included);
