@@ -4,8 +4,8 @@ its parts (CheckpointSpec, built in its {family}_models.py) and save_model_check
 
 Which weights are written. A part named in `trained` comes from memory: the model being trained, wherever its tensors
 are (a GPU, host memory); each tensor is copied to host memory only when its turn comes, and the model is never moved
-or cast. (Under --blocks_to_swap the weights of swapped blocks are views into shared device slots, so a denoiser is
-then not written from memory: save_model_checkpoint refuses.) Every other part is written from the model the user
+or cast. (Under --blocks_to_swap the weights of swapped blocks are views into shared device slots: the denoiser is
+read inside the swapper's own_weights(), where they are views into each block's host buffer.) Every other part is written from the model the user
 gave, never from memory: the trainer keeps frozen parts in the --mixed_precision dtype (or float8), so their in-memory
 values are not the user's; only when --base_weights merged LoRA files into the base model are all parts but the VAE
 written from memory (the model the run started from is not the user's file then). A part's PartSource says where the
@@ -320,6 +320,21 @@ def _from_memory(spec: CheckpointSpec, trained: frozenset[str], base_weights: bo
     return memory
 
 
+def _readable_weights(swapper) -> contextlib.AbstractContextManager:
+    """A context in which the denoiser's parameters hold its own values. Under --blocks_to_swap the streamed weights
+    of swapped blocks are views into shared device slots (holding whichever block ran last): the swapper's
+    own_weights(read_only=True) makes them views into each block's host buffer for a while."""
+    if swapper is None or not getattr(swapper, "blocks_to_swap", 0):
+        return contextlib.nullcontext()
+    own_weights = getattr(swapper, "own_weights", None)
+    if own_weights is None:
+        raise ValueError(
+            "the denoiser cannot be written from memory while --blocks_to_swap streams its blocks: its swapped "
+            "blocks' weights are views into shared device slots"
+        )
+    return own_weights(read_only=True)
+
+
 def save_model_checkpoint(
     args,
     spec: CheckpointSpec,
@@ -340,15 +355,10 @@ def save_model_checkpoint(
     if form not in FORMS:
         raise ValueError(f"unknown checkpoint form {form!r}: expected one of {', '.join(FORMS)}")
     memory = _from_memory(spec, frozenset(trained), bool(getattr(args, "base_weights", None)))
-    if "denoiser" in memory and swapper is not None and swapper.blocks_to_swap:
-        # the weights of swapped blocks are views into shared device slots (holding whichever block ran last); their
-        # own values are in the swapper's host buffers, which it does not expose
-        raise ValueError(
-            "the denoiser cannot be written from memory while --blocks_to_swap streams its blocks: its swapped "
-            "blocks' weights are views into shared device slots"
-        )
     path = os.fspath(path)
     with contextlib.ExitStack() as stack:
+        if "denoiser" in memory:
+            stack.enter_context(_readable_weights(swapper))
         for part in spec.parts:
             if part.source.file is not None:
                 stack.callback(part.source.file.close)
