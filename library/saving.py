@@ -256,11 +256,17 @@ def save_state(
 
 def remove_unfinished(output_dir: str, output_name: str) -> list[str]:
     """Clean up after a run of `output_name` that was killed while saving: temporary files and folders (`*.tmp`) are
-    removed, and a state folder killed between its two renames gets its complete previous version (`-state.old`) back.
-    Returns what was removed or restored."""
+    removed, and a state folder or a diffusers checkpoint folder killed between its two renames gets its complete
+    previous version (`-state.old`, `<name>.diffusers.<pid>.<hex>.old`) back. Whole-model checkpoints count too:
+    their EMA copies (`-ema`) and SD3's text-encoder side files (`_clip_l` ...). Returns what was removed or
+    restored."""
     if not os.path.isdir(output_dir):
         return []
-    ours = re.compile(re.escape(output_name) + r"(-step\d{8}|-\d{6})?(-state|_losses\.json|\.[A-Za-z]+)(\.\d+\.[0-9a-f]+)?\.(tmp|old)$")
+    ours = re.compile(
+        re.escape(output_name)
+        + r"(-step\d{8}|-\d{6})?(-ema)?(_clip_l|_clip_g|_t5xxl)?"
+        + r"(-state|_losses\.json|\.[A-Za-z]+)(\.\d+\.[0-9a-f]+)?\.(tmp|old)$"
+    )
     touched = []
     for entry in sorted(os.listdir(output_dir)):
         path = os.path.join(output_dir, entry)
@@ -270,6 +276,9 @@ def remove_unfinished(output_dir: str, output_name: str) -> list[str]:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         elif entry.endswith("-state.old"):
             final = path[: -len(".old")]
+            shutil.rmtree(path) if os.path.exists(final) else os.rename(path, final)
+        elif ".diffusers." in entry:  # a checkpoint folder moved aside while its new version was put in place
+            final = path[: path.index(".diffusers.", len(output_dir))]
             shutil.rmtree(path) if os.path.exists(final) else os.rename(path, final)
         else:
             continue

@@ -204,10 +204,12 @@ def test_flux_blockwise_adafactor_with_cached_text(tmp_path):
 
     images(tmp_path / "2_shape")
     out = tmp_path / "out"
-    launch_script("flux_train.py", *COMMON, "--pretrained_model_name_or_path", "kiln-tiny-flux", "--train_data_dir", tmp_path,
+    res = launch_script("flux_train.py", *COMMON, "--pretrained_model_name_or_path", "kiln-tiny-flux", "--train_data_dir", tmp_path,
                   "--output_dir", out, "--output_name", "fx", "--max_train_steps", "2", "--learning_rate", "1e-3",
                   "--optimizer_type", "adafactor", "--optimizer_args", "relative_step=False", "scale_parameter=False",
-                  "warmup_init=False", "--blockwise_fused_optimizers", "--cache_text_encoder_outputs", "--max_grad_norm", "1")
+                  "warmup_init=False", "--blockwise_fused_optimizers", "--cache_text_encoder_outputs", "--max_grad_norm", "1",
+                  "--cache_latents", "--validation_split", "0.5", "--validate_every_n_steps", "1")
+    assert res.stderr.count("validation loss (step") == 2  # validation as in the LoRA scripts
     state, md = read(out / "fx.safetensors")
     base = load_flux_model("kiln-tiny-flux", dtype=torch.float32).transformer
     source = flux_transformer_to_bfl(base.state_dict(), base.config)
@@ -236,6 +238,23 @@ def test_sd3_trains_clips_as_side_files_and_freezes_the_last_block(tmp_path):
     assert not all(torch.equal(state[k], source[k]) for k in source if k.startswith("model.diffusion_model.joint_blocks.0."))
     clip_l = load_file(str(out / "s3_clip_l.safetensors"))
     assert not same(clip_l, {k: v for k, v in base.clip_l.state_dict().items() if k in clip_l})
+
+
+def test_pruning_removes_every_file_of_an_old_checkpoint(tmp_path):
+    """--save_last_n_steps: a whole-model checkpoint's files (EMA copy, SD3 side files, diffusers folder) go together."""
+    from library.method_full import CHECKPOINT_SUFFIXES
+    from library.saving import prune_checkpoints
+
+    old = ["m-step00000002.safetensors", "m-step00000002-ema.safetensors", "m-step00000002_clip_l.safetensors",
+           "m-step00000002-ema_t5xxl.safetensors", "m-step00000002.ckpt"]
+    kept = ["m-step00000004.safetensors", "m-step00000002-notes.txt", "m-step00000002-state", "other-step00000002.safetensors"]
+    for name in old + kept:
+        (tmp_path / name).mkdir() if name.endswith("-state") else (tmp_path / name).write_text("x")
+    (tmp_path / "m-step00000002").mkdir()  # a diffusers folder
+    (tmp_path / "m-step00000002" / "model_index.json").write_text("{}")
+    removed = prune_checkpoints(str(tmp_path), "m", CHECKPOINT_SUFFIXES, "step", 4)
+    assert sorted(p.split("/")[-1] for p in removed) == sorted(old + ["m-step00000002"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
 
 
 def test_previews_see_the_ema_and_the_weights_come_back():

@@ -141,15 +141,20 @@ def test_first_signal_asks_to_stop_and_the_second_stops_at_once():
 def test_a_new_run_cleans_up_saves_that_were_killed(tmp_path):
     from library.saving import remove_unfinished
 
-    folders = ["a-step00000005-state.tmp", "a-000002-state.old", "a-step00000001-state", "a-step00000001-state.old"]
-    files = ["a.safetensors.123.abcd1234.tmp", "a_losses.json.55.ff00.tmp", "a.safetensors", "a_v2.safetensors.1.ab.tmp"]
+    folders = ["a-step00000005-state.tmp", "a-000002-state.old", "a-step00000001-state", "a-step00000001-state.old",
+               "a-step00000003.diffusers.7.0a1b.tmp", "a-000004.diffusers.8.c0de.old", "a-000005", "a-000005.diffusers.9.beef.old"]
+    files = ["a.safetensors.123.abcd1234.tmp", "a_losses.json.55.ff00.tmp", "a.safetensors", "a_v2.safetensors.1.ab.tmp",
+             "a-step00000002_clip_l.safetensors.3.ab.tmp", "a-ema.safetensors.4.cd.tmp", "a-000001-ema_t5xxl.ckpt.5.ef.tmp",
+             "a.tmp"]
     for name in folders:
         (tmp_path / name).mkdir()
     for name in files:
         (tmp_path / name).write_bytes(b"x")
     remove_unfinished(str(tmp_path), "a")
-    # killed between a state's two renames: the complete previous folder comes back; another run's files stay
-    assert sorted(os.listdir(tmp_path)) == ["a-000002-state", "a-step00000001-state", "a.safetensors", "a_v2.safetensors.1.ab.tmp"]
+    # killed between a state's (or a diffusers checkpoint folder's) two renames: the complete previous folder comes
+    # back; temporary files of EMA copies and SD3 side files go; another run's files and the user's own stay
+    assert sorted(os.listdir(tmp_path)) == ["a-000002-state", "a-000004", "a-000005", "a-step00000001-state", "a.safetensors",
+                                            "a.tmp", "a_v2.safetensors.1.ab.tmp"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
