@@ -284,6 +284,21 @@ def test_previews_see_the_ema_and_the_weights_come_back():
     assert same(models.denoiser.state_dict(), trained) and models.denoiser.training
 
 
+@pytest.mark.parametrize("flags", [["--fused_backward_pass"], ["--use_fsdp_state"]])
+def test_several_processes_refuse_fused_steps_and_fsdp_states(flags, monkeypatch):
+    from library.family_sd import SdFamily
+    from library.method_full import FINE_TUNE, FullMethod
+    from library.train_script import training_parser
+
+    method = FullMethod(FINE_TUNE)
+    if flags == ["--use_fsdp_state"]:
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+        flags = ["--save_state"]
+    method.args = training_parser(SdFamily(), "t", method).parse_args(["--pretrained_model_name_or_path", "kiln-tiny-sd", *flags])
+    with pytest.raises(ValueError, match="fused_backward_pass|--save_state / --resume with FSDP"):
+        method.prepare(types.SimpleNamespace(num_processes=2, distributed_type="MULTI_CPU"))
+
+
 @pytest.mark.parametrize("model,expected", [("kiln-tiny-sd", "safetensors"), ("{folder}", "diffusers")])
 def test_default_checkpoint_format_follows_the_model(model, expected, tmp_path):
     from library.method_full import default_save_format
