@@ -94,6 +94,8 @@ class TrainingMethod(ABC):
 
     # whether gradients come out of backward averaged over the processes (else the trainer averages them)
     averages_gradients: bool = False
+    # whether the method shards what it trains when launched for FSDP (library/sharding.py)
+    shards: bool = False
 
     # -- the loop -------------------------------------------------------------------------------------------------
 

@@ -83,6 +83,7 @@ class FullMethod(TrainingMethod):
 
     tracker_name = "finetuning"
     what = "model"
+    shards = True
     script_kind = "full"
     frozen_text_encoders_hint = "frozen text encoders (leave out --train_text_encoder)"
 

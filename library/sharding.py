@@ -3,8 +3,9 @@ holds the whole model and gradients are averaged during backward) or FSDP2 (`ful
 across the processes, gathered per block for forward and backward, gradients reduce-scattered).
 
 Sharding is asked for the way accelerate is asked for it (`accelerate launch --use_fsdp`, which sets
-ACCELERATE_USE_FSDP=true): kiln then applies `fully_shard` itself, per block, so the same policy runs on CPU processes
-(gloo) in tests, where accelerate 1.15 would fall back to plain DDP. A block is what the model's library names as
+ACCELERATE_USE_FSDP=true): kiln takes the request away from accelerate and applies `fully_shard` itself, per block,
+so the same policy runs on GPUs and on CPU processes (gloo) in tests, where accelerate 1.15 would fall back to plain
+DDP. A block is what the model's library names as
 not to be split (`_no_split_modules`: transformer blocks, U-Net resnet/attention blocks, CLIP/T5 layers), sharded
 innermost first, then the model itself.
 """
@@ -17,12 +18,21 @@ import os
 import torch
 from torch import nn
 
+_FSDP_REQUESTED = False
 
-def sharding_requested(accelerator) -> bool:
-    """Whether the run was launched for FSDP (accelerate's FSDP mode, or ACCELERATE_USE_FSDP=true on CPU)."""
-    if str(getattr(accelerator, "distributed_type", "")).endswith("FSDP"):
-        return True
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+def take_fsdp_request() -> bool:
+    """Before the Accelerator is made: whether the run was launched for FSDP (`accelerate launch --use_fsdp` sets
+    ACCELERATE_USE_FSDP=true). The variable is removed, so that accelerate runs plain processes on every machine,
+    GPU or CPU, and kiln applies its own sharding policy (the same code path the CPU tests run)."""
+    global _FSDP_REQUESTED
+    _FSDP_REQUESTED = os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    return _FSDP_REQUESTED
+
+
+def sharding_requested(accelerator=None) -> bool:
+    """Whether this run was launched for FSDP (see take_fsdp_request)."""
+    return _FSDP_REQUESTED
 
 
 def shard_blocks(model: nn.Module) -> list[nn.Module]:

@@ -248,6 +248,10 @@ class TrainingRun:
             from accelerate.utils import InitProcessGroupKwargs
 
             handlers.append(InitProcessGroupKwargs(**process_group))
+        from library.sharding import take_fsdp_request
+
+        if take_fsdp_request() and not self.method.shards:
+            logger.info("launched for FSDP: only whole-model training is sharded; the adapter is replicated in every process")
         plugin = None
         if args.deepspeed:
             from library.deepspeed_run import deepspeed_plugin, single_process_rendezvous

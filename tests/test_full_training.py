@@ -295,8 +295,15 @@ def test_several_processes_refuse_fused_steps_and_fsdp_states(flags, monkeypatch
         monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
         flags = ["--save_state"]
     method.args = training_parser(SdFamily(), "t", method).parse_args(["--pretrained_model_name_or_path", "kiln-tiny-sd", *flags])
-    with pytest.raises(ValueError, match="fused_backward_pass|--save_state / --resume with FSDP"):
-        method.prepare(types.SimpleNamespace(num_processes=2, distributed_type="MULTI_CPU"))
+    from library.sharding import take_fsdp_request
+
+    take_fsdp_request()
+    try:
+        with pytest.raises(ValueError, match="fused_backward_pass|--save_state / --resume with FSDP"):
+            method.prepare(types.SimpleNamespace(num_processes=2, distributed_type="MULTI_CPU"))
+    finally:
+        monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+        take_fsdp_request()
 
 
 @pytest.mark.parametrize("model,expected", [("kiln-tiny-sd", "safetensors"), ("{folder}", "diffusers")])
