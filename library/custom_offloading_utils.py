@@ -1,13 +1,28 @@
-"""Block swap: keep the frozen weights of a transformer's last blocks in host memory and stream them in.
+"""Block swap: keep the weights of a transformer's last blocks in host memory and stream them in.
 
 `BlockSwapper(blocks, blocks_to_swap, device)` takes a model's list of blocks (FLUX double/single blocks, SD3
-joint blocks, ...). The first `len(blocks) - blocks_to_swap` blocks live on `device` for good. The frozen
-parameters (requires_grad=False) of the last `blocks_to_swap` blocks live in host memory (pinned on CUDA), one
-flat buffer per block, and are copied into a fixed set of `num_slots` (default 2) preallocated device buffers
-just before the block runs. Block j always uses slot (j - first_swapped) % num_slots: its parameters' `.data`
-are views into that slot for the swapper's life (except inside `swapping_fewer`, see below), so nothing is rebound
-or allocated per step and the device footprint is fixed at (resident blocks + num_slots swapped blocks). Frozen weights never change, so evicting a block is free:
-nothing is copied back to the host (sd-scripts copies every weight back on each swap).
+joint blocks, ...). The first `len(blocks) - blocks_to_swap` blocks live on `device` for good. The parameters of
+the last `blocks_to_swap` blocks that are frozen when the swapper is made (requires_grad=False; "streamed") live in
+host memory (pinned on CUDA), one flat buffer per block, and are copied into a fixed set of `num_slots` (default 2)
+preallocated device buffers just before the block runs. Block j always uses slot (j - first_swapped) % num_slots:
+its parameters' `.data` are views into that slot for the swapper's life (except inside `swapping_fewer` and
+`own_weights`, see below), so nothing is rebound or allocated per step and the device footprint is fixed at
+(resident blocks + num_slots swapped blocks).
+
+Adapter training (LoRA): the streamed weights never change, so evicting a block is free: nothing is copied back to
+the host (sd-scripts copies every weight back on each swap).
+
+Full fine-tuning (the streamed weights are trained): the optimizer steps a swapped block's weights inside backward,
+while the block is in its slot (library/full_optim.py ChunkedOptimizer.stream_with, which needs a fused mode: one
+parameter or one block per step), through `updating(params)`: the block is made resident if it is not, and its
+slot is marked dirty. A dirty slot is copied back into its block's host buffer before the slot is loaded with
+another block: on CUDA the write-back is queued on the side stream after the slot's "free" event (recorded after the
+step), and the load of the next block follows it on the same in-order stream; on CPU both are plain copies in that
+order. `to_host`/`to_device` move other tensors (the optimizer state of streamed weights, which lives in host memory
+between steps) through the same copy engine. Anything that reads or writes the weights of every block outside the
+forward/backward (EMA, checkpoints, state saving and loading) does it inside `own_weights()`: dirty slots are copied
+back, the host waits for every copy, and each swapped block's parameters are views into its own host buffer until the
+block ends (`blocks_to_swap` reads 0 meanwhile: no block is streamed).
 
 Mechanism (module hooks, no change to the model's code):
 - forward pre-hook of block 0: `prepare_for_forward()` (prefetch the first swapped blocks while the resident
@@ -17,7 +32,8 @@ Mechanism (module hooks, no change to the model's code):
 - forward hook of j: record "slot free" on the compute stream and prefetch block j + num_slots into it;
 - full backward pre-hook of block i (backward visits blocks in reverse; it fires once the gradient of i's
   output, i.e. of block i+1's input, is complete): record "slot free" for block i+1, prefetch block
-  i+1 - num_slots, and, if i is swapped, make sure i is back in its slot.
+  i+1 - num_slots (after writing block i+1 back when it was updated), and, if i is swapped, make sure i is back in
+  its slot.
 Only forward pre/post hooks and full backward *pre* hooks are used: they work whether a block is called with
 positional or keyword arguments (full backward post-hooks misfire when a block's inputs are keywords).
 Copies go through a `CopyEngine` (below): on CUDA they run on a side stream that waits on the "slot free" event of
@@ -25,30 +41,39 @@ the previous occupant, so they overlap with the compute of other blocks; the com
 only when it needs the block. Tests pass a recording engine that checks this ordering on CPU.
 Correctness never depends on the prefetch schedule: every use of a block goes through `_ensure(j)`, which loads
 it when its slot holds another block. Autograd's saved tensors of block j alias its slot; they are only read
-in j's backward, after `_ensure(j)` has brought j's (unchanged) weights back. Copies write the slot's raw byte
-buffer, so parameter version counters are untouched.
+in j's backward, after `_ensure(j)` has brought j's weights back. Copies write the slot's raw byte buffer, so
+parameter version counters are untouched.
 
 Gradient checkpointing (torch.utils.checkpoint, use_reentrant=False, around each block) works: the recompute
 of block j runs inside the autograd engine during j's backward, when j is resident; the hooks detect that they
 run inside the engine and then only check residency (no prefetch, which would evict j).
 
-Assumption: a block's frozen weights are used only on gradient paths that lead to the block's inputs (true for
-Linear/attention/MLP blocks with LoRA adapters), so "input gradient computed" means "weights no longer needed".
+Assumption: a block's weights are used only on gradient paths that lead to the block's inputs (true for
+Linear/attention/MLP blocks), so "input gradient computed" means "weights no longer needed". For trained weights the
+same holds for their gradients: the autograd engine runs the ready node with the highest sequence number first (and a
+parameter's AccumulateGrad, where a fused step runs, as soon as it is ready), and every node of block i+1 was made
+after the hook node on block i's outputs, so every gradient of block i+1 is accumulated, and its weights stepped,
+before block i's backward pre-hook releases block i+1's slot. A step that comes later all the same (a chunk
+completed only in `optimizer.step()`) loads the block again through `updating`: slower, never wrong.
 
 `swapping_fewer(n)` (a context manager) streams only the last n blocks for a while: the others get their own
-device copies, freed on exit. Sampling uses it with `blocks_to_swap_for_inference`, which counts how many blocks
-fit in the free device memory (inference keeps no activations for backward, so more blocks fit than in training).
+device copies (from their host buffers, after dirty slots are written back), freed on exit. Sampling uses it with
+`blocks_to_swap_for_inference`, which counts how many blocks fit in the free device memory (inference keeps no
+activations for backward, so more blocks fit than in training). Nothing may update the weights meanwhile.
 
-On CPU (device.type == "cpu") the same code runs synchronously with plain copies (no streams, no pinning), so
-tests prove that swapping changes no number (at a fixed number of intra-op threads: float32 results on CPU depend on
-the thread count, with or without swap). Trainable parameters (adapters with requires_grad=True) and
-buffers of the swapped blocks are moved to `device` and stay resident; adapter modules that are not submodules
-of the blocks (kiln's LoRA network) are not touched.
+On CPU (device.type == "cpu") the same code runs synchronously with plain copies (no streams, no pinning; host
+buffers and slots are separate memory), so tests prove that swapping changes no number (at a fixed number of intra-op
+threads: float32 results on CPU depend on the thread count, with or without swap). Parameters of the swapped blocks
+that are trainable when the swapper is made (adapters that are submodules of a block) and buffers are moved to
+`device` and stay resident; adapter modules that are not submodules of the blocks (kiln's LoRA network) are not
+touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -109,6 +134,10 @@ class CopyEngine:
     def wait_all(self) -> None:
         """Compute waits for every copy issued so far."""
 
+    def synchronize(self) -> None:
+        """The host waits for every copy issued so far and the compute queued before them (host code may then read and
+        write the host buffers they used)."""
+
 
 class CudaCopyEngine(CopyEngine):
     """Copies on a side CUDA stream (pinned host memory, non_blocking), ordered with the compute stream by events."""
@@ -148,6 +177,9 @@ class CudaCopyEngine(CopyEngine):
     def wait_all(self) -> None:
         self._compute().wait_stream(self.stream)
 
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
 
 def copy_engine(device: torch.device) -> CopyEngine:
     """The engine for `device`: side-stream copies on CUDA, synchronous copies anywhere else."""
@@ -160,6 +192,10 @@ def _empty_like_on_host(like: torch.Tensor, pin: bool) -> torch.Tensor:
 
 
 class BlockSwapper:
+    """Streams the weights of a model's last `blocks_to_swap` blocks through `num_slots` device slots (see the
+    module docstring). Counters for tests and logs: `loads` (block copies host -> slot), `write_backs` (updated
+    blocks copied slot -> host), `updates` (optimizer steps of streamed weights through `updating`)."""
+
     def __init__(
         self,
         blocks: list[nn.Module] | nn.ModuleList,
@@ -175,7 +211,7 @@ class BlockSwapper:
         if num_slots < 1:
             raise ValueError("num_slots must be >= 1")
         self.blocks = blocks
-        self.blocks_to_swap = blocks_to_swap
+        self._count = blocks_to_swap  # blocks streamed (blocks_to_swap reads 0 inside own_weights)
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.engine = engine if engine is not None else copy_engine(self.device)
@@ -184,8 +220,14 @@ class BlockSwapper:
         self.num_slots = min(num_slots, blocks_to_swap)
         self._handles: list = []
         self.loads = 0  # block transfers issued (host -> device)
+        self.write_backs = 0  # updated blocks copied back (device -> host)
+        self.updates = 0  # steps of streamed weights (updating)
         self.host_bytes = 0
         self.slot_bytes = 0
+        self._own = False  # inside own_weights(): parameters are views into their host buffers
+        self._updater = False  # an optimizer steps streamed weights through updating() (register_updater)
+        self._block_of: dict[int, int] = {}  # id of a streamed parameter -> its block
+        self._streamed: list[nn.Parameter] = []
 
         for block in blocks[: self.first_swapped]:
             block.to(self.device)
@@ -196,13 +238,13 @@ class BlockSwapper:
         layouts: list[list[tuple[nn.Parameter, int, int]]] = []
         self._layouts = layouts
         sizes: list[int] = []
-        for block in blocks[self.first_swapped :]:
+        for j, block in enumerate(blocks[self.first_swapped :], start=self.first_swapped):
             layout, off = [], 0
-            seen: set[int] = set()
             for p in block.parameters():
-                if p.requires_grad or id(p) in seen:
+                if p.requires_grad or id(p) in self._block_of:
                     continue
-                seen.add(id(p))
+                self._block_of[id(p)] = j
+                self._streamed.append(p)
                 nbytes = p.numel() * p.element_size()
                 layout.append((p, off, nbytes))
                 off = _align(off + nbytes)
@@ -238,6 +280,7 @@ class BlockSwapper:
         self._loaded: list[Event] = [None] * self.num_slots  # completion of each slot's latest copy
         self._free: list[Event] = [None] * self.num_slots  # each slot's last use by compute, once released
         self._released = [True] * self.num_slots  # the slot's occupant has had its last use recorded
+        self._dirty = [False] * self.num_slots  # the slot holds updates its block's host buffer lacks
         self._install_hooks()
         self.prepare_for_forward()
         logger.info(
@@ -249,24 +292,53 @@ class BlockSwapper:
             self.slot_bytes / 2**20,
         )
 
+    @property
+    def blocks_to_swap(self) -> int:
+        """How many blocks are streamed now: 0 after `remove()` and inside `own_weights()` (every block's parameters
+        then hold its own values)."""
+        return 0 if self._own else self._count
+
     # --- slots -------------------------------------------------------------------------------------------
     def _slot(self, j: int) -> int:
         return (j - self._base) % self.num_slots
 
     def _load(self, j: int) -> None:
-        """Issue the copy of block j's frozen weights into its slot (asynchronous on CUDA)."""
+        """Issue the copy of block j's streamed weights into its slot (asynchronous on CUDA), after writing the
+        slot's updated occupant back to its host buffer."""
         k = self._slot(j)
         host = self._host[j - self._base]
         dst = self._slots[k][: host.numel()]
         # after the previous occupant's recorded last use; if it was used since, after all work queued so far
-        self._loaded[k] = self.engine.copy(dst, host, after=self._free[k] if self._released[k] else None)
+        after = self._free[k] if self._released[k] else None
+        if self._dirty[k]:
+            self._write_back(k, after)  # first on the in-order side stream: the load below follows it
+        self._loaded[k] = self.engine.copy(dst, host, after=after)
         self._slot_block[k] = j
         self.loads += 1
+
+    def _write_back(self, k: int, after: Event) -> None:
+        """Queue the copy of slot k's updated weights into its block's host buffer (after `after`, see _load)."""
+        j = self._slot_block[k]
+        host = self._host[j - self._base]
+        # compute must not write the slot before this copy has read it: its next use waits on _loaded[k]
+        self._loaded[k] = self.engine.copy(host, self._slots[k][: host.numel()], after=after)
+        self._dirty[k] = False
+        self.write_backs += 1
+
+    def flush(self) -> None:
+        """Queue the write-back of every updated block still in a slot (the slots keep their blocks)."""
+        if self._count == 0:
+            return
+        for k in range(self.num_slots):
+            if self._dirty[k]:
+                self._write_back(k, self._free[k] if self._released[k] else None)
 
     def _ensure(self, j: int) -> None:
         """Block j's weights are in its slot, and the compute stream will see them."""
         if j < self.first_swapped:  # resident for now (see swapping_fewer)
             return
+        if self._own:
+            raise RuntimeError("BlockSwapper: a swapped block ran inside own_weights(); run the model after it")
         k = self._slot(j)
         if self._slot_block[k] != j:
             self._load(j)
@@ -303,17 +375,113 @@ class BlockSwapper:
     def swapping_fewer(self, blocks_to_swap: int) -> _FewerSwapped:
         """Context manager: inside it only the last `blocks_to_swap` blocks are streamed; the others swapped so far
         get device copies of their weights (for sampling, whose activations leave memory free).
-        Numbers do not change. On exit the extra copies are freed and the blocks stream again."""
+        Numbers do not change. On exit the extra copies are freed and the blocks stream again. The weights must not
+        be updated inside."""
         return _FewerSwapped(self, blocks_to_swap)
 
     def block_bytes(self, j: int) -> int:
-        """Bytes of swapped block j's frozen weights (what making it resident costs on the device)."""
+        """Bytes of swapped block j's streamed weights (what making it resident costs on the device)."""
         return self._host[j - self._base].numel()
+
+    # --- trained streamed weights ----------------------------------------------------------------------------
+    def streamed_block(self, p: torch.Tensor) -> int | None:
+        """The index of the swapped block whose streamed weights include `p`; None for any other tensor."""
+        return self._block_of.get(id(p))
+
+    def register_updater(self) -> None:
+        """Declare that an optimizer steps the streamed weights through `updating` (ChunkedOptimizer.stream_with).
+        Without it, a forward with a streamed weight that requires grad raises: a plain optimizer step after backward
+        would write through slot views that hold other blocks' weights by then."""
+        self._updater = True
+
+    def _check_trained(self) -> None:
+        if self._updater or not any(p.requires_grad for p in self._streamed):
+            return
+        raise RuntimeError(
+            "BlockSwapper: weights of swapped blocks are trained, but no optimizer steps them in their slots: make a "
+            "ChunkedOptimizer with fused steps and call its stream_with(swapper) (kiln: --fused_backward_pass or "
+            "--blockwise_fused_optimizers)"
+        )
+
+    @contextlib.contextmanager
+    def updating(self, params: Iterable[torch.Tensor]) -> Iterator[None]:
+        """Around an optimizer step of `params`, whose streamed weights belong to at most one swapped block (other
+        parameters pass through): inside, the block is in its slot (loaded when it is not) and compute waits for it;
+        on exit its slot is marked updated, so that it is written back to the block's host buffer before the slot is
+        reused. A block that no forward or backward is using is released again after the step."""
+        blocks = {self._block_of[id(p)] for p in params if id(p) in self._block_of}
+        if not blocks:
+            yield
+            return
+        if len(blocks) > 1:
+            raise ValueError(
+                f"BlockSwapper.updating: the parameters belong to {len(blocks)} swapped blocks; step one block at a time"
+            )
+        if self._own or self.first_swapped != self._base:
+            raise RuntimeError("BlockSwapper: streamed weights cannot be stepped inside own_weights() or swapping_fewer()")
+        (j,) = blocks
+        k = self._slot(j)
+        idle = self._released[k] or self._slot_block[k] != j  # not in use by a forward or backward
+        self._ensure(j)
+        try:
+            yield
+        finally:
+            self._dirty[k] = True
+            self.updates += 1
+            if idle:
+                self._release_slot(k)
+
+    @contextlib.contextmanager
+    def own_weights(self, read_only: bool = False) -> Iterator[None]:
+        """Inside, every swapped block's streamed parameters are views into its own host buffer and hold its current
+        values: updated slots are written back first and the host waits for every copy. For code that reads or
+        writes all the weights outside forward and backward (EMA, checkpoints, states); no block may run inside.
+        On CUDA those parameters are host (pinned) tensors meanwhile. What is written inside reaches the host buffers,
+        from which the slots are loaded again afterwards; `read_only=True` keeps the slots' blocks loaded (nothing
+        may write then). Nested uses do nothing."""
+        if self._count == 0 or self._own:
+            yield
+            return
+        if self.first_swapped != self._base:
+            raise RuntimeError("BlockSwapper.own_weights() cannot be used inside swapping_fewer()")
+        self.flush()
+        self.engine.synchronize()
+        for host, layout in zip(self._host, self._layouts):
+            _bind(layout, host)
+        self._own = True
+        try:
+            yield
+        finally:
+            self._own = False
+            for i, layout in enumerate(self._layouts):
+                _bind(layout, self._slots[i % self.num_slots])
+            if not read_only:  # the host buffers may have changed: the slots load them again when used
+                self._slot_block = [None] * self.num_slots
+
+    def to_host(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A host copy of device tensor `tensor`, queued after the compute queued so far; `out` (a host tensor of
+        the same shape and dtype, e.g. the previous copy) is reused when given. The device tensor may be dropped at
+        once. The host may read the copy after `synchronize()`."""
+        if out is None or out.shape != tensor.shape or out.dtype != tensor.dtype:
+            out = self.engine.host_empty(tensor)
+        self.engine.copy(out, tensor)
+        return out
+
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A new device tensor holding `host`'s values (a `to_host` copy); compute waits for the copy."""
+        out = torch.empty_like(host, device=self.device)
+        self.engine.wait(self.engine.copy(out, host))
+        return out
+
+    def synchronize(self) -> None:
+        """The host waits for every copy issued so far (before it reads host buffers)."""
+        self.engine.synchronize()
 
     # --- hooks ---------------------------------------------------------------------------------------------
     def _install_hooks(self) -> None:
         def first_pre(module, args):
             if not _in_autograd_engine():
+                self._check_trained()
                 self.prepare_for_forward()
 
         self._handles.append(self.blocks[0].register_forward_pre_hook(first_pre))
@@ -347,14 +515,17 @@ class BlockSwapper:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self.blocks_to_swap == 0:
+        if self._count == 0:
             return
+        self.flush()
         self.engine.wait_all()
         for host, layout in zip(self._host, self._layouts):
             _bind(layout, host.to(self.device, copy=True))
         self._host.clear()
         self._slots.clear()
-        self.blocks_to_swap = 0
+        self._block_of.clear()
+        self._streamed = []
+        self._count = 0
 
 
 INFERENCE_RESERVE_BYTES = 4 * 2**30  # left free for sampling activations and the autoencoder decode
@@ -396,6 +567,7 @@ class _FewerSwapped:
         new_first = len(sw.blocks) - self.target
         if sw.blocks_to_swap == 0 or new_first <= sw.first_swapped:
             return sw
+        sw.flush()  # updated blocks reach their host buffers, which the copies below read
         sw.engine.wait_all()  # pending slot copies finish before any slot is reassigned
         self.copies = list(range(sw.first_swapped, new_first))
         for j in self.copies:

@@ -445,7 +445,9 @@ def add_block_swap_argument(group, what: str) -> None:
         type=int,
         default=None,
         help="keep the weights of this many transformer blocks in host memory and stream them in per block "
-        f"(less GPU memory, slower; {what}: at most the block count minus 2; more is lowered to that, with a warning)",
+        f"(less GPU memory, slower; {what}: at most the block count minus 2; more is lowered to that, with a warning). "
+        "Full fine-tuning (flux_train.py, sd3_train.py) trains the swapped blocks too, with their optimizer state in "
+        "host memory; it needs --fused_backward_pass or --blockwise_fused_optimizers",
     )
 
 

@@ -17,11 +17,18 @@ torch AdamW/SGD, transformers' Adafactor, bitsandbytes' 8-bit optimizers, ...). 
   and the result is written back to bf16 with stochastic rounding (`copy_stochastic_`), whose random numbers come
   from generators owned by the `ChunkedOptimizer` and saved in its `state_dict()`.
 
+- `stream_with(swapper)`: the weights of a block swapper's swapped blocks (library/custom_offloading_utils.py
+  BlockSwapper) are trained where they are: each chunk holding some is stepped inside `swapper.updating(...)` (its
+  block is in its device slot, and is written back to host memory before the slot is reused), and the optimizer
+  state of those weights lives in host memory between steps, moved in just before the chunk's step and out right
+  after it (see `stream_with`).
+
 `chunks_by_pattern` builds the blockwise chunking from parameter names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -167,6 +174,9 @@ class ChunkedOptimizer(torch.optim.Optimizer):
         self._hooks: FusedHooks | None = None
         self._fused = False
         self._fused_clip: float | None = None
+        self._streamer: Any = None  # a BlockSwapper (stream_with)
+        self._streamed_chunks: set[int] = set()  # chunks holding streamed weights
+        self._host_state: dict[int, dict[str, torch.Tensor]] = {}  # id(state key) -> its state tensors in host memory
 
         # where each parameter sits: (group index, index in its group)
         where: dict[int, tuple[int, int]] = {}
@@ -374,9 +384,16 @@ class ChunkedOptimizer(torch.optim.Optimizer):
     def _step_chunk(self, c: int, max_norm: float | None) -> bool:
         """Step chunk c on the gradients it has (clipped to max_norm over the chunk when given) and free them.
         Returns False, stepping nothing, when none of its parameters has a gradient."""
-        params, proxies = self._chunks[c], self._proxies[c]
+        params = self._chunks[c]
         if not any(p.grad is not None for p in params):
             return False
+        with self._placed(c):
+            self._step_placed_chunk(c, max_norm)
+        self._done[c] = True
+        return True
+
+    def _step_placed_chunk(self, c: int, max_norm: float | None) -> None:
+        params, proxies = self._chunks[c], self._proxies[c]
         grads: list[torch.Tensor] = []
         with torch.no_grad():
             for p, q in zip(params, proxies):
@@ -403,8 +420,6 @@ class ChunkedOptimizer(torch.optim.Optimizer):
                 q.grad = None
                 copy_stochastic_(p, q.data, self._generator(q.device))
                 q.data = self._empty(p)
-        self._done[c] = True
-        return True
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Step every chunk not stepped yet in this step (fused mode: those backward did not complete), each on the
@@ -489,6 +504,85 @@ class ChunkedOptimizer(torch.optim.Optimizer):
         if self._ready[c] == len(self._chunks[c]):
             self._step_chunk(c, self._fused_clip)
 
+    # -- streamed weights (block swap) ----------------------------------------------------------------------------------
+
+    def stream_with(self, swapper: Any) -> None:
+        """Train the weights that `swapper` (a BlockSwapper) streams, where they are.
+
+        - Each chunk holding streamed weights (all of one swapped block: "parameter" or blockwise chunks; a chunk
+          spanning two swapped blocks is refused) is stepped inside `swapper.updating(chunk)`: its block is in its
+          device slot (loaded first when it is not), and the slot is written back to the block's host buffer before it
+          is reused. With `fuse_into_backward` that is inside the block's own backward, right after its gradients are
+          accumulated, so nothing extra is loaded and the gradients are freed at once.
+        - The optimizer state of streamed weights lives in host memory (pinned on CUDA) between steps: the chunk's
+          state tensors on the compute device are copied in just before its step (the optimizer steps on the device,
+          where the weights and gradients are) and copied out right after it, on the swapper's copy stream, into host
+          buffers kept from step to step; the device copies are freed at once (the copy stream keeps them until it has
+          read them). State the optimizer keeps in host memory itself (torch AdamW's step counters on CUDA) stays
+          where it is. Only one chunk's state is on the device at a time.
+        Call it once, after construction (a state loaded later is moved out as well)."""
+        streamed: set[int] = set()
+        for c, params in enumerate(self._chunks):
+            blocks = {b for b in (swapper.streamed_block(p) for p in params) if b is not None}
+            if len(blocks) > 1:
+                raise ValueError(
+                    f"ChunkedOptimizer: chunk {c} holds weights of {len(blocks)} swapped blocks (blocks {sorted(blocks)}); "
+                    "with block swap a chunk may hold one swapped block's weights at most (use per-parameter or "
+                    "per-block chunks)"
+                )
+            if blocks:
+                streamed.add(c)
+        self._streamer = swapper
+        self._streamed_chunks = streamed
+        swapper.register_updater()
+        for c in streamed:
+            self._state_out(c)
+
+    def _keys(self, c: int) -> list[torch.Tensor]:
+        """The tensors chunk c's optimizer keys its state by (the parameters, or their float32 proxies)."""
+        return [q if q is not None else p for p, q in zip(self._chunks[c], self._proxies[c])]
+
+    @contextlib.contextmanager
+    def _placed(self, c: int):
+        """Around chunk c's step: with streamed weights, their block in its slot and their state on the device."""
+        if c not in self._streamed_chunks:
+            yield
+            return
+        with self._streamer.updating(self._chunks[c]):
+            self._state_in(c)
+            yield
+            self._state_out(c)
+
+    def _state_in(self, c: int) -> None:
+        for key in self._keys(c):
+            host = self._host_state.get(id(key))
+            if host:
+                state = self._inner[c].state[key]
+                for name, tensor in host.items():
+                    state[name] = self._streamer.to_device(tensor)
+
+    def _state_out(self, c: int) -> None:
+        device = self._streamer.device
+        for key in self._keys(c):
+            state = self._inner[c].state.get(key)
+            if not state:
+                continue
+            host = self._host_state.setdefault(id(key), {})
+            for name, value in state.items():
+                if isinstance(value, torch.Tensor) and value.device == device:
+                    host[name] = self._streamer.to_host(value, host.get(name))
+                    state[name] = host[name]
+
+    def state_on_device(self, p: torch.Tensor) -> list[str]:
+        """Names of parameter `p`'s state tensors that are on the compute device now (with `stream_with`, none of a
+        streamed weight's between its steps); for tests and checks."""
+        c = self._chunk_of[id(p)]
+        key = self._keys(c)[next(k for k, q in enumerate(self._chunks[c]) if q is p)]
+        host = self._host_state.get(id(key), {})
+        state = self._inner[c].state.get(key, {})
+        device = self._streamer.device if self._streamer is not None else p.device
+        return [n for n, v in state.items() if isinstance(v, torch.Tensor) and v.device == device and v is not host.get(n)]
+
     # -- state -----------------------------------------------------------------------------------------------------------
 
     def _shapes(self) -> list[list[list[int]]]:
@@ -498,6 +592,8 @@ class ChunkedOptimizer(torch.optim.Optimizer):
         """Everything a resume needs, in one dict of plain data and tensors (loadable with weights_only=True): the
         chunking, the facade groups' values, every chunk optimizer's state_dict, what each chunk last took from the
         facade, and the stochastic-rounding generators' states."""
+        if self._streamer is not None:
+            self._streamer.synchronize()  # the host reads state tensors that copies wrote
         groups = []
         for group in self.param_groups:
             saved = {k: v for k, v in group.items() if k != "params"}
@@ -573,4 +669,8 @@ class ChunkedOptimizer(torch.optim.Optimizer):
             gen = torch.Generator(device=torch.device(key))
             gen.set_state(gen_state.detach().to("cpu", torch.uint8))
             self._generators[key] = gen
+        if self._streamer is not None:  # loaded states are on the weights' device: streamed ones go to host memory
+            self._host_state = {}
+            for c in self._streamed_chunks:
+                self._state_out(c)
         self._new_step()
