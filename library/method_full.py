@@ -99,7 +99,13 @@ class FullMethod(TrainingMethod):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         s = self.script
         parser.set_defaults(learning_rate=2e-6)  # sd-scripts' default for whole-model training
-        for action in parser._actions:  # the shared --save_model_as: whole models have more formats
+        for action in parser._actions:  # shared flags that mean more for whole models
+            if action.dest == "full_bf16":
+                action.help = (
+                    "store the trained weights in bf16 without float32 copies: each update is computed in float32 and "
+                    "rounded to bf16 stochastically (unbiased, so updates below bf16's spacing are not lost); the "
+                    "optimizer state stays float32 (needs --mixed_precision bf16)"
+                )
             if action.dest == "save_model_as":
                 action.choices, action.default = list(SAVE_FORMATS), None
                 action.help = (
