@@ -657,8 +657,12 @@ class ChunkedOptimizer(torch.optim.Optimizer):
             for key, value in saved.items():
                 if key != "params":
                     group[key] = value
-        for optimizer, saved in zip(self._inner, state_dict["chunks"]):
-            optimizer.load_state_dict(saved)
+        if self._streamer is not None:
+            self._host_state = {}
+        for c, (optimizer, saved) in enumerate(zip(self._inner, state_dict["chunks"])):
+            optimizer.load_state_dict(saved)  # torch puts the state on its parameters' device
+            if c in self._streamed_chunks:
+                self._state_out(c)  # to host memory at once: one chunk's state on the device at a time
         self._inner_groups = [
             [(g, ig) for (g, _), ig in zip(pairs, optimizer.param_groups)]
             for pairs, optimizer in zip(self._inner_groups, self._inner)
@@ -669,8 +673,4 @@ class ChunkedOptimizer(torch.optim.Optimizer):
             gen = torch.Generator(device=torch.device(key))
             gen.set_state(gen_state.detach().to("cpu", torch.uint8))
             self._generators[key] = gen
-        if self._streamer is not None:  # loaded states are on the weights' device: streamed ones go to host memory
-            self._host_state = {}
-            for c in self._streamed_chunks:
-                self._state_out(c)
         self._new_step()
