@@ -124,6 +124,12 @@ class CopyEngine:
             dst.copy_(src)
         return None
 
+    def copy_to_new(self, src: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Event]:
+        """A new tensor on `device` (same shape, dtype and dense strides) that receives `src`'s values, and the copy's
+        completion event: compute must `wait` for it before using the tensor."""
+        out = torch.empty_like(src, device=device)
+        return out, self.copy(out, src)
+
     def wait(self, event: Event) -> None:
         """Compute reads nothing written by the copy of `event` before that copy is complete."""
 
@@ -165,6 +171,18 @@ class CudaCopyEngine(CopyEngine):
             if t.is_cuda:  # the allocator keeps the device memory until the copy has run
                 t.record_stream(self.stream)
         return done
+
+    def copy_to_new(self, src: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Event]:
+        """The new tensor is allocated on the side stream, so the copy need not wait for the compute queued so far
+        (the allocator gives the side stream no memory the compute stream may still use); the compute stream's uses
+        are recorded on it."""
+        with torch.cuda.stream(self.stream), torch.no_grad():
+            out = torch.empty_like(src, device=device)
+            out.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        out.record_stream(self._compute())
+        return out, done
 
     def wait(self, event: Event) -> None:
         self._compute().wait_event(event)
@@ -213,6 +231,8 @@ class BlockSwapper:
         self.blocks = blocks
         self._count = blocks_to_swap  # blocks streamed (blocks_to_swap reads 0 inside own_weights)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # tensors report cuda:N: compare like with like
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.cuda = self.device.type == "cuda"
         self.engine = engine if engine is not None else copy_engine(self.device)
         self.first_swapped = n - blocks_to_swap
@@ -468,9 +488,11 @@ class BlockSwapper:
         return out
 
     def to_device(self, host: torch.Tensor) -> torch.Tensor:
-        """A new device tensor holding `host`'s values (a `to_host` copy); compute waits for the copy."""
-        out = torch.empty_like(host, device=self.device)
-        self.engine.wait(self.engine.copy(out, host))
+        """A new device tensor holding `host`'s values (a `to_host` copy); compute waits for the copy. On CUDA the copy
+        is queued on the side stream without waiting for the compute queued so far (CudaCopyEngine.copy_to_new): it
+        overlaps with that compute, behind the side stream's block copies."""
+        out, done = self.engine.copy_to_new(host, self.device)
+        self.engine.wait(done)
         return out
 
     def synchronize(self) -> None:

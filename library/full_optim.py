@@ -515,11 +515,16 @@ class ChunkedOptimizer(torch.optim.Optimizer):
           is reused. With `fuse_into_backward` that is inside the block's own backward, right after its gradients are
           accumulated, so nothing extra is loaded and the gradients are freed at once.
         - The optimizer state of streamed weights lives in host memory (pinned on CUDA) between steps: the chunk's
-          state tensors on the compute device are copied in just before its step (the optimizer steps on the device,
-          where the weights and gradients are) and copied out right after it, on the swapper's copy stream, into host
-          buffers kept from step to step; the device copies are freed at once (the copy stream keeps them until it has
-          read them). State the optimizer keeps in host memory itself (torch AdamW's step counters on CUDA) stays
-          where it is. Only one chunk's state is on the device at a time.
+          state tensors on the compute device are copied in just before its step and copied out right after it, on
+          the swapper's copy stream (the copy in overlaps with the compute queued before the step), into host buffers
+          kept from step to step; the device copies are freed at once (the copy stream keeps them until it has read
+          them). State the optimizer keeps in host memory itself (torch AdamW's step counters on CUDA) stays where it
+          is. Only one chunk's state is on the device at a time.
+          The step runs on the device, where the weights and the gradient are: stepping in host memory would need the
+          gradient copied out and a CPU pass of the optimizer over every swapped weight (far slower than moving the
+          state, and bitsandbytes' optimizers run on CUDA only). The cost is the state's bytes twice per step over the
+          host link: small for Adafactor's factored state (sd-scripts' recipe for FLUX), 16 bytes per weight for
+          float32 AdamW.
         Call it once, after construction (a state loaded later is moved out as well)."""
         streamed: set[int] = set()
         for c, params in enumerate(self._chunks):
