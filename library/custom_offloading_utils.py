@@ -12,10 +12,10 @@ its parameters' `.data` are views into that slot for the swapper's life (except 
 Adapter training (LoRA): the streamed weights never change, so evicting a block is free: nothing is copied back to
 the host (sd-scripts copies every weight back on each swap).
 
-Full fine-tuning (the streamed weights are trained): the optimizer steps a swapped block's weights inside backward,
-while the block is in its slot (library/full_optim.py ChunkedOptimizer.stream_with, which needs a fused mode: one
-parameter or one block per step), through `updating(params)`: the block is made resident if it is not, and its
-slot is marked dirty. A dirty slot is copied back into its block's host buffer before the slot is loaded with
+Full fine-tuning (the streamed weights are trained): the optimizer steps a swapped block's weights through
+`updating(params)` (library/full_optim.py ChunkedOptimizer.stream_with; kiln's trainer requires fused steps, one
+parameter or one block at a time, so that this happens inside the block's own backward while it is in its slot):
+the block is made resident if it is not, and its slot is marked dirty. A dirty slot is copied back into its block's host buffer before the slot is loaded with
 another block: on CUDA the write-back is queued on the side stream after the slot's "free" event (recorded after the
 step), and the load of the next block follows it on the same in-order stream; on CPU both are plain copies in that
 order. `to_host`/`to_device` move other tensors (the optimizer state of streamed weights, which lives in host memory
