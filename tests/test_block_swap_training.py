@@ -344,9 +344,9 @@ class OrderEngine(CopyEngine):
         return Uses()
 
 
-def _watched_run(swapper_class=BlockSwapper):
+def _watched_run(swapper_class=BlockSwapper, **kw):
     engine = OrderEngine()
-    model, swapper, opt = build(4, engine=engine, swapper_class=swapper_class)
+    model, swapper, opt = build(4, engine=engine, swapper_class=swapper_class, **kw)
     engine.watched = {_key(s) for s in swapper._slots}
     streamed = {j: [p for p in model.blocks[j].parameters()] for j in range(swapper.first_swapped, 6)}
     problems: list[str] = []
@@ -375,13 +375,18 @@ def _watched_run(swapper_class=BlockSwapper):
     return engine, swapper, opt, losses, weights(model, swapper), problems, resident
 
 
-def test_swapped_state_and_gradients_leave_the_device_and_write_backs_come_first():
-    ref_model, _, ref_opt = build(0)
+@pytest.mark.parametrize(
+    "kw,steps_per_block",
+    [({}, 8), ({"chunking": "block", "make": adafactor, "checkpointing": True}, 1)],
+    ids=["per-parameter AdamW", "blockwise Adafactor, checkpointing"],
+)
+def test_swapped_state_and_gradients_leave_the_device_and_write_backs_come_first(kw, steps_per_block):
+    ref_model, _, ref_opt = build(0, **kw)
     ref_losses = train(ref_model, ref_opt, batches())
-    engine, swapper, opt, losses, final, problems, resident = _watched_run()
+    engine, swapper, opt, losses, final, problems, resident = _watched_run(**kw)
     assert not engine.errors, engine.errors[:5]
     assert not problems, problems[:5]
-    assert swapper.write_backs >= 6 and swapper.updates == 3 * 4 * 8  # 3 steps x 4 blocks x 8 weights
+    assert swapper.write_backs >= 6 and swapper.updates == 3 * 4 * steps_per_block  # 3 steps x 4 swapped blocks
     assert all(opt.state_on_device(p) for p in resident)  # the others' state stays on the device: the check can tell
     assert all(torch.equal(a, b) for a, b in zip(losses, ref_losses))
     assert_same(final, weights(ref_model, None))
