@@ -35,6 +35,42 @@ def test_gpu_train_step_benchmark_flux_configurations_run_on_cpu_smoke():
     assert all(f"smoke LoRA 16/16, checkpointing, {mode}" in res.stdout for mode in ("bf16", "fp8_base", "blocks_to_swap", "cpu_offload_checkpointing"))
 
 
+FULL_LABELS = (
+    "SDXL full, AdamW8bit, fused backward, full_bf16",
+    "SDXL full, Adafactor, fused backward, full_bf16",
+    "SDXL full, Adafactor, fused backward, fp32",
+    "FLUX.1 dev full, Adafactor, fused backward, full_bf16",
+)
+
+
+def test_gpu_train_step_benchmark_full_fine_tuning_runs_on_cpu_smoke():
+    """--method full: the SDXL and FLUX configurations in one process (one start of torch and diffusers), 2 steps
+    each, on one thread: the per-weight optimizer steps are thousands of tiny operations, which a second thread only
+    slows down (much so on a busy machine)."""
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_train_step.py"), "--method", "full",
+                          "--family", "sdxl", "flux", "--smoke", "--steps", "2"],
+                         capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    results = [x for x in lines if "s/step" in x]
+    assert len(results) == len(FULL_LABELS) and all(x.startswith(f"smoke {label}") for x, label in zip(results, FULL_LABELS)), res.stdout
+    mirrors = [x for x in lines if x.startswith("    mirrors ")]
+    assert len(mirrors) == len(FULL_LABELS) and "--fused_backward_pass --full_bf16" in mirrors[0], res.stdout
+    # FLUX swaps 2 of the tiny model's 4 blocks where kiln's full fine-tuning takes --blocks_to_swap, else says it is owed
+    assert ", blocks_to_swap 2 " in results[-1] or "    --blocks_to_swap 2: figure outstanding" in res.stdout, res.stdout
+
+
+def test_full_fine_tuning_flux_config_runs_without_block_swap_where_kiln_refuses_it(monkeypatch):
+    from benchmarks.gpu_train_step import FLUX_FULL_BLOCKS_TO_SWAP, full_configs
+    from library.method_full import FullMethod
+
+    refusal = "--blocks_to_swap streams frozen blocks; kiln does not yet swap blocks that are trained"
+    monkeypatch.setattr(FullMethod, "argument_problems", lambda self, args, family: [refusal] if args.blocks_to_swap else [])
+    (config,) = full_configs("flux", smoke=False)
+    assert config.label.endswith(", no block swap") and "blocks_to_swap" not in config.flags
+    assert config.notes == (f"--blocks_to_swap {FLUX_FULL_BLOCKS_TO_SWAP}: figure outstanding, kiln's full fine-tuning refuses it so far ({refusal})",)
+
+
 def test_operator_count_of_a_full_size_step_on_the_meta_device():
     res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "count_step_ops.py"), "--family", "flux", "--no_checkpointing"],
                          capture_output=True, text=True, env=ENV, timeout=300)
