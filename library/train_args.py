@@ -257,11 +257,11 @@ def setup_training_parser(description: str, method=None) -> argparse.ArgumentPar
     _add_output_arguments(parser)
     _add_training_arguments(parser)
     add_optimizer_arguments(parser)
+    parser.set_defaults(learning_rate=1e-4)  # sd-scripts' LoRA default; a method may set its own
     (method or AdapterMethod()).add_arguments(parser)
     _add_base_weights_arguments(parser)
     _add_sample_and_validation_arguments(parser)
     _add_logging_arguments(parser)
-    parser.set_defaults(learning_rate=1e-4)
     return parser
 
 

@@ -306,6 +306,15 @@ def test_several_processes_refuse_fused_steps_and_fsdp_states(flags, monkeypatch
         take_fsdp_request()
 
 
+def test_default_learning_rates_are_sd_scripts():
+    from library.family_sd import SdFamily
+    from library.method_full import DREAMBOOTH, FullMethod
+    from library.train_script import training_parser
+
+    assert training_parser(SdFamily(), "t", FullMethod(DREAMBOOTH)).parse_args([]).learning_rate == 2e-6
+    assert training_parser(SdFamily(), "t").parse_args([]).learning_rate == 1e-4  # LoRA
+
+
 @pytest.mark.parametrize("model,expected", [("kiln-tiny-sd", "safetensors"), ("{folder}", "diffusers")])
 def test_default_checkpoint_format_follows_the_model(model, expected, tmp_path):
     from library.method_full import default_save_format
