@@ -590,6 +590,29 @@ def ddpm_pipeline_scheduler(cls_name: str, config: Mapping[str, Any], v_predicti
     return getattr(diffusers, cls_name)(**config)
 
 
+def ldm_vae_file_part(file, reference: dict):
+    """The VAE of an LDM/SGM single file (`first_stage_model.`, the same in SD and SDXL files) as a checkpoint's
+    PartSource: copied by key, or built with `reference`'s config."""
+    from library.model_checkpoint import PartSource
+
+    return PartSource(
+        build=lambda: vae_from_state_dict(file.tensors(VAE_PREFIX), None, file.path, reference=reference),
+        file=file,
+        prefix=VAE_PREFIX,
+    )
+
+
+def ldm_unet_and_vae_parts(unet, vae_model, sources: dict) -> tuple:
+    """The U-Net and VAE CheckpointParts of an LDM/SGM single file (the same names in SD and SDXL files)."""
+    from library.model_checkpoint import CheckpointPart
+    from library.model_files import tensor_sources
+
+    return (
+        CheckpointPart("denoiser", "unet", unet, sources["unet"], lambda m: tensor_sources(unet_to_ldm_state_dict(m)), UNET_PREFIX),
+        CheckpointPart("vae", "vae", vae_model, sources["vae"], lambda m: tensor_sources(vae_to_ldm_state_dict(m)), VAE_PREFIX),
+    )
+
+
 def sd_checkpoint_spec(
     source: str,
     vae: str | None,
@@ -626,21 +649,16 @@ def sd_checkpoint_spec(
                 file=file,
                 prefix=TEXT_ENCODER_FILE_PREFIX,
             ),
-            "vae": PartSource(
-                build=lambda: vae_from_state_dict(file.tensors(VAE_PREFIX), None, file.path, reference=reference),
-                file=file,
-                prefix=VAE_PREFIX,
-            ),
+            "vae": ldm_vae_file_part(file, reference),
         }
 
     classes = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel, "vae": AutoencoderKL}
     sources = model_parts(source, classes, lambda: build_tiny_sd(v2=v2), single_file)
     if vae is not None:
         sources["vae"] = vae_part(vae, reference)
+    unet_part, vae_part_ = ldm_unet_and_vae_parts(unet, vae_model, sources)
     parts = [
-        CheckpointPart(
-            "denoiser", "unet", unet, sources["unet"], lambda m: tensor_sources(unet_to_ldm_state_dict(m)), UNET_PREFIX
-        ),
+        unet_part,
         CheckpointPart(
             "text_encoder_0",
             "text_encoder",
@@ -649,7 +667,7 @@ def sd_checkpoint_spec(
             lambda m: tensor_sources(text_encoder_to_ldm_state_dict(m, v2)),
             TEXT_ENCODER_FILE_PREFIX,
         ),
-        CheckpointPart("vae", "vae", vae_model, sources["vae"], lambda m: tensor_sources(vae_to_ldm_state_dict(m)), VAE_PREFIX),
+        vae_part_,
     ]
     scheduler = ddpm_pipeline_scheduler(
         "DDIMScheduler", {**sd_scheduler_config(), "set_alpha_to_one": False}, v_prediction, zero_terminal_snr

@@ -537,7 +537,7 @@ def sdxl_checkpoint_spec(
 
     from library.model_checkpoint import CheckpointPart, CheckpointSpec, PartSource, model_parts, vae_part
     from library.model_files import tensor_sources
-    from library.sd_models import ddpm_pipeline_scheduler
+    from library.sd_models import ddpm_pipeline_scheduler, ldm_unet_and_vae_parts, ldm_vae_file_part
     from library.tiny_models import build_tiny_sdxl
 
     text_encoder, text_encoder_2 = text_encoders
@@ -560,11 +560,7 @@ def sdxl_checkpoint_spec(
                 file=file,
                 prefix=TE2_FILE_PREFIX,
             ),
-            "vae": PartSource(
-                build=lambda: vae_from_state_dict(file.tensors(VAE_PREFIX), None, file.path, reference=SDXL_VAE),
-                file=file,
-                prefix=VAE_PREFIX,
-            ),
+            "vae": ldm_vae_file_part(file, SDXL_VAE),
         }
 
     classes = {
@@ -576,10 +572,9 @@ def sdxl_checkpoint_spec(
     sources = model_parts(source, classes, build_tiny_sdxl, single_file)
     if vae is not None:
         sources["vae"] = vae_part(vae, SDXL_VAE)
+    unet_part, vae_part_ = ldm_unet_and_vae_parts(unet, vae_model, sources)
     parts = [
-        CheckpointPart(
-            "denoiser", "unet", unet, sources["unet"], lambda m: tensor_sources(unet_to_ldm_state_dict(m)), UNET_PREFIX
-        ),
+        unet_part,
         CheckpointPart(
             "text_encoder_0",
             "text_encoder",
@@ -596,7 +591,7 @@ def sdxl_checkpoint_spec(
             lambda m: tensor_sources(sdxl_text_encoder_2_to_sgm(m)),
             TE2_FILE_PREFIX,
         ),
-        CheckpointPart("vae", "vae", vae_model, sources["vae"], lambda m: tensor_sources(vae_to_ldm_state_dict(m)), VAE_PREFIX),
+        vae_part_,
     ]
     scheduler = ddpm_pipeline_scheduler("EulerDiscreteScheduler", sdxl_scheduler_config(), v_prediction, zero_terminal_snr)
     components = {"tokenizer": tokenizers[0], "tokenizer_2": tokenizers[1], "scheduler": scheduler}
