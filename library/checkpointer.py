@@ -68,7 +68,8 @@ class Checkpointer:
 
     def save_state(self, name: str, state: RunState, seed: int) -> str:
         folder = os.path.join(self.args.output_dir, name + "-state")
-        optimizer_state = self.deepspeed.state_dicts() if self.deepspeed else self.optimizer.state_dict()
+        optimizer_state = self.deepspeed.state_dicts() if self.deepspeed else self.method.optimizer_state(self.optimizer)
+        weights = self.method.state_weights()  # every process: sharded weights are gathered
         if self.accelerator.is_main_process:
             train_state = {
                 "current_epoch": state.epoch,
@@ -78,7 +79,6 @@ class Checkpointer:
                 "first_logged_step": state.first_logged_step,
                 "loss_history": state.loss_history,
             }
-            weights = self.method.state_weights()
             saving.save_state(folder, weights, optimizer_state, self.lr_scheduler.state_dict(), train_state, rng_states())
             logger.info(f"saved state {folder}")
         self.accelerator.wait_for_everyone()

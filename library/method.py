@@ -163,9 +163,18 @@ class TrainingMethod(ABC):
     def checkpoint_suffix_pattern(self, args) -> str:
         """A regular expression for what follows a checkpoint's stem in the names it writes (for pruning)."""
 
+    def optimizer_state(self, optimizer) -> dict:
+        """The optimizer's state for a --save_state folder (called in every process)."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer, state: dict, source: str) -> None:
+        """Restore optimizer_state() (in every process)."""
+        optimizer.load_state_dict(state)
+
     @abstractmethod
     def state_weights(self) -> dict[str, torch.Tensor]:
-        """Everything of the trained weights a --save_state folder needs for an exact resume."""
+        """Everything of the trained weights a --save_state folder needs for an exact resume (called in every
+        process; the main process writes what it returns)."""
 
     @abstractmethod
     def load_state_weights(self, weights: dict[str, torch.Tensor], source: str) -> None:

@@ -454,11 +454,6 @@ class FullMethod(TrainingMethod):
                     "the option out"
                 )
             self.sharded = sharding_requested(accelerator)
-            if self.sharded and (args.save_state or args.save_state_on_train_end or args.resume):
-                raise ValueError(
-                    "--save_state / --resume with FSDP sharding are not supported yet: leave out --use_fsdp (every "
-                    "process then holds the whole model) or the state options"
-                )
             local, whole = distribute(self.trained_modules(), self.sharded)
             self.averages_gradients = True
             engine = "FSDP2 (fully_shard per block)" if self.sharded else "DDP"
@@ -575,11 +570,32 @@ class FullMethod(TrainingMethod):
         return CHECKPOINT_SUFFIXES
 
     def state_weights(self) -> dict[str, torch.Tensor]:
+        from library.sharding import gather_whole
+
         with self._own_weights(read_only=True):  # swapped blocks: their host buffers, unchanged until the next step
             weights = {n: p.detach() for n, p in self._named_trained().items()}
         if self.ema is not None:
             weights.update({"ema." + n: t for n, t in self.ema.state_dict().items()})
-        return weights
+        return gather_whole(weights)  # FSDP shards gathered whole: a state resumes on any number of processes
+
+    def optimizer_state(self, optimizer) -> dict:
+        from library.sharding import whole_optimizer_state
+
+        if not self.sharded:
+            return optimizer.state_dict()
+        return {"fsdp_whole_state": whole_optimizer_state(self.trained_parts(), getattr(optimizer, "optimizer", optimizer))}
+
+    def load_optimizer_state(self, optimizer, state: dict, source: str) -> None:
+        from library.sharding import load_whole_optimizer_state
+
+        whole = isinstance(state, dict) and "fsdp_whole_state" in state
+        if whole != self.sharded:
+            how = "without --use_fsdp" if whole else "with --use_fsdp (accelerate launch --use_fsdp)"
+            raise ValueError(f"--resume {source}: this state's optimizer was {'sharded' if whole else 'not sharded'}; resume {how}")
+        if whole:
+            load_whole_optimizer_state(self.trained_parts(), getattr(optimizer, "optimizer", optimizer), state["fsdp_whole_state"])
+        else:
+            optimizer.load_state_dict(state)
 
     def load_state_weights(self, weights: dict[str, torch.Tensor], source: str) -> None:
         named = self._named_trained()
@@ -589,11 +605,14 @@ class FullMethod(TrainingMethod):
                 f"--resume {source}: the state has no {missing[0]} ({len(missing)} trained weights missing); it was "
                 "written by a run that trained other parts"
             )
+        from library.sharding import shard_like
+
         with torch.no_grad(), self._own_weights():
             for n, p in named.items():
-                p.copy_(weights[n])
+                p.copy_(shard_like(weights[n], p))
         if self.ema is not None:
-            ema = {n[4:]: t for n, t in weights.items() if n.startswith("ema.")}
+            shadow = self.ema.state_dict()
+            ema = {n[4:]: shard_like(t, shadow[n[4:]]) if n[4:] in shadow else t for n, t in weights.items() if n.startswith("ema.")}
             if not ema:
                 raise ValueError(f"--resume {source}: the state holds no EMA weights; leave out --ema_decay or start anew")
             self.ema.load_state_dict(ema)

@@ -87,3 +87,55 @@ def whole_parameters(modules: list[nn.Module], keep: bool):
     finally:
         for owner, name, p in swapped:
             owner._parameters[name] = p
+
+
+def gather_whole(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors with every sharded one gathered whole into host memory (a collective per sharded tensor, in the
+    dict's order: every process must call this with the same names); unsharded ones as they are (detached)."""
+    return {n: t.detach().full_tensor().cpu() if is_sharded(t) else t.detach() for n, t in tensors.items()}
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`whole` split the way `like` (a parameter or an EMA shard) is split, on its device; `whole` itself when `like`
+    is not sharded."""
+    if not is_sharded(like):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole.to(like.device, like.dtype), like.device_mesh, like.placements)
+
+
+def _state_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def whole_optimizer_state(modules: dict[str, nn.Module], optimizer) -> dict:
+    """The optimizer state of sharded modules as one whole state (by parameter name, in host memory), gathered with
+    torch.distributed.checkpoint: every process must call; a state saved by N processes resumes on any number."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(nn.ModuleDict(modules), optimizer, options=_state_options(cpu_offload=True))
+
+
+def load_whole_optimizer_state(modules: dict[str, nn.Module], optimizer, state: dict) -> None:
+    """Put a whole_optimizer_state() back into the sharded optimizer: each state tensor shaped like its parameter is
+    split as the parameter is (every process takes its shards; a collective per tensor, in parameter order)."""
+    names = {id(p): n for n, p in nn.ModuleDict(modules).named_parameters()}
+    saved_groups = state["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(f"the state has {len(saved_groups)} optimizer groups, this run {len(optimizer.param_groups)}")
+    per_param, groups, index = {}, [], 0
+    for group, saved in zip(optimizer.param_groups, saved_groups):
+        ids = []
+        for p in group["params"]:
+            values = state["state"].get(names[id(p)])
+            if values is not None:
+                per_param[index] = {
+                    k: shard_like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v for k, v in values.items()
+                }
+            ids.append(index)
+            index += 1
+        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": ids})
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})

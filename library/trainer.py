@@ -385,13 +385,19 @@ class TrainingRun:
         self.metric_scheduler = scheduler_needs_metric(lr_scheduler)
 
     def _resume(self, resume: dict) -> None:
-        self.method.load_state_weights(resume["network"], self.args.resume)
+        try:
+            self.method.load_state_weights(resume["network"], self.args.resume)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
         if self.deepspeed:
             self.deepspeed.load_state_dicts(resume["optimizer"], self.args.resume)
         elif isinstance(resume["optimizer"], list):
             raise TrainingError(f"--resume {self.args.resume}: this state was written by a --deepspeed run; add --deepspeed")
         else:
-            self.optimizer.load_state_dict(resume["optimizer"])
+            try:
+                self.method.load_optimizer_state(self.optimizer, resume["optimizer"], self.args.resume)
+            except ValueError as e:
+                raise TrainingError(str(e)) from None
         self.lr_scheduler.load_state_dict(resume["lr_scheduler"])
         restore_rng_states(resume["rng"])
         ts = resume["train_state"]

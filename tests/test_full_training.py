@@ -284,22 +284,20 @@ def test_previews_see_the_ema_and_the_weights_come_back():
     assert same(models.denoiser.state_dict(), trained) and models.denoiser.training
 
 
-@pytest.mark.parametrize("flags", [["--fused_backward_pass"], ["--use_fsdp_state"]])
-def test_several_processes_refuse_fused_steps_and_fsdp_states(flags, monkeypatch):
+@pytest.mark.parametrize("flags", [["--fused_backward_pass"], ["--blockwise_fused_optimizers"]])
+def test_several_processes_refuse_fused_steps(flags, monkeypatch):
     from library.family_sd import SdFamily
-    from library.method_full import FINE_TUNE, FullMethod
+    from library.method_full import FLUX, FullMethod
     from library.train_script import training_parser
 
-    method = FullMethod(FINE_TUNE)
-    if flags == ["--use_fsdp_state"]:
-        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-        flags = ["--save_state"]
+    method = FullMethod(FLUX)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     method.args = training_parser(SdFamily(), "t", method).parse_args(["--pretrained_model_name_or_path", "kiln-tiny-sd", *flags])
     from library.sharding import take_fsdp_request
 
     take_fsdp_request()
     try:
-        with pytest.raises(ValueError, match="fused_backward_pass|--save_state / --resume with FSDP"):
+        with pytest.raises(ValueError, match=f"{flags[0]} steps before the processes' gradients are averaged"):
             method.prepare(types.SimpleNamespace(num_processes=2, distributed_type="MULTI_CPU"))
     finally:
         monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
@@ -325,15 +323,21 @@ def test_default_checkpoint_format_follows_the_model(model, expected, tmp_path):
 def test_ddp_and_fsdp_equal_one_process_with_twice_the_batch(tmp_path):
     """2 processes x batch 1 under DDP and under FSDP2 (ACCELERATE_USE_FSDP=true, as `accelerate launch --use_fsdp`
     sets it) train the U-Net as 1 process x batch 2 does (plain SGD; float32 rounding apart); FSDP holds half the
-    weights per process, and its checkpoint is a normal single file."""
+    weights per process, its checkpoint is a normal single file, and its state resumes exactly."""
     import re
 
     images(tmp_path / "img" / "1_shape", n=4)
     args = [*COMMON, "--pretrained_model_name_or_path", "kiln-tiny-sd", "--train_data_dir", tmp_path / "img", "--output_name",
-            "ft", "--max_train_steps", "2", "--learning_rate", "0.5", "--optimizer_type", "SGD"]
+            "ft", "--max_train_steps", "2", "--learning_rate", "0.5", "--optimizer_type", "SGD", "--optimizer_args", "momentum=0.9"]
     launch_script("fine_tune.py", *args, "--train_batch_size", "1", "--output_dir", tmp_path / "ddp", processes=2)
-    res = launch_script("fine_tune.py", *args, "--train_batch_size", "1", "--output_dir", tmp_path / "fsdp", processes=2,
-                        env={"ACCELERATE_USE_FSDP": "true"})
+    fsdp = {"ACCELERATE_USE_FSDP": "true"}
+    res = launch_script("fine_tune.py", *args, "--train_batch_size", "1", "--output_dir", tmp_path / "fsdp", "--save_every_n_steps",
+                        "1", "--save_state", "--ema_decay", "0.5", processes=2, env=fsdp)
+    # a sharded state (weights, EMA and optimizer gathered whole) resumes exactly
+    launch_script("fine_tune.py", *args, "--train_batch_size", "1", "--output_dir", tmp_path / "resumed", "--resume",
+                  tmp_path / "fsdp" / "ft-step00000001-state", "--ema_decay", "0.5", processes=2, env=fsdp)
+    for name in ("ft.safetensors", "ft-ema.safetensors"):
+        assert same(read(tmp_path / "resumed" / name)[0], read(tmp_path / "fsdp" / name)[0]), name
     launch_script("fine_tune.py", *args, "--train_batch_size", "2", "--output_dir", tmp_path / "one")
     held = re.findall(r"FSDP2 \(fully_shard per block\) over 2 processes: process \d holds (\d+) of the (\d+)", res.stderr)
     assert len(held) == 2 and all(abs(int(local) - int(whole) / 2) < 0.01 * int(whole) for local, whole in held), held
