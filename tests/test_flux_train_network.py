@@ -56,9 +56,9 @@ def test_block_swap_and_activation_offload_change_no_number(dataset, tmp_path):
     runs, logs = {}, {}
     for name, extra in {
         "plain": [],
-        "swap": ["--blocks_to_swap", 2, *sampling],  # previews in between change no training number
         "offload": ["--cpu_offload_checkpointing"],
-        "both": ["--blocks_to_swap", 2, "--cpu_offload_checkpointing"],
+        # previews in between change no training number
+        "swap": ["--blocks_to_swap", 2, "--cpu_offload_checkpointing", *sampling],
         # compiled blocks (aot_eager traces forward and backward like inductor, without code generation) with swap hooks
         "compiled": ["--torch_compile", "--dynamo_backend", "aot_eager", "--blocks_to_swap", 2],
     }.items():
