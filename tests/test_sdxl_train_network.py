@@ -143,12 +143,7 @@ def test_text_encoder_lora_single_file_and_cache_tools(tiny_sdxl, dataset, tmp_p
     out = tmp_path / "o"
     launch("sdxl_train_network.py", *common, "--output_dir", out, "--output_name", "u", "--max_train_steps", 2, "--network_train_unet_only",
            "--cache_text_encoder_outputs_to_disk", "--text_encoder_cache_variants", 2, "--cache_latents_to_disk", *BASE)
-    assert os.path.getmtime(cache) == mtime
-    # a changed caption rebuilds that image's cache
-    write_caption(img_dir / "0.png", "a different caption, entirely")
-    launch("sdxl_train_network.py", *common, "--output_dir", out, "--output_name", "u2", "--max_train_steps", 1, "--network_train_unet_only",
-           "--cache_text_encoder_outputs_to_disk", "--text_encoder_cache_variants", 2, *BASE)
-    assert os.path.getmtime(cache) > mtime
+    assert os.path.getmtime(cache) == mtime  # (a changed caption rebuilds: tests/test_te_cache.py)
     # text-encoder LoRA (no output cache): lora_te1_/lora_te2_ keys that diffusers consumes
     launch("sdxl_train_network.py", *common, "--output_dir", out, "--output_name", "te", "--max_train_steps", 2, *BASE)
     lora = str(out / "te.safetensors")
