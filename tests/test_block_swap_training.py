@@ -578,7 +578,7 @@ def same_objects(a, b) -> bool:
 def test_flux_train_with_swapped_blocks_writes_the_files_of_the_run_without(tmp_path):
     """flux_train.py --fused_backward_pass with EMA, previews with the EMA weights, a checkpoint and a state at step 2:
     with --blocks_to_swap 2 every checkpoint, EMA file, state (weights and optimizer) and preview image is the run
-    without swap's, bit for bit."""
+    without swap's, bit for bit. (With --gradient_checkpointing they differ: refused, see method_full.)"""
     for i, color in enumerate([(200, 30, 30), (30, 200, 30)]):
         write_caption(write_image(tmp_path / "data" / "2_shape" / f"{i}.png", (64, 64), color), f"a shape {i}")
     (tmp_path / "prompts.txt").write_text("a red shape --w 64 --h 64 --s 2 --d 7\n")

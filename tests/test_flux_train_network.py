@@ -74,13 +74,24 @@ def test_block_swap_and_activation_offload_change_no_number(dataset, tmp_path):
         assert run.keys() == ref.keys() and all(torch.equal(run[k], ref[k]) for k in ref), name
 
 
-def test_activation_offload_and_compile_flags_are_checked(dataset, tmp_path):
-    res = launch(*BASE, *dataset, "--output_dir", tmp_path / "x", "--cpu_offload_checkpointing", check=False)
-    assert res.returncode != 0 and "add --gradient_checkpointing" in res.stderr
-    res = launch(*BASE, *dataset, "--output_dir", tmp_path / "x", "--torch_compile", "--dynamo_backend", "nope", check=False)
-    assert res.returncode != 0 and "--dynamo_backend nope is not a torch.compile backend" in res.stderr
-    res = launch(*BASE, *dataset, "--output_dir", tmp_path / "x", "--dynamo_backend", "eager", check=False)
-    assert res.returncode != 0 and "add --torch_compile" in res.stderr
+def refused(argv: list, capsys) -> str:
+    """Run flux_train_network.py's main in this process with arguments it must refuse before anything loads; return
+    its error output."""
+    from library.family_flux import FluxFamily
+    from library.train_script import run_network_training
+
+    with pytest.raises(SystemExit) as e:
+        run_network_training(FluxFamily(), "test", [str(a) for a in argv])
+    assert e.value.code != 0
+    return capsys.readouterr().err
+
+
+def test_activation_offload_and_compile_flags_are_checked(dataset, tmp_path, capsys):
+    out = ["--output_dir", tmp_path / "x"]
+    assert "add --gradient_checkpointing" in refused([*BASE, *dataset, *out, "--cpu_offload_checkpointing"], capsys)
+    err = refused([*BASE, *dataset, *out, "--torch_compile", "--dynamo_backend", "nope"], capsys)
+    assert "--dynamo_backend nope is not a torch.compile backend" in err
+    assert "add --torch_compile" in refused([*BASE, *dataset, *out, "--dynamo_backend", "eager"], capsys)
 
 
 def test_t5_attention_mask_trains_with_cached_outputs(dataset, tmp_path):
@@ -118,7 +129,7 @@ def test_fp8_base_stores_every_frozen_linear_in_float8(flag):
     assert not any(p.requires_grad for p in models.denoiser.parameters())
 
 
-def test_fp8_base_trains_and_ddpm_options_are_refused(dataset, tmp_path):
+def test_fp8_base_trains_and_ddpm_options_are_refused(dataset, tmp_path, capsys):
     from library.tiny_models import build_tiny_flux
 
     # huber loss with sd-scripts' default schedule (snr), which crashes there for FLUX
@@ -134,10 +145,9 @@ def test_fp8_base_trains_and_ddpm_options_are_refused(dataset, tmp_path):
     assert "fp8 base: " not in logs["bf16"]
     assert runs["f8"].keys() == runs["bf16"].keys()
     assert any(not torch.equal(runs["f8"][k], runs["bf16"][k]) for k in runs["f8"])  # float8 weights change the numbers
-    res = launch(*BASE, *dataset, "--output_dir", tmp_path / "x", "--min_snr_gamma", "5", check=False)
-    assert res.returncode != 0 and "--min_snr_gamma" in res.stderr
-    res = launch(*BASE, *dataset, "--output_dir", tmp_path / "x", "--blocks_to_swap", "-1", "--cache_latents_to_disk", check=False)
-    assert res.returncode != 0 and "--blocks_to_swap -1" in res.stderr
+    assert "--min_snr_gamma" in refused([*BASE, *dataset, "--output_dir", tmp_path / "x", "--min_snr_gamma", "5"], capsys)
+    err = refused([*BASE, *dataset, "--output_dir", tmp_path / "x", "--blocks_to_swap", "-1", "--cache_latents_to_disk"], capsys)
+    assert "--blocks_to_swap -1" in err
     assert not [n for n in os.listdir(tmp_path / "2_shapes") if n.endswith("_flux.safetensors")]  # refused before caching
 
 
