@@ -227,13 +227,6 @@ class FullMethod(TrainingMethod):
                     "--blocks_to_swap trains each swapped block while it is on the device: add --fused_backward_pass "
                     "(or --blockwise_fused_optimizers)"
                 )
-            if args.gradient_checkpointing:
-                # flux_train.py end to end: the swapped run's weights differ from the run without swap under
-                # checkpointing (not without it); refused until that is found
-                problems.append(
-                    "--blocks_to_swap with --gradient_checkpointing does not yet train swapped blocks exactly as without "
-                    "swap in kiln's whole-model training: leave out one of them"
-                )
         fused = [f for f in ("fused_backward_pass", "blockwise_fused_optimizers") if getattr(args, f, False)]
         if getattr(args, "fused_optimizer_groups", None):
             fused.append("fused_optimizer_groups")

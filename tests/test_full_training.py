@@ -357,7 +357,6 @@ def test_fine_tune_from_in_json_on_one_process_ddp_and_fsdp(sd_file, tmp_path):
         ("sdxl_train", ["--block_lr", "1,2"], "--block_lr"),
         ("sdxl_train", ["--fused_backward_pass", "--fused_optimizer_groups", "4"], "exclude each other"),
         ("flux_train", ["--blocks_to_swap", "4"], "--blocks_to_swap"),
-        ("flux_train", ["--blocks_to_swap", "4", "--fused_backward_pass", "--gradient_checkpointing"], "--gradient_checkpointing"),
         ("train_db", ["--sample_with_ema"], "--ema_decay"),
         ("train_db", ["--learning_rate", "0", "--stop_text_encoder_training", "-1"], "nothing to train"),
         ("sd3_train", ["--use_t5xxl_cache_only"], "--use_t5xxl_cache_only"),
