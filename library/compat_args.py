@@ -105,7 +105,8 @@ OPTIONS = [
     CompatOption(
         "--double_blocks_to_swap",
         "int",
-        "deprecated in sd-scripts (it meant part of --blocks_to_swap), and kiln does not swap trained blocks yet",
+        "deprecated in sd-scripts (it meant a part of --blocks_to_swap): give --blocks_to_swap N (kiln swaps the "
+        "last N blocks) with --fused_backward_pass or --blockwise_fused_optimizers",
         refused=True,
         scripts=("flux",),
         kinds=("full",),
@@ -113,7 +114,8 @@ OPTIONS = [
     CompatOption(
         "--single_blocks_to_swap",
         "int",
-        "deprecated in sd-scripts (it meant part of --blocks_to_swap), and kiln does not swap trained blocks yet",
+        "deprecated in sd-scripts (it meant a part of --blocks_to_swap): give --blocks_to_swap N (kiln swaps the "
+        "last N blocks) with --fused_backward_pass or --blockwise_fused_optimizers",
         refused=True,
         scripts=("flux",),
         kinds=("full",),

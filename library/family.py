@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -323,19 +324,14 @@ class DdpmFamily(ModelFamily):
                 ]
             )
         timesteps = timesteps.long()
-        noisy = torch.cat(
-            [
-                ddpm.noisy_latents(
-                    sched,
-                    x0[i : i + 1],
-                    noise[i : i + 1],
-                    timesteps[i : i + 1],
-                    args.ip_noise_gamma,
-                    args.ip_noise_gamma_random_strength,
-                    generator=g,
-                )
-                for i, g in enumerate(generators)
-            ]
+        noisy = per_sample(
+            functools.partial(ddpm.noisy_latents, sched),
+            generators,
+            x0,
+            noise,
+            timesteps,
+            ip_noise_gamma=args.ip_noise_gamma,
+            ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength,
         )
         target = ddpm.training_target(sched, x0, noise, timesteps, args.v_parameterization)
         noisy, t_dev = noisy.to(latents.dtype), to_device(timesteps, device)

@@ -185,18 +185,16 @@ def sample_noise(x0: torch.Tensor, generators: list[torch.Generator], device) ->
 
 def noisy_model_inputs(args: Any, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, generators) -> torch.Tensor:
     """noisy_model_input per sample, each with its own generator (--ip_noise_gamma's draws)."""
-    return torch.cat(
-        [
-            noisy_model_input(
-                x0[i : i + 1],
-                noise[i : i + 1],
-                sigmas[i : i + 1],
-                args.ip_noise_gamma,
-                args.ip_noise_gamma_random_strength,
-                generator=g,
-            )
-            for i, g in enumerate(generators)
-        ]
+    from library.family import per_sample
+
+    return per_sample(
+        noisy_model_input,
+        generators,
+        x0,
+        noise,
+        sigmas,
+        ip_noise_gamma=args.ip_noise_gamma,
+        ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength,
     )
 
 
