@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from networks.adapter import AdapterModule, AdapterType, add_scaled
 
 UNET_TARGETS = ("Transformer2DModel",)
 UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -41,13 +42,14 @@ KNOWN_ARGS = {
 }
 
 
-class LoRAModule(nn.Module):
-    """The adapter of one Linear/Conv2d. `apply()` routes the wrapped module's forward through it."""
+class LoRAModule(AdapterModule):
+    """The LoRA of one Linear/Conv2d (or, given a list, of Linears a file fuses: `lora_up` has their rows in turn).
+    `apply()` routes the wrapped module's forward through it."""
 
     def __init__(
         self,
         name: str,
-        org_module: nn.Module,
+        org_module: nn.Module | list[nn.Module],
         rank: int,
         alpha: float | None,
         multiplier: float = 1.0,
@@ -55,41 +57,21 @@ class LoRAModule(nn.Module):
         rank_dropout: float | None = None,
         module_dropout: float | None = None,
     ) -> None:
-        super().__init__()
-        self.lora_name = name
+        org_modules = list(org_module) if isinstance(org_module, (list, tuple)) else [org_module]
+        super().__init__(name, org_modules, multiplier, dropout, rank_dropout, module_dropout)
         self.rank = rank
-        if isinstance(org_module, nn.Conv2d):
-            self.lora_down = nn.Conv2d(org_module.in_channels, rank, org_module.kernel_size, org_module.stride, org_module.padding, bias=False)
-            self.lora_up = nn.Conv2d(rank, org_module.out_channels, 1, 1, bias=False)
+        first = org_modules[0]
+        if isinstance(first, nn.Conv2d):
+            self.lora_down = nn.Conv2d(first.in_channels, rank, first.kernel_size, first.stride, first.padding, bias=False)
+            self.lora_up = nn.Conv2d(rank, first.out_channels, 1, 1, bias=False)
         else:
-            self.lora_down = nn.Linear(org_module.in_features, rank, bias=False)
-            self.lora_up = nn.Linear(rank, org_module.out_features, bias=False)
+            self.lora_down = nn.Linear(first.in_features, rank, bias=False)
+            self.lora_up = nn.Linear(rank, sum(self.splits), bias=False)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         alpha = rank if alpha is None or alpha == 0 else float(alpha)
         self.register_buffer("alpha", torch.tensor(alpha))
         self.scale = alpha / rank
-        self.multiplier = multiplier
-        self.dropout = dropout
-        self.rank_dropout = rank_dropout
-        self.module_dropout = module_dropout
-        self._org = [org_module]  # a list: not a submodule, so not in this module's state dict
-        self._org_forward: Callable | None = None
-
-    @property
-    def org_module(self) -> nn.Module:
-        return self._org[0]
-
-    def apply_to(self) -> None:
-        """Route the original module's forward through this adapter (nn.Module.apply keeps its own meaning)."""
-        if self._org_forward is None:
-            self._org_forward = self.org_module.forward
-            self.org_module.forward = self.forward
-
-    def restore(self) -> None:
-        if self._org_forward is not None:
-            self.org_module.forward = self._org_forward
-            self._org_forward = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._org_forward(x)
@@ -128,6 +110,18 @@ class LoRAModule(nn.Module):
         """The squared Frobenius norm of `delta_weight()`, a 0-dim tensor on the adapter's device (not read)."""
         return lora_delta_norm_sq(self.lora_down.weight, self.lora_up.weight, self.scale)
 
+    def norm_factors(self) -> tuple[list[torch.Tensor], float]:
+        return list(self.parameters()), 0.5  # down and up (every part of a split adapter) by sqrt(s) each
+
+    def boosted(self, parameter_name: str) -> bool:
+        return "lora_up" in parameter_name
+
+    def alpha_loaded(self) -> None:
+        self.scale = self.alpha.item() / self.rank
+
+
+LORA = AdapterType("LoRA", "networks.lora", lambda name, orgs, dim, alpha, common, options: LoRAModule(name, orgs, dim, alpha, **common))
+
 
 def drop_ranks(h: torch.Tensor, rank: int, p: float) -> tuple[torch.Tensor, float]:
     """Rank dropout: zero each of the `rank` channels of down(x) with probability p, per sample (h is (B, rank),
@@ -138,12 +132,6 @@ def drop_ranks(h: torch.Tensor, rank: int, p: float) -> tuple[torch.Tensor, floa
     elif h.dim() == 3:
         mask = mask[:, None, :]
     return h * mask, 1.0 / (1.0 - p)
-
-
-def add_scaled(out: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
-    """out + y * scale as one kernel (torch.add's alpha), y first in out's dtype: an adapter's output joins the
-    wrapped layer's without a separate multiply (one kernel less per adapter in forward, on the GPU's hot path)."""
-    return torch.add(out, y if y.dtype == out.dtype else y.to(out.dtype), alpha=scale)
 
 
 def lora_delta(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
@@ -222,8 +210,10 @@ class LoRANetwork(nn.Module):
         loraplus_lr_ratio: float | None = None,
         loraplus_unet_lr_ratio: float | None = None,
         loraplus_text_encoder_lr_ratio: float | None = None,
+        adapter: AdapterType | None = None,
     ) -> None:
         super().__init__()
+        self.adapter = adapter = adapter or LORA
         self.multiplier = multiplier
         self.loraplus_unet = loraplus_unet_lr_ratio or loraplus_lr_ratio
         self.loraplus_te = loraplus_text_encoder_lr_ratio or loraplus_lr_ratio
@@ -248,27 +238,24 @@ class LoRANetwork(nn.Module):
         self.text_encoder_loras: list[LoRAModule] = []
         self.unet_loras: list[LoRAModule] = []
         te_prefixes = te_prefixes or (["lora_te"] if len(text_encoders) == 1 else [f"lora_te{i + 1}" for i in range(len(text_encoders))])
-        for prefix, te in zip(te_prefixes, text_encoders):
+        for prefix, te in zip(te_prefixes, text_encoders if adapter.text_encoders else []):
             for path, module in _target_modules(te, TEXT_ENCODER_TARGETS):
                 if not path.startswith("text_model."):
                     path = "text_model." + path  # transformers 5 flattens CLIPTextModel; kohya names keep text_model
                 name = f"{prefix}_{path}".replace(".", "_")
                 dim, a = dims_for(name, False, True)
                 if dim:
-                    self.text_encoder_loras.append(LoRAModule(name, module, dim, a, **common))
+                    self.text_encoder_loras.append(adapter.build(name, [module], dim, a, common))
         if unet is not None:
             targets = UNET_TARGETS + (UNET_CONV_TARGETS if conv_dim or conv_block_dims or module_dims else ())
             self.aliases: dict[str, str] = {}  # LoRA names in diffusers module names -> the names used here
-            for path, module in _target_modules(unet, targets):
-                mapped = unet_name_map.get(path, path) if unet_name_map else path
-                name = f"lora_unet_{mapped}".replace(".", "_")
-                alias = f"lora_unet_{path}".replace(".", "_")
-                if mapped != path:
+            for name, alias, module in unet_adapter_names(unet, targets, unet_name_map, adapter):
+                if alias != name:
                     self.aliases[alias] = name
                 small = isinstance(module, nn.Linear) or module.kernel_size == (1, 1)
                 dim, a = dims_for(name, True, small, alias)
                 if dim:
-                    self.unet_loras.append(LoRAModule(name, module, dim, a, **common))
+                    self.unet_loras.append(adapter.build(name, [module], dim, a, common))
         names = [m.lora_name for m in self.text_encoder_loras + self.unet_loras]
         if len(set(names)) != len(names):
             raise RuntimeError("two adapted modules map to the same LoRA name")
@@ -302,7 +289,8 @@ class LoRANetwork(nn.Module):
             m.multiplier = multiplier
 
     def param_groups(self, text_encoder_lr: float | list[float] | None, unet_lr: float | None, default_lr: float) -> tuple[list[dict], list[str]]:
-        """Optimizer groups (text encoder(s), U-Net; LoRA+ `lora_up` groups with lr x ratio) and their log names.
+        """Optimizer groups (text encoder(s), U-Net; LoRA+ groups of the output-side weights (`lora_up`) with lr x ratio)
+        and their log names.
 
         A group whose learning rate is 0 is left out (those weights stay as they are)."""
         groups, names = [], []
@@ -311,9 +299,9 @@ class LoRANetwork(nn.Module):
             if not modules or lr == 0:
                 return
             if ratio:
-                groups.append({"params": [p for m in modules for n, p in m.named_parameters() if "lora_up" not in n], "lr": lr})
+                groups.append({"params": [p for m in modules for n, p in m.named_parameters() if not m.boosted(n)], "lr": lr})
                 names.append(label)
-                groups.append({"params": [p for m in modules for n, p in m.named_parameters() if "lora_up" in n], "lr": lr * ratio})
+                groups.append({"params": [p for m in modules for n, p in m.named_parameters() if m.boosted(n)], "lr": lr * ratio})
                 names.append(label + "_plus")
             else:
                 groups.append({"params": [p for m in modules for p in m.parameters()], "lr": lr})
@@ -334,7 +322,8 @@ class LoRANetwork(nn.Module):
         return lora_name.split("_text_model")[0]
 
     def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
-        """Scale down adapters whose delta-weight norm exceeds max_norm (down and up each by sqrt(max_norm / norm));
+        """Scale down adapters whose delta-weight norm exceeds max_norm (LoRA: down and up each by sqrt(max_norm / norm);
+        each type's `norm_factors`);
         returns (count scaled, mean norm, max norm) as Python numbers, counting a scaled adapter's norm as max_norm.
 
         Called every step with --scale_weight_norms, so it reads the device once: the norms come from small Gram
@@ -348,11 +337,17 @@ class LoRANetwork(nn.Module):
             device = sq[0].device
             norms = torch.stack([n.to(device, torch.float64) for n in sq]).sqrt()
             over = norms > max_norm
-            ratios = torch.where(over, (max_norm / norms.clamp_min(1e-30)).sqrt(), torch.ones_like(norms)).float()
+            ratios = torch.where(over, max_norm / norms.clamp_min(1e-30), torch.ones_like(norms))
+            factor_sets = [m.norm_factors() for m in loras]
+            exponents = [e for _, e in factor_sets]
+            if all(e == 0.5 for e in exponents):
+                ratios = ratios.sqrt().float()
+            else:
+                ratios = ratios.pow(torch.tensor(exponents, dtype=ratios.dtype, device=device)).float()
             params, factors = [], []
-            for i, m in enumerate(loras):
+            for i, (factor_params, _) in enumerate(factor_sets):
                 ratio = ratios[i]
-                for p in m.parameters():  # lora_down and lora_up (every part of a split adapter); alpha is a buffer
+                for p in factor_params:
                     params.append(p)
                     factors.append(ratio if p.device == device else ratio.to(p.device))
             torch._foreach_mul_(params, factors)
@@ -376,10 +371,18 @@ class LoRANetwork(nn.Module):
         missing = [k for k in own if k not in state_dict and not k.endswith(".alpha")]
         self.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
         for m in self.loras:  # alpha from the file changes the scale
-            m.scale = m.alpha.item() / m.rank
+            m.alpha_loaded()
         if missing:
             raise ValueError(f"{source}: no weights for {len(missing)} adapters, e.g. {missing[0]}")
         return unexpected
+
+
+def unet_adapter_names(unet: nn.Module, targets: tuple[str, ...], unet_name_map: dict[str, str] | None, adapter: AdapterType):
+    """(adapter name, the name in diffusers module names, module) of every Linear/Conv2d inside a U-Net module whose
+    class is in `targets`: `<prefix>_unet_<path with . -> _>`, the path mapped by `unet_name_map` (SDXL: sgm names)."""
+    for path, module in _target_modules(unet, targets):
+        mapped = unet_name_map.get(path, path) if unet_name_map else path
+        yield adapter.unet_name(f"lora_unet_{mapped}".replace(".", "_")), adapter.unet_name(f"lora_unet_{path}".replace(".", "_")), module
 
 
 def uses_sgm_names(unet_name_map: dict[str, str] | None) -> bool:

@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from library.flux_models import flux_lora_targets
+from networks.adapter import AdapterModule, AdapterType
 from networks.lora import (
     TEXT_ENCODER_TARGETS,
+    LORA,
     LoRAModule,
     LoRANetwork,
     _float_arg,
@@ -95,40 +97,7 @@ class FusedLoRAModule(LoRAModule):
     matmul each, with the dropout masks) and each Linear adds its columns of the result: the fused BFL layer's LoRA,
     in two matmuls instead of one pair per Linear."""
 
-    def __init__(self, name: str, org_modules: list[nn.Linear], rank: int, alpha: float | None, **kw) -> None:
-        super().__init__(name, org_modules[0], rank, alpha, **kw)
-        if len({m.in_features for m in org_modules}) != 1:
-            raise ValueError(f"{name}: fused Linears must share their input width")
-        self.splits = [m.out_features for m in org_modules]
-        self.lora_up = nn.Linear(rank, sum(self.splits), bias=False)
-        nn.init.zeros_(self.lora_up.weight)
-        self._org = list(org_modules)
-        self._org_forwards: list | None = None
-        self._cache: tuple | None = None  # (input tensor, (h, scale) or None, parts served)
-
-    @property
-    def org_modules(self) -> list[nn.Linear]:
-        return self._org
-
-    def apply_to(self) -> None:
-        """Route the original module's forward through this adapter (nn.Module.apply keeps its own meaning)."""
-        if self._org_forwards is None:
-            self._org_forwards = [m.forward for m in self._org]
-            for i, m in enumerate(self._org):
-                m.forward = lambda x, i=i: self._part_forward(i, x)
-            self._org_forward = self._org_forwards[0]  # "applied" marker shared with LoRAModule
-
-    def restore(self) -> None:
-        if self._org_forwards is not None:
-            for m, f in zip(self._org, self._org_forwards):
-                m.forward = f
-            self._org_forwards = None
-            self._org_forward = None
-            self._cache = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The concatenated outputs of all wrapped Linears with the adapter (= the fused BFL Linear's output)."""
-        return torch.cat([self._part_forward(i, x) for i in range(len(self._org))], dim=-1)
+    forward = AdapterModule.forward  # the concatenated outputs of the wrapped Linears (= the fused BFL Linear's)
 
     def _down(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], float] | None:
         """(each wrapped Linear's part of up(down(x)) with dropouts, scale to apply), or None when module dropout skips
@@ -150,22 +119,11 @@ class FusedLoRAModule(LoRAModule):
             scale = scale * factor
         return nn.functional.linear(h, up).split(self.splits, dim=-1), scale
 
-    def _shared_down(self, i: int, x: torch.Tensor):
-        c = self._cache
-        if c is not None and c[0] is x and i not in c[2]:
-            c[2].add(i)
-            if len(c[2]) == len(self._org):
-                self._cache = None  # every part has used it: drop the references
-            return c[1]
-        res = self._down(x)
-        self._cache = (x, res, {i})
-        return res
-
     def _part_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
         out = self._org_forwards[i](x)
         if self.multiplier == 0:
             return out
-        res = self._shared_down(i, x)
+        res = self._shared(i, x, self._down)
         if res is None:
             return out
         parts, scale = res
@@ -209,7 +167,7 @@ class SplitLoRAModule(FusedLoRAModule):
                 x = x.to(down.dtype)
             y = nn.functional.linear(nn.functional.linear(x, down), up)
         else:
-            if self.module_dropout and self._shared_down(i, x) is None:
+            if self.module_dropout and self._shared(i, x, self._down) is None:
                 return out
             h = nn.functional.linear(x.to(down.dtype), down)
             if self.dropout:
@@ -438,8 +396,10 @@ class FluxLoRANetwork(LoRANetwork):
         loraplus_unet_lr_ratio: float | None = None,
         loraplus_text_encoder_lr_ratio: float | None = None,
         split_qkv: bool = False,
+        adapter: AdapterType | None = None,
     ) -> None:
         nn.Module.__init__(self)
+        self.adapter = adapter = adapter or LORA
         self.multiplier = multiplier
         self.split_qkv = split_qkv
         self.loraplus_unet = loraplus_unet_lr_ratio or loraplus_lr_ratio
@@ -449,9 +409,9 @@ class FluxLoRANetwork(LoRANetwork):
         common = {"multiplier": multiplier, "dropout": dropout, "rank_dropout": rank_dropout, "module_dropout": module_dropout}
         self.text_encoder_loras: list[LoRAModule] = []
         self.unet_loras: list[LoRAModule] = []
-        for name, module in self.te_candidates(text_encoders):
+        for name, module in self.te_candidates(text_encoders) if adapter.text_encoders else []:
             if module_dims.get(name):
-                self.text_encoder_loras.append(LoRAModule(name, module, module_dims[name], alphas.get(name), **common))
+                self.text_encoder_loras.append(adapter.build(name, [module], module_dims[name], alphas.get(name), common))
         self._transformer = [transformer]  # a list: not a submodule
         for name, paths in self.transformer_candidates(transformer) if transformer is not None else []:
             if not module_dims.get(name):
@@ -469,10 +429,13 @@ class FluxLoRANetwork(LoRANetwork):
 
     def transformer_candidates(self, transformer) -> list[tuple[str, list[str]]]:
         """(adapter name, [diffusers Linear paths fused into it]) of everything the transformer can adapt."""
-        return transformer_candidates(transformer)
+        return [(self.adapter.unet_name(name), paths) for name, paths in transformer_candidates(transformer)]
 
-    def transformer_lora(self, name: str, modules: list[nn.Module], rank: int, alpha: float | None, common: dict) -> LoRAModule:
-        """The adapter of one candidate: plain for one module, fused (split with split_qkv) for several."""
+    def transformer_lora(self, name: str, modules: list[nn.Module], rank: int, alpha: float | None, common: dict) -> AdapterModule:
+        """The adapter of one candidate: plain for one module, fused (split with split_qkv) for several; another
+        adapter type's module over all of them."""
+        if self.adapter is not LORA:
+            return self.adapter.build(name, modules, rank, alpha, common)
         if len(modules) == 1:
             return LoRAModule(name, modules[0], rank, alpha, **common)
         cls = SplitLoRAModule if self.split_qkv else FusedLoRAModule

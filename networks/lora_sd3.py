@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from library.sd3_models import sd3_transformer_to_sai
-from networks.lora import LoRAModule, dims_from_weights
+from networks.adapter import AdapterModule, AdapterType
+from networks.lora import LORA, LoRAModule, dims_from_weights
 from networks.lora_flux import (
     KNOWN_ARGS as FLUX_KNOWN_ARGS,
 )
@@ -245,6 +246,7 @@ class SD3LoRANetwork(FluxLoRANetwork):
         loraplus_text_encoder_lr_ratio: float | None = None,
         split_qkv: bool = False,
         verbose: bool = False,
+        adapter: AdapterType | None = None,
     ) -> None:
         super().__init__(
             text_encoders,
@@ -259,6 +261,7 @@ class SD3LoRANetwork(FluxLoRANetwork):
             loraplus_unet_lr_ratio=loraplus_unet_lr_ratio,
             loraplus_text_encoder_lr_ratio=loraplus_text_encoder_lr_ratio,
             split_qkv=split_qkv,
+            adapter=adapter,
         )
         logger.info("SD3 LoRA: %d text-encoder and %d MMDiT modules", len(self.text_encoder_loras), len(self.unet_loras))
         if verbose:
@@ -273,10 +276,12 @@ class SD3LoRANetwork(FluxLoRANetwork):
         return te_candidates(text_encoders, TE_PREFIXES)
 
     def transformer_candidates(self, transformer) -> list[tuple[str, list[str]]]:
-        return _candidates(transformer)
+        return [(self.adapter.unet_name(name), paths) for name, paths in _candidates(transformer)]
 
-    def transformer_lora(self, name: str, modules: list[nn.Module], rank: int, alpha: float | None, common: dict) -> LoRAModule:
-        order = _row_orders(self._transformer[0]).get(name)
+    def transformer_lora(self, name: str, modules: list[nn.Module], rank: int, alpha: float | None, common: dict) -> AdapterModule:
+        order = _row_orders(self._transformer[0]).get(self.adapter.unet_name(name, back=True))
+        if order is not None and self.adapter is not LORA:
+            return self.adapter.build(name, modules, rank, alpha, {**common, "row_order": order})
         if order is not None:
             return RowOrderLoRAModule(name, modules[0], rank, alpha, order, **common)
         return super().transformer_lora(name, modules, rank, alpha, common)

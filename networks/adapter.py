@@ -1,0 +1,225 @@
+"""What every adapter type (LoRA, LoHa, LoKr, OFT) shares: wrapping frozen modules, the multiplier, the dropouts, the
+per-input cache of a fused adapter, merging and the max-norm hook. An adapter type adds only its own weight maths.
+
+An `AdapterModule` wraps one frozen `Linear`/`Conv2d`, or several Linears that see the same input and that a model
+file fuses into one weight (FLUX's qkv and single-block linear1, SD3's qkv): `splits` are their output widths, in the
+file's row order. `apply_to()` routes each wrapped module's forward through `_part_forward(i, x)`.
+
+Types that materialise their weight change (LoHa, LoKr) only implement `delta_weight()` (and `norm_factors()`); the
+default forward adds `x` through that change to the wrapped output. LoRA keeps its low-rank path, OFT rotates the
+frozen weight instead of adding to it (`merged_weight`).
+
+`AdapterType` is how a network module tells the family networks (networks.lora for SD 1.x/2.x and SDXL,
+networks.lora_flux, networks.lora_sd3) which modules to build: the families keep the targets, the names and the
+network_args of their model, the type keeps its maths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+def frozen_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight of a wrapped module in `dtype` (an fp8-stored Linear's dequantised weight)."""
+    dequantized = getattr(module, "dequantized_weight", None)
+    return dequantized(dtype) if dequantized is not None else module.weight.to(dtype)
+
+
+def add_scaled(out: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+    """out + y * scale as one kernel (torch.add's alpha), y first in out's dtype: an adapter's output joins the
+    wrapped layer's without a separate multiply (one kernel less per adapter in forward, on the GPU's hot path)."""
+    return torch.add(out, y if y.dtype == out.dtype else y.to(out.dtype), alpha=scale)
+
+
+def apply_weight(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`module`'s operation (linear, or conv2d with its stride, padding, dilation and groups) with another weight."""
+    if isinstance(module, nn.Conv2d):
+        return nn.functional.conv2d(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
+    return nn.functional.linear(x, weight, bias)
+
+
+class AdapterModule(nn.Module):
+    """The adapter of one module, or of several Linears a model file fuses into one weight (see the module docstring).
+
+    multiplier: the adapter's strength (0 = off). dropout: on the adapter's output (neuron dropout), rank_dropout and
+    module_dropout (skip the adapter for a forward) while training; each type says what a rank is."""
+
+    def __init__(
+        self,
+        name: str,
+        org_modules: list[nn.Module],
+        multiplier: float = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+        row_order: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if len(org_modules) > 1 and len({m.in_features for m in org_modules}) != 1:
+            raise ValueError(f"{name}: fused Linears must share their input width")
+        self.lora_name = name
+        self.multiplier = multiplier
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        self._org = list(org_modules)  # a list: not submodules, so not in this module's state dict
+        self.splits = [m.weight.shape[0] for m in org_modules]
+        if row_order is not None and sorted(row_order.tolist()) != list(range(sum(self.splits))):
+            raise ValueError(f"{name}: row_order is not a permutation of the {sum(self.splits)} rows")
+        self.row_order = None if row_order is None else row_order.clone()  # file row i = wrapped row row_order[i]
+        self._org_forwards: list[Callable] | None = None
+        self._org_forward: Callable | None = None  # the first wrapped forward; set while applied
+        self._cache: tuple | None = None  # (input tensor, shared result, parts served)
+
+    @property
+    def org_module(self) -> nn.Module:
+        return self._org[0]
+
+    @property
+    def org_modules(self) -> list[nn.Module]:
+        return self._org
+
+    @property
+    def drops(self) -> bool:
+        """Whether a dropout applies to this forward."""
+        return self.training and bool(self.dropout or self.rank_dropout or self.module_dropout)
+
+    def apply_to(self) -> None:
+        """Route the wrapped modules' forwards through this adapter (nn.Module.apply keeps its own meaning)."""
+        if self._org_forwards is not None:
+            return
+        self._org_forwards = [m.forward for m in self._org]
+        self._org_forward = self._org_forwards[0]
+        if len(self._org) == 1:
+            self._org[0].forward = self.forward
+        else:
+            for i, m in enumerate(self._org):
+                m.forward = lambda x, i=i: self._part_forward(i, x)
+
+    def restore(self) -> None:
+        if self._org_forwards is not None:
+            for m, f in zip(self._org, self._org_forwards):
+                m.forward = f
+            self._org_forwards = None
+            self._org_forward = None
+            self._cache = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped module's output with the adapter; several wrapped Linears: their outputs concatenated (the
+        fused layer's output)."""
+        if len(self._org) == 1:
+            return self._part_forward(0, x)
+        return torch.cat([self._part_forward(i, x) for i in range(len(self._org))], dim=-1)
+
+    def _shared(self, i: int, x: torch.Tensor, compute: Callable[[torch.Tensor], object]):
+        """compute(x), computed once for all wrapped modules that see the same input tensor `x` (one per part)."""
+        if len(self._org) == 1:
+            return compute(x)
+        c = self._cache
+        if c is not None and c[0] is x and i not in c[2]:
+            c[2].add(i)
+            if len(c[2]) == len(self._org):
+                self._cache = None  # every part has used it: drop the references
+            return c[1]
+        res = compute(x)
+        self._cache = (x, res, {i})
+        return res
+
+    def to_file_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """The wrapped modules' rows (concatenated) in the file's order."""
+        return weight if self.row_order is None else weight[self.row_order.to(weight.device)]
+
+    def to_module_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """Rows in the file's order -> the wrapped modules' order."""
+        return weight if self.row_order is None else weight[torch.argsort(self.row_order).to(weight.device)]
+
+    # -- the default path: a materialised weight change --------------------------------------------------------------
+
+    def delta_weight(self) -> torch.Tensor:
+        """The weight change at strength 1, in the parameters' dtype, shaped like the (fused) weight, rows in the
+        file's order."""
+        raise NotImplementedError(f"{type(self).__name__} has no weight change")
+
+    def _training_delta(self) -> torch.Tensor:
+        """delta_weight(), with rank dropout while training: each output row of the change dropped with probability
+        p per forward, the others scaled by 1 / (1 - p)."""
+        delta = self.delta_weight()
+        if self.drops and self.rank_dropout:
+            keep = (torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout).to(delta.dtype)
+            delta = delta * keep.view(-1, *([1] * (delta.dim() - 1))) * (1.0 / (1.0 - self.rank_dropout))
+        return delta
+
+    def _delta_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """Each wrapped module's share of the adapter's output for input x (None: module dropout skips it)."""
+        if self.drops and self.module_dropout and torch.rand(()) < self.module_dropout:
+            return None
+        delta = self.to_module_rows(self._training_delta())
+        if x.dtype != delta.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(delta.dtype)
+        y = apply_weight(self._org[0], x, delta)
+        if self.drops and self.dropout:
+            y = nn.functional.dropout(y, p=self.dropout)
+        return y.split(self.splits, dim=-1) if len(self._org) > 1 else (y,)
+
+    def _part_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        out = self._org_forwards[i](x)
+        if self.multiplier == 0:
+            return out
+        parts = self._shared(i, x, self._delta_outputs)
+        return out if parts is None else add_scaled(out, parts[i], self.multiplier)
+
+    # -- merging and max-norm ------------------------------------------------------------------------------------------
+
+    def merged_weight(self, weight: torch.Tensor, ratio: float) -> torch.Tensor:
+        """The fused weight (float32, the file's rows) with this adapter merged at strength `ratio`."""
+        return weight + self.delta_weight().float().reshape(weight.shape) * ratio
+
+    def merge_to(self, ratio: float = 1.0) -> None:
+        """Merge the adapter into the wrapped modules' weights (each Linear of a fused adapter gets its rows)."""
+        with torch.no_grad():
+            weight = self.to_file_rows(torch.cat([frozen_weight(m) for m in self._org]))
+            merged = self.to_module_rows(self.merged_weight(weight, ratio))
+            for m, rows in zip(self._org, merged.split(self.splits)):
+                m.weight.copy_(rows.reshape(m.weight.shape).to(m.weight.dtype))
+
+    def norm_factors(self) -> tuple[list[torch.Tensor], float]:
+        """(parameters, exponent): multiplying each of them by s ** exponent scales delta_weight() by s (max-norm)."""
+        raise NotImplementedError(f"{type(self).__name__} has no weight-change norm to limit")
+
+    def delta_norm_sq(self) -> torch.Tensor:
+        """||delta_weight()||_F^2 as a 0-dim tensor on the adapter's device (not read)."""
+        return self.delta_weight().float().square().sum()
+
+    def boosted(self, parameter_name: str) -> bool:
+        """Whether LoRA+ gives this parameter (an output-side factor) the higher learning rate."""
+        return False
+
+    def alpha_loaded(self) -> None:
+        """Called after load_state_dict: recompute what depends on the `alpha` buffer."""
+
+
+@dataclass(frozen=True)
+class AdapterType:
+    """An adapter type as the family networks see it: `make(name, org_modules, dim, alpha, common, options)` builds
+    the module of one target (`common`: multiplier and dropouts; `options`: the type's own, from network_args or
+    the file); `prefix` starts every module name (`lora` -> `lora_unet_...`, `lora_te1_...`); `module` names the
+    network module in errors; `text_encoders` says whether it adapts them."""
+
+    name: str
+    module: str
+    make: Callable[..., AdapterModule]
+    prefix: str = "lora"
+    text_encoders: bool = True
+    options: dict = field(default_factory=dict)
+
+    def build(self, name: str, org_modules: list[nn.Module], dim: int, alpha: float | None, common: dict) -> AdapterModule:
+        return self.make(name, org_modules, dim, alpha, common, self.options)
+
+    def unet_name(self, name: str, back: bool = False) -> str:
+        """The module name of this type for a `lora_unet_...` name (`oft_unet_...` for OFT); back: the reverse."""
+        old, new = ("lora", self.prefix) if not back else (self.prefix, "lora")
+        return new + name[len(old) :] if name.startswith(old + "_") else name
