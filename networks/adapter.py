@@ -17,7 +17,7 @@ network_args of their model, the type keeps its maths.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -204,22 +204,81 @@ class AdapterModule(nn.Module):
 
 @dataclass(frozen=True)
 class AdapterType:
-    """An adapter type as the family networks see it: `make(name, org_modules, dim, alpha, common, options)` builds
-    the module of one target (`common`: multiplier and dropouts; `options`: the type's own, from network_args or
-    the file); `prefix` starts every module name (`lora` -> `lora_unet_...`, `lora_te1_...`); `module` names the
-    network module in errors; `text_encoders` says whether it adapts them."""
+    """An adapter type as the family networks see it.
+
+    make(name, org_modules, dim, alpha, common, options): the module of one target (`common`: multiplier, dropouts and
+    row_order; `options`: the type's own). prefix: starts every module name (`lora` -> `lora_unet_...`,
+    `lora_te1_...`). module: the network module, named in errors and metadata. text_encoders: whether it adapts them.
+    parse_options(network_args) -> options: takes the type's own keys (`own_args`) out of the network_args; the
+    family checks the rest. read_dims(state_dict) -> (name -> dim, name -> alpha) of a file; a dim may be anything
+    `make` understands (e.g. a LoKr's factor shapes). boosts: whether LoRA+ applies (the type has output-side
+    factors)."""
 
     name: str
     module: str
     make: Callable[..., AdapterModule]
     prefix: str = "lora"
     text_encoders: bool = True
+    own_args: frozenset[str] = frozenset()
+    parse_options: Callable[[dict], dict] | None = None
+    read_dims: Callable[[dict], tuple[dict, dict]] | None = None
+    boosts: bool = True
     options: dict = field(default_factory=dict)
 
-    def build(self, name: str, org_modules: list[nn.Module], dim: int, alpha: float | None, common: dict) -> AdapterModule:
+    @property
+    def is_lora(self) -> bool:
+        """Whether modules of this type are networks.lora's LoRA (whose families have extra layouts: split_qkv, PEFT)."""
+        return self.prefix == "lora" and self.name == "LoRA"
+
+    def build(self, name: str, org_modules: list[nn.Module], dim, alpha: float | None, common: dict) -> AdapterModule:
         return self.make(name, org_modules, dim, alpha, common, self.options)
 
     def unet_name(self, name: str, back: bool = False) -> str:
         """The module name of this type for a `lora_unet_...` name (`oft_unet_...` for OFT); back: the reverse."""
         old, new = ("lora", self.prefix) if not back else (self.prefix, "lora")
         return new + name[len(old) :] if name.startswith(old + "_") else name
+
+    def with_options(self, network_args: dict) -> tuple[AdapterType, dict]:
+        """(this type configured by its own network_args, the remaining network_args for the family)."""
+        own = {k: network_args[k] for k in network_args if k in self.own_args}
+        rest = {k: v for k, v in network_args.items() if k not in self.own_args}
+        if not self.boosts:
+            plus = sorted(k for k in rest if k.startswith("loraplus_") and rest[k] not in (None, "None"))
+            if plus:
+                raise ValueError(f"network_args {plus[0]}: LoRA+ does not apply to {self.name} ({self.module})")
+        options = self.parse_options(own) if self.parse_options is not None else {}
+        return replace(self, options=options), rest
+
+    def dims_of_file(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """(name -> dim, name -> alpha) of an adapter file of this type."""
+        if self.read_dims is None:
+            from networks.lora import dims_from_weights
+
+            return dims_from_weights(state_dict)
+        return self.read_dims(state_dict)
+
+
+def family_network_module(denoiser: nn.Module):
+    """The module that knows the targets, names and network_args of the model family `denoiser` belongs to:
+    networks.lora_flux (FluxTransformer2DModel), networks.lora_sd3 (SD3Transformer2DModel) or networks.lora
+    (SD 1.x/2.x and SDXL U-Nets)."""
+    import importlib
+
+    kind = type(denoiser).__name__
+    name = {"FluxTransformer2DModel": "networks.lora_flux", "SD3Transformer2DModel": "networks.lora_sd3"}.get(
+        kind, "networks.lora"
+    )
+    return importlib.import_module(name)
+
+
+def create_typed_network(adapter: AdapterType, multiplier: float, network_dim, network_alpha, text_encoders, denoiser, **kwargs):
+    """A network of `adapter` modules on any family's model: that family's create_network with the type."""
+    return family_network_module(denoiser).create_network(
+        multiplier, network_dim, network_alpha, text_encoders, denoiser, adapter=adapter, **kwargs
+    )
+
+
+def create_typed_network_from_weights(adapter: AdapterType, multiplier: float, state_dict, text_encoders, denoiser, **kwargs):
+    """A network shaped like an adapter file of type `adapter`, on any family's model (loads nothing yet)."""
+    module = family_network_module(denoiser)
+    return module.create_network_from_weights(multiplier, state_dict, text_encoders, denoiser, adapter=adapter, **kwargs)

@@ -120,7 +120,9 @@ class LoRAModule(AdapterModule):
         self.scale = self.alpha.item() / self.rank
 
 
-LORA = AdapterType("LoRA", "networks.lora", lambda name, orgs, dim, alpha, common, options: LoRAModule(name, orgs, dim, alpha, **common))
+LORA = AdapterType(
+    "LoRA", "networks.lora", lambda name, orgs, dim, alpha, common, options: LoRAModule(name, orgs, dim, alpha, **common)
+)
 
 
 def drop_ranks(h: torch.Tensor, rank: int, p: float) -> tuple[torch.Tensor, float]:
@@ -237,7 +239,9 @@ class LoRANetwork(nn.Module):
 
         self.text_encoder_loras: list[LoRAModule] = []
         self.unet_loras: list[LoRAModule] = []
-        te_prefixes = te_prefixes or (["lora_te"] if len(text_encoders) == 1 else [f"lora_te{i + 1}" for i in range(len(text_encoders))])
+        te_prefixes = te_prefixes or (
+            ["lora_te"] if len(text_encoders) == 1 else [f"lora_te{i + 1}" for i in range(len(text_encoders))]
+        )
         for prefix, te in zip(te_prefixes, text_encoders if adapter.text_encoders else []):
             for path, module in _target_modules(te, TEXT_ENCODER_TARGETS):
                 if not path.startswith("text_model."):
@@ -288,7 +292,9 @@ class LoRANetwork(nn.Module):
         for m in self.loras:
             m.multiplier = multiplier
 
-    def param_groups(self, text_encoder_lr: float | list[float] | None, unet_lr: float | None, default_lr: float) -> tuple[list[dict], list[str]]:
+    def param_groups(
+        self, text_encoder_lr: float | list[float] | None, unet_lr: float | None, default_lr: float
+    ) -> tuple[list[dict], list[str]]:
         """Optimizer groups (text encoder(s), U-Net; LoRA+ groups of the output-side weights (`lora_up`) with lr x ratio)
         and their log names.
 
@@ -382,12 +388,18 @@ def unet_adapter_names(unet: nn.Module, targets: tuple[str, ...], unet_name_map:
     class is in `targets`: `<prefix>_unet_<path with . -> _>`, the path mapped by `unet_name_map` (SDXL: sgm names)."""
     for path, module in _target_modules(unet, targets):
         mapped = unet_name_map.get(path, path) if unet_name_map else path
-        yield adapter.unet_name(f"lora_unet_{mapped}".replace(".", "_")), adapter.unet_name(f"lora_unet_{path}".replace(".", "_")), module
+        yield (
+            adapter.unet_name(f"lora_unet_{mapped}".replace(".", "_")),
+            adapter.unet_name(f"lora_unet_{path}".replace(".", "_")),
+            module,
+        )
 
 
 def uses_sgm_names(unet_name_map: dict[str, str] | None) -> bool:
     """True for SDXL-style maps to sgm names (input_blocks / middle_block / output_blocks)."""
-    return bool(unet_name_map) and any(v.startswith(("input_blocks", "middle_block", "output_blocks")) for v in unet_name_map.values())
+    return bool(unet_name_map) and any(
+        v.startswith(("input_blocks", "middle_block", "output_blocks")) for v in unet_name_map.values()
+    )
 
 
 def rename_aliases(state_dict: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -413,7 +425,7 @@ def _target_modules(root: nn.Module, target_classes: tuple[str, ...]):
                 yield f"{name}.{child_name}" if name else child_name, child
 
 
-def parse_network_args(pairs: list[str] | None) -> dict[str, str]:
+def parse_network_args(pairs: list[str] | None, module: str = "networks.lora") -> dict[str, str]:
     """`--network_args k=v ...` -> dict; unknown keys are an error naming the valid ones."""
     args = {}
     for pair in pairs or []:
@@ -423,7 +435,7 @@ def parse_network_args(pairs: list[str] | None) -> dict[str, str]:
         args[key.strip()] = value.strip()
     unknown = sorted(set(args) - KNOWN_ARGS)
     if unknown:
-        raise ValueError(f"unknown --network_args for networks.lora: {', '.join(unknown)}; valid: {', '.join(sorted(KNOWN_ARGS))}")
+        raise ValueError(f"unknown --network_args for {module}: {', '.join(unknown)}; valid: {', '.join(sorted(KNOWN_ARGS))}")
     return args
 
 
@@ -436,16 +448,23 @@ def create_network(
     neuron_dropout: float | None = None,
     unet_name_map: dict[str, str] | None = None,
     te_prefixes: list[str] | None = None,
+    adapter: AdapterType | None = None,
     **kwargs: str,
 ) -> LoRANetwork:
-    """sd-scripts' entry point: build a network from --network_dim/--network_alpha and --network_args."""
-    args = parse_network_args([f"{k}={v}" for k, v in kwargs.items()])
+    """sd-scripts' entry point: build a network from --network_dim/--network_alpha and --network_args (of `adapter`'s
+    type, LoRA by default)."""
+    adapter, kwargs = (adapter or LORA).with_options(kwargs)
+    args = parse_network_args([f"{k}={v}" for k, v in kwargs.items()], adapter.module)
     count = NUM_SDXL_BLOCKS if uses_sgm_names(unet_name_map) else NUM_SD_BLOCKS
 
     def blocks(key: str, cast=float) -> list | None:
         return _parse_list(args[key], key, count, cast) if key in args else None
 
-    block_dims, conv_block_dims, conv_block_alphas = blocks("block_dims", int), blocks("conv_block_dims", int), blocks("conv_block_alphas")
+    block_dims, conv_block_dims, conv_block_alphas = (
+        blocks("block_dims", int),
+        blocks("conv_block_dims", int),
+        blocks("conv_block_alphas"),
+    )
     conv_alpha = float(args["conv_alpha"]) if "conv_alpha" in args else 1.0  # sd-scripts' default conv alpha
     if block_dims is not None and conv_block_dims is None and "conv_dim" in args:
         conv_block_dims = [int(args["conv_dim"])] * count  # block dims with conv_dim: the same conv rank in every block
@@ -471,6 +490,7 @@ def create_network(
         loraplus_lr_ratio=_float_arg(args, "loraplus_lr_ratio"),
         loraplus_unet_lr_ratio=_float_arg(args, "loraplus_unet_lr_ratio"),
         loraplus_text_encoder_lr_ratio=_float_arg(args, "loraplus_text_encoder_lr_ratio"),
+        adapter=adapter,
     )
 
 
@@ -493,11 +513,13 @@ def create_network_from_weights(
     unet: nn.Module,
     unet_name_map: dict[str, str] | None = None,
     te_prefixes: list[str] | None = None,
+    adapter: AdapterType | None = None,
     **kwargs: str,
 ) -> LoRANetwork:
     """A network shaped like the file (`--dim_from_weights`); loads nothing yet."""
-    args = parse_network_args([f"{k}={v}" for k, v in kwargs.items()])
-    dims, alphas = dims_from_weights(state_dict)
+    adapter, kwargs = (adapter or LORA).with_options(kwargs)
+    args = parse_network_args([f"{k}={v}" for k, v in kwargs.items()], adapter.module)
+    dims, alphas = adapter.dims_of_file(state_dict)
     return LoRANetwork(
         text_encoders,
         unet,
@@ -512,4 +534,5 @@ def create_network_from_weights(
         loraplus_lr_ratio=_float_arg(args, "loraplus_lr_ratio"),
         loraplus_unet_lr_ratio=_float_arg(args, "loraplus_unet_lr_ratio"),
         loraplus_text_encoder_lr_ratio=_float_arg(args, "loraplus_text_encoder_lr_ratio"),
+        adapter=adapter,
     )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -31,8 +32,8 @@ from torch import nn
 from library.flux_models import flux_lora_targets
 from networks.adapter import AdapterModule, AdapterType
 from networks.lora import (
-    TEXT_ENCODER_TARGETS,
     LORA,
+    TEXT_ENCODER_TARGETS,
     LoRAModule,
     LoRANetwork,
     _float_arg,
@@ -431,10 +432,12 @@ class FluxLoRANetwork(LoRANetwork):
         """(adapter name, [diffusers Linear paths fused into it]) of everything the transformer can adapt."""
         return [(self.adapter.unet_name(name), paths) for name, paths in transformer_candidates(transformer)]
 
-    def transformer_lora(self, name: str, modules: list[nn.Module], rank: int, alpha: float | None, common: dict) -> AdapterModule:
+    def transformer_lora(
+        self, name: str, modules: list[nn.Module], rank: int, alpha: float | None, common: dict
+    ) -> AdapterModule:
         """The adapter of one candidate: plain for one module, fused (split with split_qkv) for several; another
         adapter type's module over all of them."""
-        if self.adapter is not LORA:
+        if not self.adapter.is_lora:
             return self.adapter.build(name, modules, rank, alpha, common)
         if len(modules) == 1:
             return LoRAModule(name, modules[0], rank, alpha, **common)
@@ -630,29 +633,51 @@ def create_network(
     text_encoders,
     transformer: nn.Module,
     neuron_dropout: float | None = None,
+    adapter: AdapterType | None = None,
     **network_args,
 ) -> FluxLoRANetwork:
-    """sd-scripts' entry point: text_encoders = [CLIP-L, T5] (either may be None); network_args as strings or values."""
-    args = check_network_args(dict(network_args))
+    """sd-scripts' entry point: text_encoders = [CLIP-L, T5] (either may be None); network_args as strings or values;
+    `adapter`: the module type (LoRA by default)."""
+    adapter, args = typed_args(adapter, network_args)
     dim = network_dim or 4
     dims = flux_module_dims(text_encoders, transformer, dim, args)
     alphas = dict.fromkeys(dims, network_alpha)
     return FluxLoRANetwork(
-        text_encoders, transformer, dims, alphas, multiplier=multiplier, **_network_kwargs(args, neuron_dropout)
+        text_encoders, transformer, dims, alphas, multiplier=multiplier, adapter=adapter, **_network_kwargs(args, neuron_dropout)
     )
 
 
 def create_network_from_weights(
-    multiplier: float, state_dict: dict[str, torch.Tensor], text_encoders, transformer, **network_args
+    multiplier: float,
+    state_dict: dict[str, torch.Tensor],
+    text_encoders,
+    transformer,
+    adapter: AdapterType | None = None,
+    **network_args,
 ) -> FluxLoRANetwork:
     """A network shaped like the file (kohya FLUX or diffusers/PEFT layout); loads nothing yet. With split_qkv, a
     block-diagonal fused adapter of rank n*r gives parts of rank r, any other fused adapter of rank R parts of rank R."""
-    args = check_network_args(dict(network_args))
+    adapter, args = typed_args(adapter, network_args)
     kwargs = _network_kwargs(args)
-    if is_peft_layout(state_dict):
-        state_dict = peft_to_kohya(state_dict, transformer)
-    dims, alphas = split_aware_dims(state_dict, split_targets(transformer) if kwargs["split_qkv"] else {})
-    return FluxLoRANetwork(text_encoders, transformer, dims, alphas, multiplier=multiplier, **kwargs)
+    if not adapter.is_lora:
+        dims, alphas = adapter.dims_of_file(state_dict)
+    else:
+        if is_peft_layout(state_dict):
+            state_dict = peft_to_kohya(state_dict, transformer)
+        dims, alphas = split_aware_dims(state_dict, split_targets(transformer) if kwargs["split_qkv"] else {})
+    return FluxLoRANetwork(text_encoders, transformer, dims, alphas, multiplier=multiplier, adapter=adapter, **kwargs)
+
+
+def typed_args(
+    adapter: AdapterType | None, network_args: dict, check: Callable[..., dict] | None = None
+) -> tuple[AdapterType, dict]:
+    """(the adapter type with its own network_args, the family's network_args checked by `check` (FLUX's by
+    default)); split_qkv is LoRA's alone."""
+    adapter, args = (adapter or LORA).with_options(dict(network_args))
+    args = (check or check_network_args)(args, module=adapter.module)
+    if not adapter.is_lora and _parse_bool(args.get("split_qkv", False), "split_qkv"):
+        raise ValueError(f"network_args split_qkv: only LoRA splits fused layers; {adapter.name} adapts the fused weight")
+    return adapter, args
 
 
 def split_aware_dims(state_dict: dict[str, torch.Tensor], fused: dict[str, list[int]]) -> tuple[dict[str, int], dict[str, float]]:

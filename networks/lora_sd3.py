@@ -42,7 +42,7 @@ from torch import nn
 
 from library.sd3_models import sd3_transformer_to_sai
 from networks.adapter import AdapterModule, AdapterType
-from networks.lora import LORA, LoRAModule, dims_from_weights
+from networks.lora import LoRAModule, dims_from_weights
 from networks.lora_flux import (
     KNOWN_ARGS as FLUX_KNOWN_ARGS,
 )
@@ -60,6 +60,7 @@ from networks.lora_flux import (
     split_aware_dims,
     split_targets,
     te_candidates,
+    typed_args,
 )
 
 logger = logging.getLogger(__name__)
@@ -278,9 +279,11 @@ class SD3LoRANetwork(FluxLoRANetwork):
     def transformer_candidates(self, transformer) -> list[tuple[str, list[str]]]:
         return [(self.adapter.unet_name(name), paths) for name, paths in _candidates(transformer)]
 
-    def transformer_lora(self, name: str, modules: list[nn.Module], rank: int, alpha: float | None, common: dict) -> AdapterModule:
+    def transformer_lora(
+        self, name: str, modules: list[nn.Module], rank: int, alpha: float | None, common: dict
+    ) -> AdapterModule:
         order = _row_orders(self._transformer[0]).get(self.adapter.unet_name(name, back=True))
-        if order is not None and self.adapter is not LORA:
+        if order is not None and not self.adapter.is_lora:
             return self.adapter.build(name, modules, rank, alpha, {**common, "row_order": order})
         if order is not None:
             return RowOrderLoRAModule(name, modules[0], rank, alpha, order, **common)
@@ -303,9 +306,9 @@ def sd3_peft_to_kohya(state_dict: dict[str, torch.Tensor], transformer) -> dict[
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _check_args(args: dict) -> dict:
+def _check_args(args: dict, module: str = "networks.lora_sd3") -> dict:
     try:
-        return check_network_args(args, KNOWN_ARGS, UNSUPPORTED_ARGS, "networks.lora_sd3")
+        return check_network_args(args, KNOWN_ARGS, UNSUPPORTED_ARGS, module)
     except ValueError as e:
         flux = [k for k in args if k in _FLUX_ONLY]
         if flux:
@@ -351,28 +354,39 @@ def create_network(
     text_encoders,
     transformer: nn.Module,
     neuron_dropout: float | None = None,
+    adapter: AdapterType | None = None,
     **network_args,
 ) -> SD3LoRANetwork:
     """sd-scripts' entry point: text_encoders = [CLIP-L, CLIP-G, T5] (any may be None); network_args as strings or
-    values (see the module docstring)."""
-    args = _check_args(dict(network_args))
+    values (see the module docstring); `adapter`: the module type (LoRA by default)."""
+    adapter, args = typed_args(adapter, network_args, _check_args)
     dims = sd3_module_dims(text_encoders, transformer, network_dim or 4, args)
     alphas = dict.fromkeys(dims, network_alpha)
-    return SD3LoRANetwork(text_encoders, transformer, dims, alphas, multiplier=multiplier, **_kwargs(args, neuron_dropout))
+    return SD3LoRANetwork(
+        text_encoders, transformer, dims, alphas, multiplier=multiplier, adapter=adapter, **_kwargs(args, neuron_dropout)
+    )
 
 
 def create_network_from_weights(
-    multiplier: float, state_dict: dict[str, torch.Tensor], text_encoders, transformer, **network_args
+    multiplier: float,
+    state_dict: dict[str, torch.Tensor],
+    text_encoders,
+    transformer,
+    adapter: AdapterType | None = None,
+    **network_args,
 ) -> SD3LoRANetwork:
     """A network shaped like the file (kohya SD3 or diffusers/PEFT layout); loads nothing yet. With split_qkv, a
     block-diagonal fused qkv adapter of rank 3r gives parts of rank r, any other of rank R parts of rank R."""
-    args = _check_args(dict(network_args))
+    adapter, args = typed_args(adapter, network_args, _check_args)
     kwargs = _kwargs(args)
-    if is_peft_layout(state_dict):
-        state_dict = sd3_peft_to_kohya(state_dict, transformer)
-    fused = split_targets(transformer, _candidates(transformer)) if kwargs["split_qkv"] else {}
-    dims, alphas = split_aware_dims(state_dict, fused)
-    return SD3LoRANetwork(text_encoders, transformer, dims, alphas, multiplier=multiplier, **kwargs)
+    if not adapter.is_lora:
+        dims, alphas = adapter.dims_of_file(state_dict)
+    else:
+        if is_peft_layout(state_dict):
+            state_dict = sd3_peft_to_kohya(state_dict, transformer)
+        fused = split_targets(transformer, _candidates(transformer)) if kwargs["split_qkv"] else {}
+        dims, alphas = split_aware_dims(state_dict, fused)
+    return SD3LoRANetwork(text_encoders, transformer, dims, alphas, multiplier=multiplier, adapter=adapter, **kwargs)
 
 
 def merge_into_transformer(state_dict: dict[str, torch.Tensor], ratio: float, transformer: nn.Module, text_encoders=None) -> int:
