@@ -20,6 +20,8 @@ from torch import nn
 
 from networks.adapter import AdapterModule, AdapterType, add_scaled
 
+KILN_NETWORK = True  # kiln's network-module interface (not sd-scripts'): see library/method_adapter.py
+
 UNET_TARGETS = ("Transformer2DModel",)
 UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_ENCODER_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")

@@ -46,6 +46,8 @@ from networks.lora import (
 )
 
 T5_TARGETS = ("T5Attention", "T5DenseGatedActDense")
+KILN_NETWORK = True  # kiln's network-module interface (not sd-scripts'): see library/method_adapter.py
+
 TE_PREFIXES = ("lora_te1", "lora_te3")  # CLIP-L, T5-XXL (sd-scripts' names, "to make ComfyUI compatible")
 
 TYPE_DIM_ARGS = {  # network_arg -> the BFL module suffixes it sizes

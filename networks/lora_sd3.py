@@ -63,6 +63,8 @@ from networks.lora_flux import (
     typed_args,
 )
 
+KILN_NETWORK = True  # kiln's network-module interface (not sd-scripts'): see library/method_adapter.py
+
 logger = logging.getLogger(__name__)
 
 TE_PREFIXES = ("lora_te1", "lora_te2", "lora_te3")  # CLIP-L, CLIP-G, T5-XXL (sd-scripts' names)
