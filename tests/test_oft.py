@@ -1,0 +1,262 @@
+"""networks.oft / networks.oft_flux: sd-scripts' OFT layout and maths, checked against the formula written out here
+(sd-scripts' forward: R = (I + Q)(I - Q)^-1 with an explicit inverse, W' = R^T W per block, in float64), on tiny SD1,
+SDXL, FLUX and SD3 models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from library.tiny_models import build_tiny_flux, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
+from networks import oft, oft_flux
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return build_tiny_sd()
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return build_tiny_flux()
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return build_tiny_sd3()
+
+
+def reference_rotated(weight: torch.Tensor, blocks: torch.Tensor, alpha: float, multiplier: float = 1.0) -> torch.Tensor:
+    """sd-scripts' OFT written out: constrain the norm of Q = B - B^T to alpha x rows, Cayley with an explicit
+    inverse, R_m = m (R - I) + I, W'_j = R_m,j^T W_j per block of rows (float64)."""
+    k, b, _ = blocks.shape
+    q = (blocks - blocks.transpose(1, 2)).double()
+    norm = q.norm()
+    q = q * ((torch.clamp(norm, max=alpha * weight.shape[0]) + 1e-8) / (norm + 1e-8))
+    eye = torch.eye(b, dtype=torch.float64).expand(k, b, b)
+    r = (eye + q) @ torch.linalg.inv(eye - q)
+    r = multiplier * (r - eye) + eye
+    w = weight.double().reshape(k, b, -1)
+    return torch.einsum("knm,knp->kmp", r, w).reshape(weight.shape)
+
+
+def randomize(network: nn.Module, std: float = 0.05, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def unet_output(unet, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    cfg = unet.config
+    x = torch.randn(1, cfg.in_channels, 16, 16, generator=gen)
+    ctx = torch.randn(1, 8, cfg.cross_attention_dim, generator=gen)
+    with torch.no_grad():
+        return unet(x, torch.tensor([50]), ctx).sample
+
+
+def test_sd_keys_targets_and_default_alpha(sd):
+    net = oft.create_network(1.0, 4, None, [sd["text_encoder"]], sd["unet"])
+    state = net.state_dict()
+    name = "oft_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert state[name + ".oft_blocks"].shape == (4, 8, 8) and state[name + ".oft_blocks"].abs().sum() == 0
+    assert state[name + ".alpha"].shape == () and state[name + ".alpha"].item() == pytest.approx(1e-3)
+    modules = {k.rsplit(".", 1)[0] for k in state}
+    assert all(m.rsplit("_", 1)[-1] in ("q", "k", "v", "0") and ("_attn1_" in m or "_attn2_" in m) for m in modules)
+    assert len(modules) == 4 * 2 * sum(1 for n, _ in sd["unet"].named_modules() if n.endswith("transformer_blocks.0"))
+    assert not net.text_encoder_loras  # text encoders are never adapted
+    wide = oft.create_network(1.0, 4, 1e-3, None, sd["unet"], enable_all_linear="True", enable_conv="True")
+    wide_modules = {k.rsplit(".", 1)[0] for k in wide.state_dict()}
+    assert modules < wide_modules
+    assert "oft_unet_up_blocks_1_resnets_0_conv1" in wide_modules  # a 3x3 conv
+    assert "oft_unet_down_blocks_0_attentions_0_proj_in" in wide_modules
+    assert "oft_unet_down_blocks_0_resnets_0_time_emb_proj" in wide_modules
+    out = sd["unet"].get_submodule("up_blocks.1.resnets.0.conv1").out_channels
+    assert wide.state_dict()["oft_unet_up_blocks_1_resnets_0_conv1.oft_blocks"].shape == (4, out // 4, out // 4)
+    off = oft.create_network(1.0, 4, 1e-3, None, sd["unet"], enable_all_linear="False", enable_conv="False")
+    assert {k.rsplit(".", 1)[0] for k in off.state_dict()} == modules  # "False" means false (sd-scripts: enabled)
+
+
+def test_sd_output_equals_reference_rotation_and_merge(sd):
+    unet = copy.deepcopy(sd["unet"])
+    net = oft.create_network(0.7, 4, 2e-3, None, unet, enable_all_linear=True, enable_conv=True)
+    net.apply_to(True, True)
+    randomize(net)
+    live = unet_output(unet)
+    reference = copy.deepcopy(sd["unet"])
+    state = net.state_dict()
+    clamped = 0
+    with torch.no_grad():
+        for m in net.unet_loras:
+            path = next(n for n, mod in unet.named_modules() if mod is m.org_module)
+            target = reference.get_submodule(path)
+            blocks = state[m.lora_name + ".oft_blocks"]
+            q = blocks - blocks.transpose(1, 2)
+            clamped += int(q.norm() > 2e-3 * target.weight.shape[0])
+            target.weight.copy_(reference_rotated(target.weight, blocks, 2e-3, 0.7).float())
+    assert clamped > 5  # the constraint matters for many modules
+    assert torch.allclose(live, unet_output(reference), atol=2e-5)
+    assert not torch.allclose(live, unet_output(sd["unet"]), atol=1e-3)
+    for m in net.unet_loras:
+        m.merge_to(0.7)
+    net.restore()
+    assert torch.allclose(unet_output(unet), live, atol=2e-5)
+
+
+def test_sdxl_names_are_sgm_names():
+    from library.sdxl_models import sdxl_unet_lora_name_map
+
+    parts = build_tiny_sdxl()
+    unet = parts["unet"]
+    net = oft.create_network(
+        1.0, 4, 1e-3, None, unet, unet_name_map=sdxl_unet_lora_name_map(unet), te_prefixes=["lora_te1", "lora_te2"]
+    )
+    names = {m.lora_name for m in net.unet_loras}
+    assert "oft_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k" in names
+    assert all(n.startswith(("oft_unet_input_blocks_", "oft_unet_middle_block_", "oft_unet_output_blocks_")) for n in names)
+
+
+def test_file_round_trip_and_sd_scripts_file_loads(sd, tmp_path):
+    from library.saving import load_weights_file, save_weights
+
+    unet = copy.deepcopy(sd["unet"])
+    net = oft.create_network(1.0, 4, 1e-3, None, unet, enable_conv=True)
+    net.apply_to(True, True)
+    randomize(net, seed=3)
+    live = unet_output(unet)
+    path = str(tmp_path / "oft.safetensors")
+    save_weights(path, net.state_dict(), {"ss_network_module": "networks.oft"}, None)
+    weights, _ = load_weights_file(path)
+    # sd-scripts names every module oft_unet_<diffusers path with . -> _>; a file written that way loads here
+    for m in net.unet_loras:
+        path_ = next(n for n, mod in unet.named_modules() if mod is m.org_module)
+        assert "oft_unet_" + path_.replace(".", "_") == m.lora_name
+    net.restore()
+    unet2 = copy.deepcopy(sd["unet"])
+    again = oft.create_network_from_weights(1.0, weights, None, unet2)
+    again.apply_to(True, True)
+    assert again.load_weights(weights, path) == []
+    assert torch.equal(unet_output(unet2), live)
+    assert {k: tuple(v.shape) for k, v in again.state_dict().items()} == {k: tuple(v.shape) for k, v in weights.items()}
+
+
+def test_training_moves_blocks_and_gradients_reach_them_only(sd):
+    unet = copy.deepcopy(sd["unet"])
+    unet.requires_grad_(False)
+    net = oft.create_network(1.0, 4, 1e-2, None, unet)
+    net.apply_to(True, True)
+    groups, names = net.param_groups(None, 1e-3, 1e-4)
+    assert names == ["unet"] and groups[0]["lr"] == 1e-3
+    opt = torch.optim.AdamW(groups[0]["params"], lr=1e-3)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    for _ in range(2):
+        unet_output_train = unet(
+            torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 8, unet.config.cross_attention_dim)
+        ).sample
+        unet_output_train.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    after = net.state_dict()
+    moved = [k for k in after if k.endswith(".oft_blocks") and not torch.equal(after[k], before[k])]
+    assert len(moved) == len(net.unet_loras)
+    assert all(p.grad is None for p in unet.parameters())
+
+
+def test_flux_per_part_layout_constraint_and_output(flux):
+    transformer = copy.deepcopy(flux["transformer"])
+    net = oft_flux.create_network(1.0, 4, 1e-3, None, transformer, enable_all_linear="True")
+    net.apply_to(True, True)
+    state = net.state_dict()
+    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    mlp = transformer.single_transformer_blocks[0].proj_mlp.out_features
+    qkv = "oft_unet_double_blocks_0_img_attn_qkv"
+    assert [tuple(state[f"{qkv}.oft_blocks.{i}"].shape) for i in range(3)] == [(4, hidden // 4, hidden // 4)] * 3
+    linear1 = "oft_unet_single_blocks_0_linear1"
+    assert tuple(state[f"{linear1}.oft_blocks.3"].shape) == (4, mlp // 4, mlp // 4)
+    assert tuple(state["oft_unet_double_blocks_0_img_attn_proj.oft_blocks.0"].shape) == (4, hidden // 4, hidden // 4)
+    assert f"{linear1}.oft_blocks.4" not in state and "oft_unet_double_blocks_0_img_mod_lin.oft_blocks.0" in state
+    attn_only = oft_flux.create_network(1.0, 4, 1e-3, None, flux["transformer"])
+    suffixes = {m.lora_name.split("_", 5)[-1] for m in attn_only.unet_loras}
+    assert suffixes == {"img_attn_qkv", "img_attn_proj", "txt_attn_qkv", "txt_attn_proj"}
+    randomize(net, std=0.05, seed=1)
+    # the reference: each part of a fused layer rotated and constrained (alpha x its own width) on its own
+    for m in net.unet_loras:
+        parts = [state[f"{m.lora_name}.oft_blocks.{i}"] for i in range(len(m.org_modules))]
+        parts = [net.state_dict()[f"{m.lora_name}.oft_blocks.{i}"] for i in range(len(m.org_modules))]
+        expected = torch.cat([reference_rotated(o.weight, b, 1e-3) for o, b in zip(m.org_modules, parts)]).float()
+        assert torch.allclose(m.merged_weight(torch.cat([o.weight for o in m.org_modules]), 1.0), expected, atol=1e-6)
+    gen = torch.Generator().manual_seed(0)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, transformer.config.in_channels, generator=gen),
+        "encoder_hidden_states": torch.randn(1, 8, transformer.config.joint_attention_dim, generator=gen),
+        "pooled_projections": torch.randn(1, transformer.config.pooled_projection_dim, generator=gen),
+        "timestep": torch.tensor([0.5]),
+        "img_ids": torch.zeros(16, 3),
+        "txt_ids": torch.zeros(8, 3),
+        "guidance": torch.tensor([3.5]),
+    }
+    with torch.no_grad():
+        live = transformer(**inputs).sample
+        for m in net.unet_loras:
+            m.merge_to(1.0)
+        net.restore()
+        merged = transformer(**inputs).sample
+        base = flux["transformer"](**inputs).sample
+    assert torch.allclose(live, merged, atol=2e-5) and not torch.allclose(live, base, atol=1e-4)
+
+
+def test_sd3_fused_qkv_is_one_rotation(sd3):
+    transformer = copy.deepcopy(sd3["transformer"])
+    net = oft.create_network(1.0, 4, 1e-3, None, transformer, enable_all_linear=True)
+    net.apply_to(True, True)
+    randomize(net, seed=2)
+    state = net.state_dict()
+    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    name = "oft_unet_joint_blocks_0_x_block_attn_qkv"
+    assert tuple(state[name + ".oft_blocks"].shape) == (4, 3 * hidden // 4, 3 * hidden // 4)
+    assert all(".joint_blocks_" in n or n.startswith("oft_unet_joint_blocks_") for n in (m.lora_name for m in net.unet_loras))
+    module = dict(net.named_children())[name]
+    fused = torch.cat([o.weight for o in module.org_modules])
+    assert torch.allclose(
+        module.merged_weight(fused, 1.0), reference_rotated(fused, state[name + ".oft_blocks"], 1e-3).float(), atol=1e-6
+    )
+    ordered = [m for m in net.unet_loras if m.row_order is not None]  # the pre-only context block's modulation
+    assert ordered
+    m = ordered[0]
+    file_rows = m.to_file_rows(m.org_module.weight.detach())
+    expected = m.to_module_rows(reference_rotated(file_rows, state[m.lora_name + ".oft_blocks"], 1e-3).float())
+    x = torch.randn(2, m.org_module.in_features)
+    with torch.no_grad():
+        assert torch.allclose(m.org_module(x), nn.functional.linear(x, expected, m.org_module.bias), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda p: oft.create_network(1.0, 5, 1e-3, None, p["unet"]), "cannot be split into --network_dim 5"),
+        (lambda p: oft.create_network(1.0, 4, 1e-3, None, p["unet"], neuron_dropout=0.1), "OFT has no dropout"),
+        (
+            lambda p: oft.create_network(1.0, 4, 1e-3, None, p["unet"], rank_dropout="0.1"),
+            "unknown network_args for networks.oft: rank_dropout",
+        ),
+        (lambda p: oft.create_network(1.0, 4, 1e-3, None, p["unet"], enable_conv="maybe"), "must be True or False"),
+        (lambda p: oft_flux.create_network(1.0, 4, 1e-3, None, p["unet"]), "networks.oft_flux is for FLUX.1"),
+        (lambda p: oft.create_network(1.0, 4, 1e-3, None, p["unet"], loraplus_lr_ratio="4"), r"LoRA\+ does not apply to OFT"),
+    ],
+)
+def test_bad_arguments_are_errors(sd, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(sd)
+
+
+def test_oft_on_flux_and_sd3_arguments(flux, sd3):
+    with pytest.raises(ValueError, match="networks.oft_flux"):
+        oft.create_network(1.0, 4, 1e-3, None, flux["transformer"])
+    with pytest.raises(ValueError, match="no convolutions"):
+        oft.create_network(1.0, 4, 1e-3, None, sd3["transformer"], enable_conv=True)
+    with pytest.raises(ValueError, match="unknown network_args for networks.oft_flux: enable_conv"):
+        oft_flux.create_network(1.0, 4, 1e-3, None, flux["transformer"], enable_conv=True)
