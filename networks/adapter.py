@@ -174,6 +174,11 @@ class AdapterModule(nn.Module):
 
     # -- merging and max-norm ------------------------------------------------------------------------------------------
 
+    def merge_into(self, weight: torch.Tensor, ratio: float) -> None:
+        """Merge the adapter at strength `ratio` into `weight` in place (the fused weight's shape, rows in the file's
+        order, any floating dtype: the change is added in that dtype)."""
+        weight += (self.delta_weight().float().reshape(weight.shape) * ratio).to(weight.dtype)
+
     def merged_weight(self, weight: torch.Tensor, ratio: float) -> torch.Tensor:
         """The fused weight (float32, the file's rows) with this adapter merged at strength `ratio`."""
         return weight + self.delta_weight().float().reshape(weight.shape) * ratio
@@ -212,7 +217,9 @@ class AdapterType:
     parse_options(network_args) -> options: takes the type's own keys (`own_args`) out of the network_args; the
     family checks the rest. read_dims(state_dict) -> (name -> dim, name -> alpha) of a file; a dim may be anything
     `make` understands (e.g. a LoKr's factor shapes). boosts: whether LoRA+ applies (the type has output-side
-    factors)."""
+    factors). keys: the tensor-name suffixes that make a file's module one of this type (a suffix ending in "." or
+    "_" matches every suffix it starts). file_splits(tensors): the output widths of the wrapped Linears a file
+    module's tensors imply (per-part layouts), else None."""
 
     name: str
     module: str
@@ -224,6 +231,8 @@ class AdapterType:
     read_dims: Callable[[dict], tuple[dict, dict]] | None = None
     boosts: bool = True
     options: dict = field(default_factory=dict)
+    keys: tuple[str, ...] = ()
+    file_splits: Callable[[dict], list[int] | None] | None = None
 
     @property
     def is_lora(self) -> bool:
@@ -282,3 +291,110 @@ def create_typed_network_from_weights(adapter: AdapterType, multiplier: float, s
     """A network shaped like an adapter file of type `adapter`, on any family's model (loads nothing yet)."""
     module = family_network_module(denoiser)
     return module.create_network_from_weights(multiplier, state_dict, text_encoders, denoiser, adapter=adapter, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files: which type each module of an adapter file is, and the module rebuilt from its tensors (to merge it)
+# ---------------------------------------------------------------------------------------------------------------------
+
+TYPE_MODULES = ("networks.lora", "networks.oft", "networks.oft_flux", "networks.loha", "networks.lokr")
+UNSUPPORTED_KINDS = {
+    ".dora_scale": "DoRA",
+    ".diff": "full-weight difference",
+    ".w_norm": "GLoRA",
+    ".a1.weight": "GLoRA",
+    ".oft_diag": "LyCORIS diag-OFT",
+}
+
+
+def adapter_types() -> list[AdapterType]:
+    """Every adapter type kiln reads (the types its network modules define)."""
+    import importlib
+
+    found = []
+    for name in TYPE_MODULES:
+        module = importlib.import_module(name)
+        found += [v for v in vars(module).values() if isinstance(v, AdapterType) and v.module == name and v.keys]
+    return found
+
+
+def _claims(kind: AdapterType, suffix: str) -> bool:
+    return any(suffix == k or (k[-1] in "._" and suffix.startswith(k)) for k in kind.keys)
+
+
+@dataclass
+class FileModule:
+    """One module of an adapter file: its name there, its type and its tensors (suffix -> tensor, alpha included)."""
+
+    name: str
+    kind: AdapterType
+    tensors: dict[str, torch.Tensor]
+    _built: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def target_name(self) -> str:
+        """The name of the weight it adapts in kohya LoRA terms (`oft_unet_X` -> `lora_unet_X`)."""
+        return self.kind.unet_name(self.name, back=True)
+
+    def module_for(self, shape: tuple[int, ...]) -> AdapterModule:
+        """The module rebuilt from the tensors for a weight of `shape` (the fused weight; rows in the file's order);
+        ValueError when the tensors do not fit such a weight. Built once per shape."""
+        if shape not in self._built:
+            self._built[shape] = self._build(shape)
+        return self._built[shape]
+
+    def _build(self, shape: tuple[int, ...]) -> AdapterModule:
+        out, rest = shape[0], shape[1:]
+        splits = self.kind.file_splits(self.tensors) if self.kind.file_splits is not None else None
+        splits = splits or [out]
+        if sum(splits) != out:
+            raise ValueError(f"{self.name}: the {self.kind.name} module changes {sum(splits)} rows, the weight has {out}")
+        if len(rest) == 3:
+            stand_ins = [nn.Conv2d(rest[0], out, tuple(rest[1:]), bias=False, device="meta")]
+        else:
+            stand_ins = [nn.Linear(rest[0], width, bias=False, device="meta") for width in splits]
+        prefixed = {f"{self.name}.{s}": t for s, t in self.tensors.items()}
+        dims, alphas = self.kind.dims_of_file(prefixed)
+        module = self.kind.build(self.name, stand_ins, dims[self.name], alphas.get(self.name), {})
+        own = module.state_dict()
+        for suffix, tensor in self.tensors.items():
+            if suffix not in own or own[suffix].shape != tensor.shape:
+                want = tuple(own[suffix].shape) if suffix in own else "no such tensor"
+                raise ValueError(
+                    f"{self.name}.{suffix} has shape {tuple(tensor.shape)}; a {self.kind.name} module of a {list(shape)} "
+                    f"weight needs {want}"
+                )
+        missing = sorted(k for k in own if k not in self.tensors and k != "alpha")
+        if missing:
+            raise ValueError(f"{self.name}: the {self.kind.name} module has no {missing[0]}; the file is incomplete")
+        module.load_state_dict(self.tensors, strict=False)
+        module.alpha_loaded()
+        return module
+
+
+def file_modules(state_dict: dict[str, torch.Tensor], types: list[AdapterType] | None = None) -> dict[str, FileModule]:
+    """The modules of an adapter file (kohya names: `<module>.<tensor>`), each of one type of `types` (default: all
+    of kiln's). A key of no type, or a module mixing types, is a ValueError naming the key."""
+    types = adapter_types() if types is None else types
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        name, _, suffix = key.partition(".")
+        grouped.setdefault(name, {})[suffix] = value
+    modules = {}
+    for name, tensors in grouped.items():
+        kinds = {id(t): t for s in tensors if s != "alpha" for t in types if _claims(t, s)}
+        unknown = [s for s in tensors if s != "alpha" and not any(_claims(t, s) for t in types)]
+        if unknown or len(kinds) != 1:
+            key = f"{name}.{(unknown or sorted(tensors))[0]}"
+            what = next((w for frag, w in UNSUPPORTED_KINDS.items() if frag in "." + key.split(".", 1)[1]), None)
+            if unknown:
+                raise ValueError(
+                    f"{key} is not a tensor of a {', '.join(dict.fromkeys(t.name for t in types))} module"
+                    + (f" (a {what} module)" if what else "")
+                )
+            if not kinds:
+                raise ValueError(f"{key}: module {name} has no weights")
+            found = [f"{name}.{next(s for s in sorted(tensors) if _claims(t, s))} (a {t.name} tensor)" for t in kinds.values()]
+            raise ValueError(f"module {name} mixes adapter types: {' and '.join(found)}; a module is one type")
+        modules[name] = FileModule(name, next(iter(kinds.values())), tensors)
+    return modules

@@ -123,8 +123,9 @@ class LoRAModule(AdapterModule):
 
 
 LORA = AdapterType(
-    "LoRA", "networks.lora", lambda name, orgs, dim, alpha, common, options: LoRAModule(name, orgs, dim, alpha, **common)
-)
+    "LoRA", "networks.lora", lambda name, orgs, dim, alpha, common, options: LoRAModule(name, orgs, dim, alpha, **common),
+    keys=("lora_down.weight", "lora_up.weight"),
+)  # fmt: skip
 
 
 def drop_ranks(h: torch.Tensor, rank: int, p: float) -> tuple[torch.Tensor, float]:

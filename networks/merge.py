@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from library.sd3_models import PART_PREFIXES as SD3_KEY_PREFIXES
-from networks.lora import LoRANetwork, dims_from_weights, lora_delta
+from networks.adapter import FileModule, file_modules
+from networks.lora import LORA, dims_from_weights, lora_delta
 
 logger = logging.getLogger(__name__)
 
@@ -112,21 +113,25 @@ def merge_loras_svd(state_dicts: list[dict[str, torch.Tensor]], ratios: list[flo
 
 
 def merge_into_models(state_dict: dict[str, torch.Tensor], ratio: float, text_encoders: list, unet, **network_options) -> int:
-    """Add ratio x each module's delta to the model weights it adapts; returns the number of modules merged.
+    """Merge an adapter file (LoRA, OFT, LoHa, LoKr) at strength `ratio` into the model weights it adapts; returns the
+    number of modules merged. `network_options`: the family's naming (unet_name_map, te_prefixes).
 
-    Keys that match no module of these models are an error (a LoRA of another model family or architecture)."""
-    dims, alphas = dims_from_weights(state_dict)
-    network = LoRANetwork(text_encoders, unet, module_dims=dims, module_alphas=alphas, **network_options)
-    parsed = _modules(state_dict)
-    found = {m.lora_name: m for m in network.loras}
-    missing = sorted(set(parsed) - set(found))
-    if missing:
-        raise ValueError(f"{len(missing)} LoRA modules match nothing in this model, e.g. {missing[0]}; is it a LoRA for another model?")
+    Keys that match no module of these models are an error (a file of another model family or architecture)."""
+    modules = file_modules(state_dict)
+    by_target = {m.target_name: m for m in modules.values()}
+    paths = _lora_module_paths(
+        set(by_target), text_encoders, unet, network_options.get("te_prefixes") or _te_prefixes(text_encoders), network_options.get("unet_name_map")
+    )
     with torch.no_grad():
-        for name, (down, up, scale) in parsed.items():
-            weight = found[name].org_module.weight
-            weight += (lora_delta(down, up, scale) * ratio).to(weight.dtype).reshape(weight.shape)
-    return len(parsed)
+        for name, m in by_target.items():
+            i, path = paths[name]
+            weight = (text_encoders[i] if i >= 0 else unet).get_submodule(path).weight
+            m.module_for(tuple(weight.shape)).merge_into(weight.data, ratio)
+    return len(modules)
+
+
+def _te_prefixes(text_encoders: list) -> list[str]:
+    return ["lora_te"] if len(text_encoders) == 1 else [f"lora_te{i + 1}" for i in range(len(text_encoders))]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -155,7 +160,7 @@ SD3_PART_NAMES = {"transformer": "SD3 MMDiT", "clip_l": "CLIP-L", "clip_g": "CLI
 CLIP_PARTS = ("clip_l", "clip_g")  # kohya names of a CLIP keep `text_model.`
 MODEL_FLAGS = {"sd1": "--sd_model", "sd2": "--sd_model", "sdxl": "--sd_model", "flux": "--flux_model", "sd3": "--sd3_model"}
 
-Modules = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+Modules = dict[str, FileModule]  # the modules of an adapter file by the kohya LoRA name of the weight they change
 
 
 def _meta_flux_transformer(shapes: dict[str, tuple[int, ...]]):
@@ -254,8 +259,7 @@ def lora_parts(family: PartFiles, state_dict: dict[str, torch.Tensor], transform
                 f"{len(peft_left)} LoRA modules match nothing in the {family.labels['transformer']}, e.g. {min(peft_left)}"
             )
     peft_keys = {p + s for p in peft_left for s in (".lora_A.weight", ".lora_B.weight", ".alpha")}
-    check_lora_keys(state_dict, peft_keys, "kohya LoRA (lora_down/lora_up/alpha) or PEFT (lora_A/lora_B)")
-    modules = _modules(state_dict, check=False)
+    modules = _file_modules({k: v for k, v in state_dict.items() if k not in peft_keys})
     parts: dict[str, Modules] = {part: {} for part in family.parts}
     for name, module in modules.items():
         part = next((p for p, prefix in family.parts.items() if name.startswith(prefix)), None)
@@ -265,7 +269,8 @@ def lora_parts(family: PartFiles, state_dict: dict[str, torch.Tensor], transform
             )
         parts[part][name] = module
     for name in peft_left:
-        parts["transformer"][name] = state_dict[name + ".lora_A.weight"], state_dict[name + ".lora_B.weight"], 1.0
+        tensors = {"lora_down.weight": state_dict[name + ".lora_A.weight"], "lora_up.weight": state_dict[name + ".lora_B.weight"]}
+        parts["transformer"][name] = FileModule(name, LORA, {**tensors, "alpha": torch.tensor(float(tensors["lora_down.weight"].shape[0]))})
     return {p: m for p, m in parts.items() if m}
 
 
@@ -332,14 +337,11 @@ def check_targets(
             for i, (modules, _) in enumerate(loras):
                 if name not in modules:
                     continue
-                down, up, _scale = modules[name]
-                delta = (up.shape[0], down.shape[1]) if down.dim() == 2 else (up.shape[0], *down.shape[1:])
-                if up.shape[1] != down.shape[0] or torch.Size(delta).numel() != torch.Size(target).numel() or delta[0] != target[0]:
+                try:
+                    modules[name].module_for(tuple(target))
+                except ValueError as e:
                     where = key if rows is None else f"rows {rows.start}:{rows.stop} of {key}"
-                    raise ValueError(
-                        f"{_who(lora_names, i)}{name}: the LoRA changes a {list(delta)} weight but {where} in {src} is "
-                        f"{list(target)}; {hint}"
-                    )
+                    raise ValueError(f"{_who(lora_names, i)}{e}; {where} in {src} is {list(target)}; {hint}") from None
 
 
 def _plan_file(
@@ -450,7 +452,7 @@ def merge_into_file(
                 view = weight if rows is None else weight[rows]
                 for modules, ratio in loras:
                     if name in modules:
-                        view += (lora_delta(*modules[name]) * ratio).reshape(view.shape).to(merge_dtype)
+                        modules[name].module_for(tuple(view.shape)).merge_into(view, ratio)
             tensor = weight
         return tensor.to(out_dtype(dtypes[key]))
 
@@ -592,8 +594,13 @@ def sd_folder_targets(folder: str, names: set[str]) -> dict[str, Targets]:
     return files
 
 
+def _file_modules(state_dict: dict[str, torch.Tensor]) -> Modules:
+    """An adapter file's modules by the kohya LoRA name of the weight each changes."""
+    return {m.target_name: m for m in file_modules(state_dict).values()}
+
+
 def _lora_modules_of(loras: list[tuple[dict[str, torch.Tensor], float]]) -> list[tuple[Modules, float]]:
-    return [(_modules(sd), ratio) for sd, ratio in loras]
+    return [(_file_modules(sd), ratio) for sd, ratio in loras]
 
 
 def merge_into_sd_file(

@@ -144,6 +144,9 @@ class OFTModule(AdapterModule):
     def merged_weight(self, weight: torch.Tensor, ratio: float) -> torch.Tensor:
         return self.rotated(weight.float(), ratio)
 
+    def merge_into(self, weight: torch.Tensor, ratio: float) -> None:
+        weight.copy_(self.rotated(weight.float(), ratio).to(weight.dtype))
+
     def delta_weight(self) -> torch.Tensor:
         """The weight change at strength 1 (it depends on the frozen weight: W' - W)."""
         weight = self.to_file_rows(torch.cat([frozen_weight(m) for m in self._org]))
@@ -200,7 +203,7 @@ def oft_maker(per_split: bool):
 
 OFT = AdapterType(
     "OFT", "networks.oft", oft_maker(False), prefix="oft", text_encoders=False, own_args=OWN_ARGS,
-    parse_options=_parse_options, read_dims=read_oft_dims, boosts=False,
+    parse_options=_parse_options, read_dims=read_oft_dims, boosts=False, keys=("oft_blocks",),
 )  # fmt: skip
 
 

@@ -25,7 +25,18 @@ from networks.oft import OFT, check_alpha, check_no_other_args, oft_maker
 KILN_NETWORK = True  # kiln's network-module interface (not sd-scripts'): see library/method_adapter.py
 
 ATTENTION_SUFFIXES = ("img_attn_qkv", "img_attn_proj", "txt_attn_qkv", "txt_attn_proj")
-OFT_FLUX = replace(OFT, module="networks.oft_flux", make=oft_maker(True), own_args=frozenset({"enable_all_linear"}))
+
+
+def part_widths(tensors: dict[str, torch.Tensor]) -> list[int]:
+    """The output widths of a per-part OFT module's parts (`oft_blocks.N` of shape (k, b, b): k x b rows each)."""
+    parts = sorted((int(s.rsplit(".", 1)[1]), t) for s, t in tensors.items() if s.startswith("oft_blocks."))
+    return [t.shape[0] * t.shape[1] for _, t in parts]
+
+
+OFT_FLUX = replace(
+    OFT, module="networks.oft_flux", make=oft_maker(True), own_args=frozenset({"enable_all_linear"}), keys=("oft_blocks.",),
+    file_splits=part_widths,
+)  # fmt: skip
 
 
 def flux_oft_names(transformer: nn.Module, options: dict) -> list[str]:

@@ -13,8 +13,10 @@ source whatever its name (position_ids, the DDPM schedule buffers, EMA weights, 
 in their dtype, the changed ones computed in --precision (default float32) and written back in their own dtype (or
 all floating tensors in --save_precision); a folder keeps every other file (configs, tokenizers, scheduler). No
 tokenizer is needed. A single file into a folder, a folder into a single file or a built-in model is converted through
-the loaded models. Only plain LoRA (lora_down/lora_up/alpha) can be merged: any other key (OFT, LoHa, LoKr, DoRA) is
-an error naming it, and nothing is written. Into one LoRA: `--concat` puts the ranks side by side (exactly the weighted
+the loaded models. LoRA, OFT (sd-scripts' networks.oft and oft_flux layouts), LoHa and LoKr files are merged, each
+at its --ratios value (an OFT rotation R becomes ratio x (R - I) + I, as the multiplier does in training; a FLUX OFT
+file rotates each part of a fused layer's rows); any other key (DoRA, GLoRA, ...) is an error naming it, and nothing
+is written. Into one LoRA (plain LoRA files only): `--concat` puts the ranks side by side (exactly the weighted
 sum); without it, each module's sum is fitted back to the largest input rank by SVD (exact when the ranks allow, else
 the nearest; the largest relative error is printed).
 
@@ -50,6 +52,7 @@ import torch  # noqa: E402
 
 from library import quiet  # noqa: E402
 from library.saving import SAVE_DTYPES, SaveError, load_weights_file, save_weights  # noqa: E402
+from networks.adapter import file_modules  # noqa: E402
 from networks.merge import (  # noqa: E402
     FLUX_FILES,
     SD3_FILES,
@@ -295,9 +298,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for path, sd in zip(args.models, loras):
         try:
-            check_lora_keys(sd)
+            check_lora_keys(sd) if args.sd_model is None else file_modules(sd)
         except ValueError as e:
-            parser.error(f"{path}: {e}")
+            into = " (OFT, LoHa and LoKr files merge into a model: give --sd_model)" if args.sd_model is None else ""
+            parser.error(f"{path}: {e}{into}")
     try:
         if args.sd_model is None:
             merge_into_lora(args, loras, ratios, save_dtype, [metadata for _, metadata in loaded])
