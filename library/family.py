@@ -126,7 +126,7 @@ class ModelFamily(ABC):
     # --- the base model before any adapter: --base_weights merged in, then --fp8_base storage -------------------------
 
     def merge_lora(self, models: TrainModels, state_dict: dict[str, torch.Tensor], multiplier: float) -> int:
-        """Add multiplier x a LoRA file's deltas to the base weights it adapts (this family's LoRA names); returns the
+        """Merge an adapter file (LoRA, OFT, LoHa, LoKr) at `multiplier` into the base weights it adapts; returns the
         number of modules merged. Keys of another kind or matching no module are a ValueError naming one."""
         raise NotImplementedError(f"{type(self).__name__} cannot merge LoRA files into its base model")
 

@@ -131,11 +131,8 @@ class FluxFamily(ModelFamily):
         return [models.text_encoders[1]]  # T5 only: CLIP-L is small and stays in the compute dtype
 
     def merge_lora(self, models, state_dict, multiplier):
-        from networks.lora_flux import is_peft_layout, merge_into_transformer
-        from networks.merge import check_lora_keys
+        from networks.lora_flux import merge_into_transformer
 
-        if not is_peft_layout(state_dict):
-            check_lora_keys(state_dict)
         return merge_into_transformer(state_dict, multiplier, models.denoiser, models.text_encoders)
 
     def strategies(self, args, models: TrainModels):

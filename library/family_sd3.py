@@ -188,12 +188,8 @@ class Sd3Family(ModelFamily):
         return [models.text_encoders[2]]  # T5 only, as sd-scripts: the CLIPs are small and stay in the compute dtype
 
     def merge_lora(self, models, state_dict, multiplier):
-        from networks.lora_flux import is_peft_layout
         from networks.lora_sd3 import merge_into_transformer
-        from networks.merge import check_lora_keys
 
-        if not is_peft_layout(state_dict):
-            check_lora_keys(state_dict)
         return merge_into_transformer(state_dict, multiplier, models.denoiser, models.text_encoders)
 
     def strategies(self, args, models: TrainModels):

@@ -398,3 +398,28 @@ def file_modules(state_dict: dict[str, torch.Tensor], types: list[AdapterType] |
             raise ValueError(f"module {name} mixes adapter types: {' and '.join(found)}; a module is one type")
         modules[name] = FileModule(name, next(iter(kinds.values())), tensors)
     return modules
+
+
+def merge_typed_file(state_dict: dict[str, torch.Tensor], ratio: float, text_encoders, denoiser: nn.Module) -> int | None:
+    """Merge a file of one adapter type other than LoRA (OFT, LoHa, LoKr) into loaded models at strength `ratio`:
+    its network is rebuilt from the file (its type's create_network_from_weights), loaded and merged module by
+    module. Returns the number of modules merged, or None for a LoRA file (the family's LoRA merge handles those,
+    diffusers/PEFT layouts included). Modules that match nothing in the models are an error."""
+    import importlib
+
+    if any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state_dict):
+        return None
+    modules = file_modules(state_dict)
+    kinds = {m.kind.module: m.kind for m in modules.values()}
+    if set(kinds) == {"networks.lora"}:
+        return None
+    if len(kinds) > 1:
+        raise ValueError(f"the file mixes adapter types ({', '.join(k.name for k in kinds.values())}); merge one type per file")
+    network = importlib.import_module(next(iter(kinds))).create_network_from_weights(1.0, state_dict, text_encoders, denoiser)
+    missing = sorted(set(modules) - {m.lora_name for m in network.loras})
+    if missing:
+        raise ValueError(f"{len(missing)} modules match nothing in this model, e.g. {missing[0]}; is the file for another model?")
+    network.load_weights(state_dict)
+    for m in network.loras:
+        m.merge_to(ratio)
+    return len(network.loras)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from library.flux_models import flux_lora_targets
-from networks.adapter import AdapterModule, AdapterType
+from networks.adapter import AdapterModule, AdapterType, merge_typed_file
 from networks.lora import (
     LORA,
     TEXT_ENCODER_TARGETS,
@@ -704,6 +704,9 @@ def add_delta(module: LoRAModule, delta: torch.Tensor) -> None:
 def merge_into_transformer(state_dict: dict[str, torch.Tensor], ratio: float, transformer: nn.Module, text_encoders=None) -> int:
     """Add ratio x each adapter's delta to the weights it adapts (a fused adapter: each Linear gets its rows); returns
     the number of adapters merged. Keys matching no module of these models are an error."""
+    typed = merge_typed_file(state_dict, ratio, text_encoders, transformer)
+    if typed is not None:
+        return typed
     if is_peft_layout(state_dict):
         state_dict = peft_to_kohya(state_dict, transformer)
     dims, alphas = dims_from_weights(state_dict)

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from library.sd3_models import sd3_transformer_to_sai
-from networks.adapter import AdapterModule, AdapterType
+from networks.adapter import AdapterModule, AdapterType, merge_typed_file
 from networks.lora import LoRAModule, dims_from_weights
 from networks.lora_flux import (
     KNOWN_ARGS as FLUX_KNOWN_ARGS,
@@ -394,6 +394,9 @@ def create_network_from_weights(
 def merge_into_transformer(state_dict: dict[str, torch.Tensor], ratio: float, transformer: nn.Module, text_encoders=None) -> int:
     """Add ratio x each adapter's weight change to the weights it adapts (kohya SD3 or diffusers/PEFT file); returns
     the number of adapters merged. Keys matching no module of these models are an error."""
+    typed = merge_typed_file(state_dict, ratio, text_encoders, transformer)
+    if typed is not None:
+        return typed
     network = create_network_from_weights(1.0, state_dict, text_encoders, transformer)
     dims, _ = dims_from_weights(network.to_kohya(state_dict))
     missing = sorted(set(dims) - {m.lora_name for m in network.loras})

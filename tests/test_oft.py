@@ -260,3 +260,105 @@ def test_oft_on_flux_and_sd3_arguments(flux, sd3):
         oft.create_network(1.0, 4, 1e-3, None, sd3["transformer"], enable_conv=True)
     with pytest.raises(ValueError, match="unknown network_args for networks.oft_flux: enable_conv"):
         oft_flux.create_network(1.0, 4, 1e-3, None, flux["transformer"], enable_conv=True)
+
+
+def flux_inputs(transformer) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    cfg = transformer.config
+    return {
+        "hidden_states": torch.randn(1, 16, cfg.in_channels, generator=gen),
+        "encoder_hidden_states": torch.randn(1, 8, cfg.joint_attention_dim, generator=gen),
+        "pooled_projections": torch.randn(1, cfg.pooled_projection_dim, generator=gen),
+        "timestep": torch.tensor([0.5]),
+        "img_ids": torch.zeros(16, 3),
+        "txt_ids": torch.zeros(8, 3),
+        "guidance": torch.tensor([3.5]),
+    }
+
+
+def test_merge_tool_into_sd_single_file_honours_ratio(sd, tmp_path):
+    """tools/merge_lora.py merges an OFT file into an SD single file at its --ratios value (sd-scripts ignores it):
+    each adapted weight is the reference rotation at multiplier 0.5; every other tensor is untouched."""
+    from safetensors.torch import load_file, save_file
+
+    from library.ldm_names import unet_ldm_module_names
+    from library.sd_models import sd_to_ldm_state_dict
+    from tools.merge_lora import main
+
+    src = tmp_path / "sd15.safetensors"
+    state = {
+        k: v.detach().clone().contiguous()
+        for k, v in sd_to_ldm_state_dict(sd["text_encoder"], sd["vae"], sd["unet"], False).items()
+    }
+    save_file(state, str(src))
+    unet = copy.deepcopy(sd["unet"])
+    net = oft.create_network(1.0, 4, 2e-3, None, unet, enable_conv=True)
+    net.apply_to(True, True)
+    randomize(net, seed=4)
+    oft_file = tmp_path / "oft.safetensors"
+    save_file(net.state_dict(), str(oft_file))
+    out = tmp_path / "merged.safetensors"
+    assert main(["--sd_model", str(src), "--models", str(oft_file), "--ratios", "0.5", "--save_to", str(out)]) == 0
+    merged = load_file(str(out))
+    ldm = unet_ldm_module_names(unet)
+    changed = set()
+    for m in net.unet_loras:
+        path = next(n for n, mod in unet.named_modules() if mod is m.org_module)
+        key = f"model.diffusion_model.{ldm[path]}.weight"
+        expected = reference_rotated(state[key], net.state_dict()[m.lora_name + ".oft_blocks"], 2e-3, 0.5).float()
+        assert torch.allclose(merged[key], expected, atol=1e-6), key
+        changed.add(key)
+    assert all(torch.equal(merged[k], v) for k, v in state.items() if k not in changed)
+
+
+def test_merge_tool_into_flux_file_rotates_each_part_and_equals_live(flux, tmp_path):
+    """A FLUX OFT file merged into the BFL file: the fused qkv and linear1 rows are rotated part by part (sd-scripts
+    concatenates the parts on the wrong axis); the merged model's output equals the live network's at the ratio."""
+    from safetensors.torch import load_file, save_file
+
+    from library.flux_models import save_flux_transformer_bfl, transformer_from_bfl
+    from tools.merge_lora import main
+
+    transformer = copy.deepcopy(flux["transformer"])
+    src = tmp_path / "flux.safetensors"
+    save_flux_transformer_bfl(str(src), transformer)
+    net = oft_flux.create_network(1.0, 4, 1e-3, None, transformer, enable_all_linear=True)
+    net.apply_to(True, True)
+    randomize(net, seed=5)
+    oft_file = tmp_path / "oft.safetensors"
+    save_file(net.state_dict(), str(oft_file))
+    out = tmp_path / "merged.safetensors"
+    assert main(["--flux_model", str(src), "--models", str(oft_file), "--ratios", "0.7", "--save_to", str(out)]) == 0
+    net.set_multiplier(0.7)
+    inputs = flux_inputs(transformer)
+    with torch.no_grad():
+        live = transformer(**inputs).sample
+        merged = transformer_from_bfl(load_file(str(out)), dtype=torch.float32)(**inputs).sample
+        base = flux["transformer"](**inputs).sample
+    assert torch.allclose(merged, live, atol=2e-5) and not torch.allclose(merged, base, atol=1e-4)
+
+
+def test_base_weights_merge_in_memory(sd, flux):
+    """--base_weights with an OFT file: the loaded models' weights become the live network's at the multiplier."""
+    from networks.adapter import merge_typed_file
+    from networks.merge import merge_into_models
+
+    unet = copy.deepcopy(sd["unet"])
+    net = oft.create_network(1.0, 4, 2e-3, None, unet)
+    net.apply_to(True, True)
+    randomize(net, seed=6)
+    net.set_multiplier(0.3)
+    live = unet_output(unet)
+    target = copy.deepcopy(sd["unet"])
+    assert merge_into_models(net.state_dict(), 0.3, [sd["text_encoder"]], target) == len(net.unet_loras)
+    assert torch.allclose(unet_output(target), live, atol=2e-5)
+    transformer = copy.deepcopy(flux["transformer"])
+    fnet = oft_flux.create_network(1.0, 4, 1e-3, None, transformer)
+    fnet.apply_to(True, True)
+    randomize(fnet, seed=7)
+    with torch.no_grad():
+        flive = transformer(**flux_inputs(transformer)).sample
+    ftarget = copy.deepcopy(flux["transformer"])
+    assert merge_typed_file(fnet.state_dict(), 1.0, None, ftarget) == len(fnet.unet_loras)
+    with torch.no_grad():
+        assert torch.allclose(ftarget(**flux_inputs(ftarget)).sample, flive, atol=2e-5)
