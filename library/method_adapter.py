@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from library import saving
+from library import foreign_network, saving
 from library.family import ModelFamily, TrainModels
 from library.method import TrainingMethod
 
@@ -20,20 +20,38 @@ def import_network_module(name: str):
     try:
         module = importlib.import_module(name)
     except ImportError as e:
-        raise ValueError(f"--network_module {name} cannot be imported ({e}); kiln's LoRA module is networks.lora") from None
+        raise ValueError(
+            f"--network_module {name} cannot be imported ({e}); kiln's own modules are networks.lora, "
+            "networks.lora_flux and networks.lora_sd3, and a third-party module (e.g. lycoris.kohya of the "
+            "lycoris-lora package) must be installed in this Python environment"
+        ) from None
     if not hasattr(module, "create_network"):
         raise ValueError(f"--network_module {name} has no create_network(); it is not a network module")
     return module
 
 
+def network_module_problem(args, family: ModelFamily) -> str | None:
+    """A --network_module that cannot be imported, or a third-party one for a family kiln cannot train it on."""
+    name = args.network_module or "networks.lora"
+    try:
+        module = import_network_module(name)
+    except ValueError as e:
+        return str(e)
+    return foreign_network.family_problem(name, family) if foreign_network.is_foreign(module) else None
+
+
 def build_network(args, family: ModelFamily, models: TrainModels, train_te: bool, train_unet: bool):
-    """The adapter network of --network_module on the models, applied to them, with --network_weights loaded.
-    Raises ValueError with a message for the user."""
-    module = import_network_module(args.network_module or "networks.lora")
+    """The adapter network of --network_module on the models, applied to them, with --network_weights loaded (a
+    third-party module, without kiln's KILN_NETWORK mark, through library/foreign_network.py). Raises ValueError with
+    a message for the user."""
+    name = args.network_module or "networks.lora"
+    module = import_network_module(name)
     net_kwargs = dict(kv.split("=", 1) for kv in (args.network_args or []) if "=" in kv)
     bad = [kv for kv in (args.network_args or []) if "=" not in kv]
     if bad:
         raise ValueError(f"--network_args entries look like key=value, got {bad[0]!r}")
+    if foreign_network.is_foreign(module):
+        return foreign_network.build_foreign_network(name, module, args, family, models, net_kwargs, train_te, train_unet)
     options = family.lora_options(models)
     if args.dim_from_weights:
         weights, _ = saving.load_weights_file(args.network_weights)
@@ -163,6 +181,7 @@ class AdapterMethod(TrainingMethod):
                 if lr is not None and lr < 0:
                     problems.append(f"--{flag} {lr}: a learning rate cannot be negative")
         problems.append(learning_rate_problem(args))
+        problems.append(network_module_problem(args, family))
         if args.network_weights:
             problems.append(network_weights_problem(args.network_weights, family))
         return [p for p in problems if p]
@@ -212,6 +231,8 @@ class AdapterMethod(TrainingMethod):
         multiplier = float(batch["network_multipliers"][0])
         if multiplier != self.network.multiplier:
             self.network.set_multiplier(multiplier)
+        if isinstance(self.network, foreign_network.ForeignNetwork):
+            self.network.before_batch()  # the module's on_step_start
 
     def before_optimizer_step(self) -> None:
         if self.masters:
@@ -241,7 +262,10 @@ class AdapterMethod(TrainingMethod):
             self.network.train()
 
     def train_mode(self) -> None:
-        self.network.train()
+        if isinstance(self.network, foreign_network.ForeignNetwork):
+            self.network.start_epoch()  # the module's on_epoch_start
+        else:
+            self.network.train()
 
     # -- checkpoints and states -----------------------------------------------------------------------------------
 
