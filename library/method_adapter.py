@@ -22,7 +22,8 @@ def import_network_module(name: str):
     except ImportError as e:
         raise ValueError(
             f"--network_module {name} cannot be imported ({e}); kiln's own modules are networks.lora, "
-            "networks.lora_flux and networks.lora_sd3, and a third-party module (e.g. lycoris.kohya of the "
+            "networks.lora_flux, networks.lora_sd3, networks.oft, networks.oft_flux, networks.loha and networks.lokr, and "
+            "a third-party module (e.g. lycoris.kohya of the "
             "lycoris-lora package) must be installed in this Python environment"
         ) from None
     if not hasattr(module, "create_network"):
@@ -37,7 +38,20 @@ def network_module_problem(args, family: ModelFamily) -> str | None:
         module = import_network_module(name)
     except ValueError as e:
         return str(e)
-    return foreign_network.family_problem(name, family) if foreign_network.is_foreign(module) else None
+    if foreign_network.is_foreign(module):
+        return foreign_network.family_problem(name, family)
+    if args.scale_weight_norms and not getattr(module, "LIMITS_WEIGHT_NORMS", True):
+        return f"--scale_weight_norms: {name} adapters are not a weight change with a norm to limit (OFT rotates)"
+    return None
+
+
+def adapts_text_encoders(args) -> bool:
+    """Whether --network_module can adapt text encoders at all (OFT never does: its modules' flag says so)."""
+    try:
+        module = import_network_module(args.network_module or "networks.lora")
+    except ValueError:
+        return True  # reported by network_module_problem
+    return getattr(module, "ADAPTS_TEXT_ENCODERS", True)
 
 
 def build_network(args, family: ModelFamily, models: TrainModels, train_te: bool, train_unet: bool):
@@ -182,18 +196,20 @@ class AdapterMethod(TrainingMethod):
                     problems.append(f"--{flag} {lr}: a learning rate cannot be negative")
         problems.append(learning_rate_problem(args))
         problems.append(network_module_problem(args, family))
+        if args.network_train_text_encoder_only and not adapts_text_encoders(args):
+            problems.append(f"--network_train_text_encoder_only: {args.network_module} adapts no text encoder")
         if args.network_weights:
             problems.append(network_weights_problem(args.network_weights, family))
         return [p for p in problems if p]
 
     def trains_text_encoders(self, args) -> bool:
-        return not args.network_train_unet_only
+        return not args.network_train_unet_only and adapts_text_encoders(args)
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
     def build(self, args, family: ModelFamily, models: TrainModels) -> None:
         self.args = args
-        self.train_te = not args.network_train_unet_only
+        self.train_te = self.trains_text_encoders(args)
         self.train_unet = not args.network_train_text_encoder_only
         self.network = build_network(args, family, models, self.train_te, self.train_unet)
         self.masters = None

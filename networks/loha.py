@@ -223,6 +223,7 @@ LOHA = AdapterType(
     parse_options=_parse_options,
     read_dims=loha_file_dims,
     boosts=True,
+    keys=("hada_",),
 )
 
 

@@ -268,6 +268,7 @@ LOKR = AdapterType(
     parse_options=_parse_options,
     read_dims=lokr_file_dims,
     boosts=False,
+    keys=("lokr_",),
 )
 
 

@@ -37,6 +37,8 @@ from torch import nn
 from networks.adapter import AdapterModule, AdapterType, apply_weight, family_network_module, frozen_weight
 
 KILN_NETWORK = True  # kiln's network-module interface (not sd-scripts'): see library/method_adapter.py
+ADAPTS_TEXT_ENCODERS = False  # OFT adapts the U-Net / transformer only (as sd-scripts)
+LIMITS_WEIGHT_NORMS = False  # a rotation: --scale_weight_norms does not apply
 
 logger = logging.getLogger(__name__)
 

@@ -23,6 +23,8 @@ from networks.adapter import AdapterType
 from networks.oft import OFT, check_alpha, check_no_other_args, oft_maker
 
 KILN_NETWORK = True  # kiln's network-module interface (not sd-scripts'): see library/method_adapter.py
+ADAPTS_TEXT_ENCODERS = False  # OFT adapts the U-Net / transformer only (as sd-scripts)
+LIMITS_WEIGHT_NORMS = False  # a rotation: --scale_weight_norms does not apply
 
 ATTENTION_SUFFIXES = ("img_attn_qkv", "img_attn_proj", "txt_attn_qkv", "txt_attn_proj")
 

@@ -630,3 +630,39 @@ def test_train_network_lokr_end_to_end(tiny_sd, sd1, tmp_path):
         assert network.state_dict().keys() == file.keys()
         assert all(torch.equal(v, file[k]) for k, v in network.state_dict().items())
         network.restore()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tools/merge_lora.py: LoHa / LoKr files merged into model files at their --ratios value
+
+
+@pytest.mark.parametrize("variant", ["loha_tucker", "lokr_both"])
+def test_merge_tool_into_sd_single_file_adds_the_lycoris_change(sd1, variant, tmp_path):
+    """Every adapted weight of the merged SD single file is W + ratio x the lycoris change of the file's module (the
+    text encoder's and the 3x3 convs' included); every other tensor is bit-identical."""
+    from library.ldm_names import text_encoder_ldm_param_names, unet_ldm_module_names
+    from library.sd_models import sd_to_ldm_state_dict
+    from tools.merge_lora import main
+
+    unet, te = sd1["unet"], sd1["text_encoder"]
+    state = {k: v.detach().clone().contiguous() for k, v in sd_to_ldm_state_dict(te, sd1["vae"], unet, False).items()}
+    save_file(state, str(tmp_path / "sd.safetensors"))
+    net = make(variant, [te], unet, **SD_CONV)
+    randomize(net, std=0.3)
+    file = saved(net)
+    save_file(file, str(tmp_path / "a.safetensors"))
+    argv = ["--sd_model", tmp_path / "sd.safetensors", "--models", tmp_path / "a.safetensors", "--ratios", "0.4"]
+    assert main([str(a) for a in argv + ["--save_to", tmp_path / "m.safetensors"]]) == 0
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    ldm, te_names = unet_ldm_module_names(unet), text_encoder_ldm_param_names(te)
+    changed = set()
+    for m in net.loras:
+        path = next(n for n, mod in (unet if "_unet_" in m.lora_name else te).named_modules() if mod is m.org_module)
+        if "_unet_" in m.lora_name:
+            key = f"model.diffusion_model.{ldm[path]}.weight"
+        else:
+            key = "cond_stage_model.transformer." + te_names[path + ".weight"]
+        expected = state[key].double() + lycoris_delta(file, m.lora_name).reshape(state[key].shape) * 0.4
+        torch.testing.assert_close(merged[key].double(), expected, rtol=1e-5, atol=1e-6, msg=key)
+        changed.add(key)
+    assert len(changed) == len(net.loras) and all(torch.equal(merged[k], v) for k, v in state.items() if k not in changed)

@@ -434,3 +434,22 @@ def test_flux_train_network_oft_flux_with_fp8_block_swap_and_checkpointing(datas
     assert all(v.abs().sum() > 0 for k, v in weights.items() if ".oft_blocks." in k)
     net = oft_flux.create_network_from_weights(1.0, weights, None, build_tiny_flux()["transformer"])
     assert net.load_weights(weights) == []
+
+
+def test_oft_runs_are_checked_as_unet_only():
+    """OFT adapts no text encoder: text-encoder outputs can be cached without --network_train_unet_only, and the flags
+    that cannot apply (--scale_weight_norms, --network_train_text_encoder_only) are refused before anything loads."""
+    from library.family_sdxl import SdxlFamily
+    from library.method_adapter import AdapterMethod
+    from library.train_script import training_parser
+
+    family, method = SdxlFamily(), AdapterMethod()
+    parser = training_parser(family, "test")
+    base = ["--pretrained_model_name_or_path", "kiln-tiny-sdxl", "--output_dir", "out", "--network_module"]
+    args = parser.parse_args([*base, "networks.oft", "--cache_text_encoder_outputs"])
+    assert method.argument_problems(args, family) == [] and not method.trains_text_encoders(args)
+    assert method.trains_text_encoders(parser.parse_args([*base, "networks.lora"]))
+    problems = method.argument_problems(parser.parse_args([*base, "networks.oft", "--scale_weight_norms", "1"]), family)
+    assert len(problems) == 1 and "--scale_weight_norms" in problems[0]
+    problems = method.argument_problems(parser.parse_args([*base, "networks.oft", "--network_train_text_encoder_only"]), family)
+    assert any("adapts no text encoder" in p for p in problems)
