@@ -263,7 +263,13 @@ class AdapterType:
         if self.read_dims is None:
             from networks.lora import dims_from_weights
 
-            return dims_from_weights(state_dict)
+            dims, alphas = dims_from_weights(state_dict)
+            if not dims and state_dict:
+                kinds = {m.kind.module for m in file_modules(state_dict).values()}
+                raise ValueError(
+                    f"the weights hold no LoRA modules (lora_down/lora_up) but {', '.join(sorted(kinds))} ones: use that --network_module"
+                )
+            return dims, alphas
         return self.read_dims(state_dict)
 
 

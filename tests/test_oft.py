@@ -453,3 +453,11 @@ def test_oft_runs_are_checked_as_unet_only():
     assert len(problems) == 1 and "--scale_weight_norms" in problems[0]
     problems = method.argument_problems(parser.parse_args([*base, "networks.oft", "--network_train_text_encoder_only"]), family)
     assert any("adapts no text encoder" in p for p in problems)
+
+
+def test_an_oft_file_given_to_networks_lora_names_its_module(sd):
+    from networks import lora
+
+    weights = oft.create_network(1.0, 4, 1e-3, None, sd["unet"]).state_dict()
+    with pytest.raises(ValueError, match="networks.oft"):
+        lora.create_network_from_weights(1.0, weights, [sd["text_encoder"]], sd["unet"])
