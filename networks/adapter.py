@@ -23,6 +23,19 @@ import torch
 from torch import nn
 
 
+def parse_flag(value, key: str) -> bool:
+    """A network_arg switch given as a string ("True", "false", "1", ...) or a value; anything else is an error
+    (sd-scripts reads "False" as true)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", "none", ""):
+        return False
+    raise ValueError(f"network_args {key} must be True or False, got {value!r}")
+
+
 def frozen_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight of a wrapped module in `dtype` (an fp8-stored Linear's dequantised weight)."""
     dequantized = getattr(module, "dequantized_weight", None)
@@ -291,6 +304,30 @@ def create_typed_network(adapter: AdapterType, multiplier: float, network_dim, n
     return family_network_module(denoiser).create_network(
         multiplier, network_dim, network_alpha, text_encoders, denoiser, adapter=adapter, **kwargs
     )
+
+
+def typed_entry_points(adapter: AdapterType, check: Callable[[nn.Module, str], None] | None = None):
+    """(create_network, create_network_from_weights): sd-scripts' entry points of a network module whose type works
+    on every family (create_typed_network / create_typed_network_from_weights), each network then passed to
+    `check(network, module name)`."""
+
+    def create_network(multiplier: float, network_dim, network_alpha, text_encoders, denoiser, neuron_dropout=None, **kwargs):
+        """sd-scripts' entry point: a network of this type on any kiln family's model (its targets, names, network_args)."""
+        network = create_typed_network(
+            adapter, multiplier, network_dim, network_alpha, text_encoders, denoiser, neuron_dropout=neuron_dropout, **kwargs
+        )
+        if check is not None:
+            check(network, adapter.module)
+        return network
+
+    def create_network_from_weights(multiplier: float, state_dict, text_encoders, denoiser, **kwargs):
+        """A network of this type shaped like the file (its layout and alphas); loads nothing yet."""
+        network = create_typed_network_from_weights(adapter, multiplier, state_dict, text_encoders, denoiser, **kwargs)
+        if check is not None:
+            check(network, adapter.module)
+        return network
+
+    return create_network, create_network_from_weights
 
 
 def create_typed_network_from_weights(adapter: AdapterType, multiplier: float, state_dict, text_encoders, denoiser, **kwargs):

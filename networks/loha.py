@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from networks.adapter import AdapterModule, AdapterType, create_typed_network, create_typed_network_from_weights
+from networks.adapter import AdapterModule, AdapterType, parse_flag, typed_entry_points
 
 KILN_NETWORK = True  # kiln's network-module interface (not sd-scripts'): see library/method_adapter.py
 
@@ -41,18 +41,6 @@ KILN_NETWORK = True  # kiln's network-module interface (not sd-scripts'): see li
 # ---------------------------------------------------------------------------------------------------------------------
 # Shared with networks.lokr
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def parse_bool(value, key: str) -> bool:
-    """A network_arg given as a string ("True", "false", "1", ...) or a value, as a bool; anything else is an error."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no", "none", ""):
-        return False
-    raise ValueError(f"network_args {key} must be True or False, got {value!r}")
 
 
 def weight_shape(org_modules: list[nn.Module]) -> tuple[int, int, tuple[int, ...]]:
@@ -195,7 +183,7 @@ def _make(name: str, org_modules: list[nn.Module], dim, alpha: float | None, com
 
 
 def _parse_options(args: dict) -> dict:
-    return {"use_tucker": parse_bool(args.get("use_tucker", False), "use_tucker"), "given": frozenset(args)}
+    return {"use_tucker": parse_flag(args.get("use_tucker", False), "use_tucker"), "given": frozenset(args)}
 
 
 def loha_file_dims(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, LoHaShape], dict[str, float | None]]:
@@ -227,25 +215,4 @@ LOHA = AdapterType(
 )
 
 
-def create_network(
-    multiplier: float,
-    network_dim: int | None,
-    network_alpha: float | None,
-    text_encoders,
-    denoiser: nn.Module,
-    neuron_dropout: float | None = None,
-    **kwargs,
-):
-    """sd-scripts' entry point: a LoHa network on any kiln family's model (its targets, names and network_args)."""
-    network = create_typed_network(
-        LOHA, multiplier, network_dim, network_alpha, text_encoders, denoiser, neuron_dropout=neuron_dropout, **kwargs
-    )
-    check_tucker_used(network, LOHA.module)
-    return network
-
-
-def create_network_from_weights(multiplier: float, state_dict: dict[str, torch.Tensor], text_encoders, denoiser, **kwargs):
-    """A LoHa network shaped like the file (ranks, Tucker layout and alphas from it); loads nothing yet."""
-    network = create_typed_network_from_weights(LOHA, multiplier, state_dict, text_encoders, denoiser, **kwargs)
-    check_tucker_used(network, LOHA.module)
-    return network
+create_network, create_network_from_weights = typed_entry_points(LOHA, check_tucker_used)

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from networks.adapter import AdapterModule, AdapterType, create_typed_network, create_typed_network_from_weights
-from networks.loha import check_layout_args, check_tucker_used, has_kernel, parse_bool, tucker_rebuild, weight_shape
+from networks.adapter import AdapterModule, AdapterType, parse_flag, typed_entry_points
+from networks.loha import check_layout_args, check_tucker_used, has_kernel, tucker_rebuild, weight_shape
 
 KILN_NETWORK = True  # kiln's network-module interface (not sd-scripts'): see library/method_adapter.py
 
@@ -207,7 +207,7 @@ def _parse_options(args: dict) -> dict:
         raise ValueError(f"network_args factor must be -1 (no bound) or at least 1, got {factor}")
     options = {"factor": factor, "given": frozenset(args)}
     for key in ("decompose_both", "full_matrix", "use_tucker", "unbalanced_factorization"):
-        options[key] = parse_bool(args.get(key, False), key)
+        options[key] = parse_flag(args.get(key, False), key)
     if options["decompose_both"] and options["full_matrix"]:
         raise ValueError("network_args decompose_both and full_matrix exclude each other (full_matrix keeps both halves full)")
     return options
@@ -272,25 +272,4 @@ LOKR = AdapterType(
 )
 
 
-def create_network(
-    multiplier: float,
-    network_dim: int | None,
-    network_alpha: float | None,
-    text_encoders,
-    denoiser: nn.Module,
-    neuron_dropout: float | None = None,
-    **kwargs,
-):
-    """sd-scripts' entry point: a LoKr network on any kiln family's model (its targets, names and network_args)."""
-    network = create_typed_network(
-        LOKR, multiplier, network_dim, network_alpha, text_encoders, denoiser, neuron_dropout=neuron_dropout, **kwargs
-    )
-    check_tucker_used(network, LOKR.module)
-    return network
-
-
-def create_network_from_weights(multiplier: float, state_dict: dict[str, torch.Tensor], text_encoders, denoiser, **kwargs):
-    """A LoKr network shaped like the file (factor shapes, ranks, layout and alphas from it); loads nothing yet."""
-    network = create_typed_network_from_weights(LOKR, multiplier, state_dict, text_encoders, denoiser, **kwargs)
-    check_tucker_used(network, LOKR.module)
-    return network
+create_network, create_network_from_weights = typed_entry_points(LOKR, check_tucker_used)

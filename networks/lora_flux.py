@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from library.flux_models import flux_lora_targets
-from networks.adapter import AdapterModule, AdapterType, merge_typed_file
+from networks.adapter import AdapterModule, AdapterType, merge_typed_file, parse_flag
 from networks.lora import (
     LORA,
     TEXT_ENCODER_TARGETS,
@@ -288,17 +288,6 @@ def split_targets(transformer, candidates: list[tuple[str, list[str]]] | None = 
         for name, paths in (transformer_candidates(transformer) if candidates is None else candidates)
         if len(paths) > 1
     }
-
-
-def _parse_bool(value, key: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no", "none", ""):
-        return False
-    raise ValueError(f"network_args {key} must be True or False, got {value!r}")
 
 
 def parse_indices(value, count: int, key: str) -> set[int]:
@@ -582,7 +571,7 @@ def parse_in_dims(value) -> list[int]:
 def flux_module_dims(text_encoders, transformer, network_dim: int, args: dict) -> dict[str, int]:
     """Adapter name -> rank for create_network's network_args (see the module docstring)."""
     dims: dict[str, int] = {}
-    train_t5 = _parse_bool(args.get("train_t5xxl", False), "train_t5xxl")
+    train_t5 = parse_flag(args.get("train_t5xxl", False), "train_t5xxl")
     for name, _ in te_candidates(text_encoders):
         if name.startswith("lora_te1_") or train_t5:
             dims[name] = network_dim
@@ -624,7 +613,7 @@ def _network_kwargs(args: dict, neuron_dropout: float | None = None) -> dict:
         "loraplus_lr_ratio": _float_arg(args, "loraplus_lr_ratio"),
         "loraplus_unet_lr_ratio": _float_arg(args, "loraplus_unet_lr_ratio"),
         "loraplus_text_encoder_lr_ratio": _float_arg(args, "loraplus_text_encoder_lr_ratio"),
-        "split_qkv": _parse_bool(args.get("split_qkv", False), "split_qkv"),
+        "split_qkv": parse_flag(args.get("split_qkv", False), "split_qkv"),
     }
 
 
@@ -677,7 +666,7 @@ def typed_args(
     default)); split_qkv is LoRA's alone."""
     adapter, args = (adapter or LORA).with_options(dict(network_args))
     args = (check or check_network_args)(args, module=adapter.module)
-    if not adapter.is_lora and _parse_bool(args.get("split_qkv", False), "split_qkv"):
+    if not adapter.is_lora and parse_flag(args.get("split_qkv", False), "split_qkv"):
         raise ValueError(f"network_args split_qkv: only LoRA splits fused layers; {adapter.name} adapts the fused weight")
     return adapter, args
 

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from library.sd3_models import sd3_transformer_to_sai
-from networks.adapter import AdapterModule, AdapterType, merge_typed_file
+from networks.adapter import AdapterModule, AdapterType, merge_typed_file, parse_flag
 from networks.lora import LoRAModule, dims_from_weights
 from networks.lora_flux import (
     KNOWN_ARGS as FLUX_KNOWN_ARGS,
@@ -50,7 +50,6 @@ from networks.lora_flux import (
     FluxLoRANetwork,
     _int_or_none,
     _network_kwargs,
-    _parse_bool,
     add_delta,
     check_network_args,
     is_peft_layout,
@@ -321,7 +320,7 @@ def _check_args(args: dict, module: str = "networks.lora_sd3") -> dict:
 def sd3_module_dims(text_encoders, transformer, network_dim: int, args: dict) -> dict[str, int]:
     """Adapter name -> rank for create_network's network_args (see the module docstring); rank-0 modules left out."""
     dims: dict[str, int] = {}
-    train_t5 = _parse_bool(args.get("train_t5xxl", False), "train_t5xxl")
+    train_t5 = parse_flag(args.get("train_t5xxl", False), "train_t5xxl")
     for name, _ in te_candidates(text_encoders, TE_PREFIXES):
         if not name.startswith("lora_te3_") or train_t5:
             dims[name] = network_dim
@@ -346,7 +345,7 @@ def sd3_module_dims(text_encoders, transformer, network_dim: int, args: dict) ->
 
 
 def _kwargs(args: dict, neuron_dropout: float | None = None) -> dict:
-    return {**_network_kwargs(args, neuron_dropout), "verbose": _parse_bool(args.get("verbose", False), "verbose")}
+    return {**_network_kwargs(args, neuron_dropout), "verbose": parse_flag(args.get("verbose", False), "verbose")}
 
 
 def create_network(

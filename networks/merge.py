@@ -34,7 +34,9 @@ _OTHER_ADAPTERS = {  # key fragments of adapter types a LoRA merge cannot apply 
 }
 
 
-def check_lora_keys(state_dict: dict[str, torch.Tensor], known: set[str] = frozenset(), layouts: str = "kohya LoRA (lora_down/lora_up/alpha)") -> None:
+def check_lora_keys(
+    state_dict: dict[str, torch.Tensor], known: set[str] = frozenset(), layouts: str = "kohya LoRA (lora_down/lora_up/alpha)"
+) -> None:
     """Every key of a LoRA file must be a kohya LoRA weight (or in `known`): anything else (OFT, LoHa, LoKr, DoRA, ...)
     cannot be merged and is an error naming the key, never dropped. A lora_down needs its lora_up and the reverse."""
     names = {k[: -len(s)] for k in state_dict for s in _LORA_SUFFIXES[:2] if k.endswith(s)}
@@ -59,7 +61,11 @@ def _modules(state_dict: dict[str, torch.Tensor], check: bool = True) -> dict[st
         check_lora_keys(state_dict)
     dims, alphas = dims_from_weights(state_dict)
     return {
-        name: (state_dict[name + ".lora_down.weight"].float(), state_dict[name + ".lora_up.weight"].float(), alphas[name] / dims[name])
+        name: (
+            state_dict[name + ".lora_down.weight"].float(),
+            state_dict[name + ".lora_up.weight"].float(),
+            alphas[name] / dims[name],
+        )
         for name in dims
     }
 
@@ -83,7 +89,9 @@ def merge_loras_concat(state_dicts: list[dict[str, torch.Tensor]], ratios: list[
     return out
 
 
-def merge_loras_svd(state_dicts: list[dict[str, torch.Tensor]], ratios: list[float], rank: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
+def merge_loras_svd(
+    state_dicts: list[dict[str, torch.Tensor]], ratios: list[float], rank: int | None = None
+) -> tuple[dict[str, torch.Tensor], float]:
     """One LoRA of `rank` (default: the largest input rank) nearest to the weighted sum (truncated SVD per module).
 
     Returns the LoRA and the largest relative error ||approx - exact|| / ||exact|| over modules (0 when exact)."""
@@ -120,7 +128,11 @@ def merge_into_models(state_dict: dict[str, torch.Tensor], ratio: float, text_en
     modules = file_modules(state_dict)
     by_target = {m.target_name: m for m in modules.values()}
     paths = _lora_module_paths(
-        set(by_target), text_encoders, unet, network_options.get("te_prefixes") or _te_prefixes(text_encoders), network_options.get("unet_name_map")
+        set(by_target),
+        text_encoders,
+        unet,
+        network_options.get("te_prefixes") or _te_prefixes(text_encoders),
+        network_options.get("unet_name_map"),
     )
     with torch.no_grad():
         for name, m in by_target.items():
@@ -270,7 +282,9 @@ def lora_parts(family: PartFiles, state_dict: dict[str, torch.Tensor], transform
         parts[part][name] = module
     for name in peft_left:
         tensors = {"lora_down.weight": state_dict[name + ".lora_A.weight"], "lora_up.weight": state_dict[name + ".lora_B.weight"]}
-        parts["transformer"][name] = FileModule(name, LORA, {**tensors, "alpha": torch.tensor(float(tensors["lora_down.weight"].shape[0]))})
+        parts["transformer"][name] = FileModule(
+            name, LORA, {**tensors, "alpha": torch.tensor(float(tensors["lora_down.weight"].shape[0]))}
+        )
     return {p: m for p, m in parts.items() if m}
 
 
@@ -468,7 +482,9 @@ def merge_into_file(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _lora_module_paths(names: set[str], text_encoders: list, unet, te_prefixes: list[str], unet_name_map) -> dict[str, tuple[int, str]]:
+def _lora_module_paths(
+    names: set[str], text_encoders: list, unet, te_prefixes: list[str], unet_name_map
+) -> dict[str, tuple[int, str]]:
     """LoRA module name -> (model index: 0.. text encoders, -1 U-Net; module path in it) for the `names` wanted
     (SDXL U-Net modules by sgm or diffusers names). Names no module has are an error."""
     from networks.lora import LoRANetwork
@@ -477,14 +493,18 @@ def _lora_module_paths(names: set[str], text_encoders: list, unet, te_prefixes: 
     for i, model in enumerate([*text_encoders, unet]):
         for path, module in model.named_modules():
             where[id(module)] = (i if i < len(text_encoders) else -1, path)
-    network = LoRANetwork(text_encoders, unet, module_dims={n: 1 for n in names}, te_prefixes=te_prefixes, unet_name_map=unet_name_map)
+    network = LoRANetwork(
+        text_encoders, unet, module_dims={n: 1 for n in names}, te_prefixes=te_prefixes, unet_name_map=unet_name_map
+    )
     found = {m.lora_name: where[id(m.org_module)] for m in network.loras}
     for alias, name in getattr(network, "aliases", {}).items():
         if alias in names and name in found:
             found[alias] = found[name]
     missing = sorted(names - set(found))
     if missing:
-        raise ValueError(f"{len(missing)} LoRA modules match nothing in this model, e.g. {missing[0]}; is it a LoRA for another model?")
+        raise ValueError(
+            f"{len(missing)} LoRA modules match nothing in this model, e.g. {missing[0]}; is it a LoRA for another model?"
+        )
     return {n: found[n] for n in names}
 
 
@@ -583,7 +603,11 @@ def sd_folder_targets(folder: str, names: set[str]) -> dict[str, Targets]:
         for path in _folder_weight_files(os.path.join(folder, component)):
             keys = set(_SourceFile(path).shapes())
             for name, module in wanted.items():
-                for key in (module + ".weight", "text_model." + module + ".weight", module.removeprefix("text_model.") + ".weight"):
+                for key in (
+                    module + ".weight",
+                    "text_model." + module + ".weight",
+                    module.removeprefix("text_model.") + ".weight",
+                ):
                     if key in keys:
                         files.setdefault(path, {}).setdefault(key, []).append((name, None))
                         placed.add(name)
@@ -755,6 +779,8 @@ def _has_peft_transformer_keys(state_dict: dict[str, torch.Tensor]) -> bool:
     return any(k.endswith((".lora_A.weight", ".lora_B.weight")) and not k.startswith("text_encoder") for k in state_dict)
 
 
-def merge_into_bfl_file(src: str, dst: str, loras: list[tuple[dict[str, torch.Tensor], float]], save_dtype: torch.dtype | None = None) -> int:
+def merge_into_bfl_file(
+    src: str, dst: str, loras: list[tuple[dict[str, torch.Tensor], float]], save_dtype: torch.dtype | None = None
+) -> int:
     """merge_into_flux_files for a transformer-only LoRA: the number of weights changed in the BFL file `dst`."""
     return merge_into_flux_files({"transformer": (src, dst)}, loras, save_dtype)["transformer"]

@@ -34,7 +34,7 @@ import logging
 import torch
 from torch import nn
 
-from networks.adapter import AdapterModule, AdapterType, apply_weight, family_network_module, frozen_weight
+from networks.adapter import AdapterModule, AdapterType, apply_weight, family_network_module, frozen_weight, parse_flag
 
 KILN_NETWORK = True  # kiln's network-module interface (not sd-scripts'): see library/method_adapter.py
 ADAPTS_TEXT_ENCODERS = False  # OFT adapts the U-Net / transformer only (as sd-scripts)
@@ -164,18 +164,6 @@ def _rotate(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     blocks = weight.reshape(k, b, -1)
     turned = torch.bmm(delta.transpose(1, 2).to(weight.dtype), blocks)
     return weight + turned.reshape(weight.shape)
-
-
-def parse_flag(value, key: str) -> bool:
-    """A network_arg switch: True/False (also 1/0, yes/no); anything else is an error."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no", "none", ""):
-        return False
-    raise ValueError(f"network_args {key} must be True or False, got {value!r}")
 
 
 def _parse_options(args: dict) -> dict:
