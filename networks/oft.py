@@ -107,7 +107,7 @@ class OFTModule(AdapterModule):
             norm = q.flatten(1).norm(dim=1)
             limits = [self.limits[i] for i in index]
             limit = limits[0] if len(set(limits)) == 1 else torch.tensor(limits, device=q.device)
-            q = q * ((norm.clamp(max=limit) + 1e-8) / (norm + 1e-8))[:, None, None, None]
+            q = q * constraint_factor(norm, limit)[:, None, None, None]
             eye = torch.eye(size, device=q.device)
             r = torch.linalg.solve(eye - q, eye + q)
             for j, i in enumerate(index):
@@ -156,6 +156,11 @@ class OFTModule(AdapterModule):
 
     def norm_factors(self) -> tuple[list[torch.Tensor], float]:
         raise ValueError("OFT's change is a rotation: --scale_weight_norms does not apply to it")
+
+
+def constraint_factor(norm: torch.Tensor, limit) -> torch.Tensor:
+    """sd-scripts' OFT constraint: the factor that scales Q to norm min(|Q|, limit) (exactly 1 below the limit)."""
+    return (norm.clamp(max=limit) + 1e-8) / (norm + 1e-8)
 
 
 def _rotate(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

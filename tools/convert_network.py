@@ -55,6 +55,7 @@ import torch  # noqa: E402
 
 from library import quiet  # noqa: E402
 from library.saving import SaveError, load_weights_file, save_weights  # noqa: E402
+from networks.oft import constraint_factor  # noqa: E402
 
 KOHYA_DEFAULT_ALPHA = 1e-3  # sd-scripts' (and networks.oft's) constraint factor of a module without `.alpha`
 ALPHA_MARGIN = 1.001  # --to kohya: alpha this much above the largest |Q| / width, so float rounding never clamps
@@ -162,7 +163,7 @@ def kohya_clamped(blocks: torch.Tensor, alpha: float) -> torch.Tensor:
     b = blocks.float()
     norm = (b - b.transpose(1, 2)).norm()
     limit = alpha * blocks.shape[0] * blocks.shape[1]
-    factor = (norm.clamp(max=limit) + 1e-8) / (norm + 1e-8)
+    factor = constraint_factor(norm, limit)
     return blocks if factor == 1 else (b * factor).to(blocks.dtype)
 
 
