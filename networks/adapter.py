@@ -397,7 +397,12 @@ class FileModule:
         else:
             stand_ins = [nn.Linear(rest[0], width, bias=False, device="meta") for width in splits]
         prefixed = {f"{self.name}.{s}": t for s, t in self.tensors.items()}
-        dims, alphas = self.kind.dims_of_file(prefixed)
+        try:
+            dims, alphas = self.kind.dims_of_file(prefixed)
+        except ValueError as e:
+            raise ValueError(
+                f"{self.name}.{min(s for s in self.tensors if s != 'alpha')}: an incomplete {self.kind.name} module ({e})"
+            ) from None
         module = self.kind.build(self.name, stand_ins, dims[self.name], alphas.get(self.name), {})
         own = module.state_dict()
         for suffix, tensor in self.tensors.items():
