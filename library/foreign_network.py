@@ -160,12 +160,9 @@ class ForeignNetwork(nn.Module):
         self.call("apply_to", *self.models, train_te, train_unet)
         self.check_names()
         if args.network_weights:
-            weights, _ = saving.load_weights_file(args.network_weights)
-            unexpected = self.load_weights(weights, args.network_weights)
-            if unexpected:
-                logger.warning(
-                    f"{args.network_weights}: {len(unexpected)} keys have no module here and are ignored, e.g. {unexpected[0]}"
-                )
+            from library.method_adapter import load_network_weights  # it imports this module
+
+            load_network_weights(self, args.network_weights)
         if args.gradient_checkpointing and self.hook("enable_gradient_checkpointing"):
             self.call("enable_gradient_checkpointing")
         self.param_groups(args.text_encoder_lr, args.unet_lr, args.learning_rate)

@@ -83,13 +83,17 @@ def build_network(args, family: ModelFamily, models: TrainModels, train_te: bool
         )
     network.apply_to(train_te, train_unet)
     if args.network_weights:
-        weights, _ = saving.load_weights_file(args.network_weights)
-        unexpected = network.load_weights(weights, args.network_weights)
-        if unexpected:
-            logger.warning(
-                f"{args.network_weights}: {len(unexpected)} keys have no module here and are ignored, e.g. {unexpected[0]}"
-            )
+        load_network_weights(network, args.network_weights)
     return network
+
+
+def load_network_weights(network, path: str) -> None:
+    """--network_weights into a built network (kiln's or a third-party one's wrapper); keys without a module are
+    logged, shape mismatches are errors (raised by the network's load_weights)."""
+    weights, _ = saving.load_weights_file(path)
+    unexpected = network.load_weights(weights, path)
+    if unexpected:
+        logger.warning(f"{path}: {len(unexpected)} keys have no module here and are ignored, e.g. {unexpected[0]}")
 
 
 class HalfPrecisionMasters:

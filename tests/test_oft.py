@@ -185,20 +185,10 @@ def test_flux_per_part_layout_constraint_and_output(flux):
     randomize(net, std=0.05, seed=1)
     # the reference: each part of a fused layer rotated and constrained (alpha x its own width) on its own
     for m in net.unet_loras:
-        parts = [state[f"{m.lora_name}.oft_blocks.{i}"] for i in range(len(m.org_modules))]
         parts = [net.state_dict()[f"{m.lora_name}.oft_blocks.{i}"] for i in range(len(m.org_modules))]
         expected = torch.cat([reference_rotated(o.weight, b, 1e-3) for o, b in zip(m.org_modules, parts)]).float()
         assert torch.allclose(m.merged_weight(torch.cat([o.weight for o in m.org_modules]), 1.0), expected, atol=1e-6)
-    gen = torch.Generator().manual_seed(0)
-    inputs = {
-        "hidden_states": torch.randn(1, 16, transformer.config.in_channels, generator=gen),
-        "encoder_hidden_states": torch.randn(1, 8, transformer.config.joint_attention_dim, generator=gen),
-        "pooled_projections": torch.randn(1, transformer.config.pooled_projection_dim, generator=gen),
-        "timestep": torch.tensor([0.5]),
-        "img_ids": torch.zeros(16, 3),
-        "txt_ids": torch.zeros(8, 3),
-        "guidance": torch.tensor([3.5]),
-    }
+    inputs = flux_inputs(transformer)
     with torch.no_grad():
         live = transformer(**inputs).sample
         for m in net.unet_loras:
